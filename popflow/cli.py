@@ -1,0 +1,136 @@
+"""The `popflow` command.
+
+    popflow run PIPELINE [--config FILE] [--set key.path=value ...] [--data-dir DIR] [--run-id ID]
+    popflow sql "SELECT ..." [--data-dir DIR] [--csv]
+    popflow runs [--data-dir DIR]
+    popflow validate [--config FILE]         validate every pipeline in the file
+    popflow models [--data-dir DIR]          materialise the built-in models (make setup does this)
+
+--data-dir defaults to $POPFLOW_DATA_DIR, else ./data. Bad input exits with status 2 and one message that
+names the key, file:line or row; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from popflow.errors import PopflowError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popflow", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a pipeline under Prefect")
+    run.add_argument("pipeline")
+    run.add_argument("--config", help="another pipelines file of the same format")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override one config value (YAML-parsed); repeatable")
+    run.add_argument("--data-dir")
+    run.add_argument("--run-id", help="resume this run id (same config) instead of starting a new run")
+
+    sql = sub.add_parser("sql", help="query the lake's catalog with DuckDB SQL")
+    sql.add_argument("query")
+    sql.add_argument("--data-dir")
+    sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+
+    runs = sub.add_parser("runs", help="list runs")
+    runs.add_argument("--data-dir")
+
+    validate = sub.add_parser("validate", help="validate every pipeline of a config file")
+    validate.add_argument("--config")
+
+    mats = sub.add_parser("models", help="materialise the built-in models")
+    mats.add_argument("--data-dir")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from popflow.config import load_pipeline
+
+    load_pipeline(args.pipeline, args.config, args.overrides)  # fail fast, before Prefect starts
+    from flows.pipeline import preference_pipeline
+
+    result = preference_pipeline(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,
+                                 run_id=args.run_id, config_path=args.config)
+    print(f"run {result['run_id']} completed")
+    for stage, info in result["stages"].items():
+        tables = ", ".join(f"{t}={n}" for t, n in info["tables"].items())
+        print(f"  {stage:8s} {tables}{'  (already complete)' if info['skipped'] else ''}")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from popflow.lake import Lake
+    from popflow.runs import resolve_data_dir
+
+    lake = Lake(resolve_data_dir(args.data_dir))
+    if not lake.root.is_dir():
+        raise PopflowError(f"no lake at {lake.root}: run a pipeline first (or pass --data-dir)")
+    con = lake.connect()
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as exc:
+        raise PopflowError(f"SQL error: {exc}") from None
+    if rel is None:
+        return 0
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(rel.columns)
+        writer.writerows(rel.fetchall())
+    else:
+        rel.show(max_rows=10_000, max_width=200)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    args.query = ("select pipeline, run_id, status, started_at, finished_at, config_hash, code_version "
+                  "from runs order by started_at")
+    args.csv = False
+    return cmd_sql(args)
+
+
+def cmd_validate(args) -> int:
+    from popflow.config import load_pipeline, pipeline_names
+    from popflow.runs import preflight
+
+    for name in pipeline_names(args.config):
+        preflight(load_pipeline(name, args.config))  # hub ids are not fetched: they load at run time
+        print(f"{name}: ok")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from popflow import models
+    from popflow.runs import resolve_data_dir
+
+    for ref in models.BUILTINS:
+        resolved = models.resolve(ref, resolve_data_dir(args.data_dir))
+        print(f"{ref:32s} {resolved.path}  {resolved.fingerprint}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sql": cmd_sql, "runs": cmd_runs, "validate": cmd_validate, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except PopflowError as err:
+        print(f"popflow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("popflow: interrupted; rerun with the same --run-id to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

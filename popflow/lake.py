@@ -1,0 +1,192 @@
+"""The Parquet lake and its DuckDB catalog.
+
+Layout under DATA_DIR/lake:
+
+    <table>/pipeline=<name>/run=<run_id>/part-*.parquet   published tables (what the catalog shows)
+    _staging/<table>/pipeline=<name>/run=<run_id>/        parts being written (shards of a running stage)
+    _runs/pipeline=<name>/run=<run_id>/run.json           the run: config, hashes, status
+    _runs/pipeline=<name>/run=<run_id>/stages/<stage>.json  a stage's manifest, written last
+    catalog.duckdb                                         one view per table over all runs
+
+Completeness is decided by manifests: a stage is done when its manifest exists, and a manifest is written
+only after the stage's tables were published (a directory rename). Every file is written to a temporary
+name and renamed, so a reader never sees a half-written Parquet file. The catalog is rebuilt in a temporary
+file and renamed over the old one under a lock: `popflow sql` during a run sees the old or the new catalog.
+
+    .venv/bin/popflow sql "select pipeline, run_id, count(*) from samples group by all"
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CATALOG = "catalog.duckdb"
+
+
+class Lake:
+    def __init__(self, data_dir: Path | str):
+        self.data_dir = Path(data_dir).resolve()
+        self.root = self.data_dir / "lake"
+
+    # ------------------------------------------------------------------ paths
+    def partition(self, table: str, pipeline: str, run_id: str) -> Path:
+        return self.root / table / f"pipeline={pipeline}" / f"run={run_id}"
+
+    def staging(self, table: str, pipeline: str, run_id: str) -> Path:
+        return self.root / "_staging" / table / f"pipeline={pipeline}" / f"run={run_id}"
+
+    def run_dir(self, pipeline: str, run_id: str) -> Path:
+        return self.root / "_runs" / f"pipeline={pipeline}" / f"run={run_id}"
+
+    def glob(self, table: str, pipeline: str, run_id: str) -> str:
+        """The read_parquet pattern of one table of one run (for stage SQL)."""
+        return str(self.partition(table, pipeline, run_id) / "*.parquet")
+
+    # ------------------------------------------------------------------ writing
+    def write_staged_part(self, table: str, pipeline: str, run_id: str, name: str, data: pa.Table) -> Path:
+        """Write one part (e.g. a sampling shard) into staging, atomically."""
+        path = self.staging(table, pipeline, run_id) / f"{name}.parquet"
+        write_parquet(data, path)
+        return path
+
+    def staged_parts(self, table: str, pipeline: str, run_id: str) -> list[Path]:
+        return sorted(self.staging(table, pipeline, run_id).glob("*.parquet"))
+
+    def publish(self, table: str, pipeline: str, run_id: str) -> Path:
+        """Move a table's staged parts into its published partition, replacing an older attempt."""
+        src = self.staging(table, pipeline, run_id)
+        dst = self.partition(table, pipeline, run_id)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():  # a crash after publishing but before the manifest: the new data supersedes it
+            trash = dst.with_name(f".trash-{uuid.uuid4().hex}")
+            os.replace(dst, trash)
+            shutil.rmtree(trash)
+        os.replace(src, dst)
+        return dst
+
+    def write_table(self, table: str, pipeline: str, run_id: str, data: pa.Table) -> Path:
+        """Write a whole table for a run (one part) and publish it."""
+        shutil.rmtree(self.staging(table, pipeline, run_id), ignore_errors=True)
+        self.write_staged_part(table, pipeline, run_id, "part-00000", data)
+        return self.publish(table, pipeline, run_id)
+
+    def discard_staging(self, table: str, pipeline: str, run_id: str) -> None:
+        shutil.rmtree(self.staging(table, pipeline, run_id), ignore_errors=True)
+
+    # ------------------------------------------------------------------ manifests
+    def manifest_path(self, pipeline: str, run_id: str, stage: str) -> Path:
+        return self.run_dir(pipeline, run_id) / "stages" / f"{stage}.json"
+
+    def read_manifest(self, pipeline: str, run_id: str, stage: str) -> dict | None:
+        path = self.manifest_path(pipeline, run_id, stage)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_manifest(self, pipeline: str, run_id: str, stage: str, manifest: dict) -> Path:
+        path = self.manifest_path(pipeline, run_id, stage)
+        write_json(manifest, path)
+        return path
+
+    def read_run(self, pipeline: str, run_id: str) -> dict | None:
+        path = self.run_dir(pipeline, run_id) / "run.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_run(self, pipeline: str, run_id: str, record: dict) -> None:
+        write_json(record, self.run_dir(pipeline, run_id) / "run.json")
+
+    # ------------------------------------------------------------------ catalog
+    def tables(self) -> list[str]:
+        """Tables with at least one published part."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            d.name for d in self.root.iterdir()
+            if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*/*/*.parquet"))
+        )
+
+    def rebuild_catalog(self) -> Path:
+        """Recreate catalog.duckdb with one view per table over all runs, atomically, under a lock."""
+        import duckdb
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.root / ".catalog.lock"):
+            fd, tmp = tempfile.mkstemp(prefix=".catalog-", suffix=".duckdb", dir=self.root)
+            os.close(fd)
+            os.unlink(tmp)  # duckdb wants to create the file itself
+            try:
+                con = duckdb.connect(tmp)
+                for stmt in catalog_statements(self):
+                    con.execute(stmt)
+                con.close()
+                os.replace(tmp, self.root / CATALOG)
+            finally:
+                for leftover in (tmp, tmp + ".wal"):
+                    if os.path.exists(leftover):
+                        os.unlink(leftover)
+        return self.root / CATALOG
+
+    def connect(self):
+        """A read-only connection to the catalog (built first if missing)."""
+        import duckdb
+
+        if not (self.root / CATALOG).is_file():
+            self.rebuild_catalog()
+        return duckdb.connect(str(self.root / CATALOG), read_only=True)
+
+
+def _quote(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def catalog_statements(lake: Lake) -> list[str]:
+    """The DDL of the catalog: a view per table, plus `runs` and `stages` over the JSON records."""
+    stmts = [
+        f"create view {table} as select * from read_parquet({_quote(lake.root / table / '*/*/*.parquet')}, "
+        "union_by_name = true, hive_partitioning = false)"
+        for table in lake.tables()
+    ]
+    runs = lake.root / "_runs" / "*" / "*" / "run.json"
+    stages = lake.root / "_runs" / "*" / "*" / "stages" / "*.json"
+    if any(lake.root.glob("_runs/*/*/run.json")):
+        stmts.append(f"create view runs as select * from read_json_auto({_quote(runs)}, union_by_name = true)")
+    if any(lake.root.glob("_runs/*/*/stages/*.json")):
+        stmts.append(
+            f"create view stages as select * from read_json_auto({_quote(stages)}, union_by_name = true)")
+    return stmts
+
+
+def write_parquet(data: pa.Table, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see all of it or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(data, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(record: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield

@@ -1,0 +1,61 @@
+"""Plots saved into a run's folder (DATA_DIR/lake/_runs/pipeline=.../run=.../).
+
+reward_distributions.png: for a few prompts, every sample's aggregate reward as a strip, with the seven
+points (min, mu-2sigma, ..., max) marked where the picked samples lie.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from popflow.config import POINTS
+
+COLORS = dict(zip(POINTS, ["#67001f", "#d6604d", "#e08214", "#444444", "#35978f", "#4393c3", "#053061"]))
+
+
+def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path, title: str,
+                              max_prompts: int = 6) -> Path:
+    """Plot the prompts with the widest reward spread (the informative ones) and return the file.
+
+    Per prompt: every sample's reward on the bottom row; above it one row per point, a dashed tick at the
+    point's target (mu + k sigma) and a marker on the sample it picked, so coinciding picks stay visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = [r[0] for r in con.execute(
+        f"select prompt_id from read_parquet('{rewards_glob}') group by prompt_id "
+        f"order by stddev_pop(reward) desc, prompt_id limit {max_prompts}").fetchall()]
+    if not prompts:
+        return out
+    rewards = con.execute(
+        f"select prompt_id, reward from read_parquet('{rewards_glob}') where prompt_id in ?", [prompts]).fetchall()
+    points = con.execute(
+        f"select prompt_id, point_rank, point, target, reward from read_parquet('{seven_glob}') "
+        "where prompt_id in ?", [prompts]).fetchall()
+    fig, axes = plt.subplots(len(prompts), 1, figsize=(8, 1.6 * len(prompts) + 0.8), sharex=True, squeeze=False)
+    for ax, pid in zip(axes[:, 0], prompts):
+        values = [r for p, r in rewards if p == pid]
+        ax.scatter(values, [0] * len(values), s=12, alpha=0.5, color="black", label="samples")
+        for p, rank, point, target, reward in points:
+            if p != pid:
+                continue
+            if target is not None:
+                ax.plot([target, target], [rank + 0.6, rank + 1.4], ls="--", lw=1, color=COLORS[point])
+            ax.scatter([reward], [rank + 1], s=30, color=COLORS[point], edgecolor="black", lw=0.4, label=point)
+        ax.set_yticks([])
+        ax.set_ylim(-0.8, len(POINTS) + 0.8)
+        ax.set_ylabel(pid, rotation=0, ha="right", va="center", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles, labels, ncol=8, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02))
+    axes[-1, 0].set_xlabel("aggregate reward (markers: picked sample; dashed: target mu + k sigma)")
+    fig.suptitle(f"reward distributions and the seven points - {title}", fontsize=9, y=0.995)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out

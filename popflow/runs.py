@@ -1,0 +1,76 @@
+"""A run's lifecycle: its id, its record (run.json), the checks done before any stage starts.
+
+Run ids carry their UTC start time and a random suffix (20261125T020000Z-3fa2c1), so nightly runs sort by
+date and two runs started in the same second never share a partition. Passing an existing run id resumes
+that run; the config must hash the same, or the run is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from popflow import __version__, models
+from popflow.config import PipelineConfig
+from popflow.errors import PopflowError
+from popflow.lake import Lake
+from popflow.stage import now
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    return Path(data_dir or os.environ.get("POPFLOW_DATA_DIR") or "data").expanduser().resolve()
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def code_version() -> str:
+    """popflow's version plus the git commit of the checkout, when there is one."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Catch what would fail late (a missing model directory, an unimportable reward function) up front."""
+    from tasks.rewards.python import load_function
+
+    models.check_ref(cfg.sample.policy, "sample.policy")
+    for spec in cfg.score.models:
+        if hasattr(spec, "model"):
+            models.check_ref(spec.model, f"score.models[{spec.name}].model")
+        if spec.kind == "python":
+            load_function(spec.function, f"score.models[{spec.name}].function")
+
+
+def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig) -> dict:
+    """Write (or reopen) the run record; a reused run id must come with the same config."""
+    record = lake.read_run(pipeline, run_id)
+    if record and record["config_hash"] != cfg.hash():
+        raise PopflowError(
+            f"run {run_id!r} of {pipeline!r} was made with config {record['config_hash']}, this one is "
+            f"{cfg.hash()}; a resumed run must use the same config (or omit --run-id for a new run)")
+    record = (record or {"started_at": now(), "attempts": 0}) | {
+        "run_id": run_id, "pipeline": pipeline, "status": "running", "config_hash": cfg.hash(), "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"), "code_version": code_version(), "finished_at": None,
+    }
+    record["attempts"] += 1
+    lake.write_run(pipeline, run_id, record)
+    return record
+
+
+def end_run(lake: Lake, pipeline: str, run_id: str, status: str, stages: dict | None = None,
+            error: str | None = None) -> None:
+    record = lake.read_run(pipeline, run_id) or {}
+    record.update(status=status, finished_at=now(), error=error)
+    if stages is not None:
+        record["stages"] = stages
+    lake.write_run(pipeline, run_id, record)
+    lake.rebuild_catalog()

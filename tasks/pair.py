@@ -1,0 +1,195 @@
+"""Stage 3, pair: chosen/rejected pairs from each prompt's reward distribution ("Finding the Sweet Spot").
+
+Per prompt, with mu and sigma (population std) of the aggregate reward, the seven points are
+min, mu-2sigma, mu-sigma, mu, mu+sigma, mu+2sigma, max; each picks the sample whose reward is nearest its
+target (min and max exactly), ties going to the lowest sample_idx. They land in `seven_points` (7 rows per
+prompt). `pairs` then holds, per strategy:
+
+    seven_point   chosen = pair.chosen point, rejected = pair.rejected point (default max / mu-2sigma)
+    max_min       chosen = max, rejected = min (the usual recipe, which degrades as n grows)
+    random        two distinct samples drawn by a seeded hash; the higher reward is chosen
+
+A prompt yields no pair when sigma = 0, when chosen and rejected are the same sample, or when chosen reward
+<= rejected reward; those are counted per reason in the stage report. Everything is DuckDB SQL, one named
+CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns.
+
+    .venv/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs group by all"
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import duckdb
+from prefect import get_run_logger, task
+
+from popflow.config import POINTS, PairConfig
+from popflow.stage import RunContext, StageResult, completed, finish
+
+_SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def seven_points_sql(rewards: str) -> str:
+    """SQL over a relation (prompt_id, sample_idx, reward): 7 rows per prompt with the picked samples.
+
+    One pass of per-prompt aggregates: arg_min over the key (distance, sample_idx) gives the nearest
+    sample with ties to the lowest index; max uses (reward, -sample_idx) for the same tie rule.
+    """
+    picks = ",\n".join(
+        f"arg_min({{'idx': sample_idx, 'reward': reward}}, (abs(reward - (mu + {k} * sigma)), sample_idx))"
+        f" as pt{POINTS.index(p)}" for p, k in _SIGMA_MULTIPLE.items()
+    )
+    unpivot = ",\n".join(
+        f"({_lit(p)}, {rank}, {'null' if p in ('min', 'max') else f'mu + {_SIGMA_MULTIPLE[p]} * sigma'}, "
+        f"pt{rank}.idx, pt{rank}.reward)" for rank, p in enumerate(POINTS)
+    )
+    return f"""
+    with rewards as (
+        select prompt_id, sample_idx, reward from {rewards}
+    ),
+    stats as (
+        select prompt_id, avg(reward) as mu, stddev_pop(reward) as sigma, count(*) as n_samples
+        from rewards group by prompt_id
+    ),
+    picked as (
+        select prompt_id, any_value(mu) as mu, any_value(sigma) as sigma, any_value(n_samples) as n_samples,
+            arg_min({{'idx': sample_idx, 'reward': reward}}, (reward, sample_idx)) as pt0,
+            arg_max({{'idx': sample_idx, 'reward': reward}}, (reward, -sample_idx)) as pt6,
+            {picks}
+        from rewards join stats using (prompt_id)
+        group by prompt_id
+    ),
+    final as (
+        select prompt_id, u.point, u.point_rank, u.target, u.sample_idx, u.reward, mu, sigma, n_samples
+        from picked, (values {unpivot}) as u(point, point_rank, target, sample_idx, reward)
+    )
+    select * from final
+    """
+
+
+def candidates_sql(strategy: str, cfg: PairConfig) -> str:
+    """One candidate pair per prompt for a strategy, from `seven` (seven_points) and `rewards`."""
+    if strategy in ("seven_point", "max_min"):
+        chosen, rejected = (cfg.chosen, cfg.rejected) if strategy == "seven_point" else ("max", "min")
+        return f"""
+        select c.prompt_id, '{strategy}' as strategy, c.point as chosen_point, r.point as rejected_point,
+               c.sample_idx as chosen_idx, r.sample_idx as rejected_idx,
+               c.reward as chosen_reward, r.reward as rejected_reward, c.mu, c.sigma, c.n_samples
+        from seven c join seven r on c.prompt_id = r.prompt_id
+        where c.point = {_lit(chosen)} and r.point = {_lit(rejected)}"""
+    # random: the two samples with the smallest seeded hashes; the better one is chosen (on a tie the two
+    # indices differ, so the pair is dropped as not_ordered)
+    return f"""
+        select prompt_id, 'random' as strategy, 'random' as chosen_point, 'random' as rejected_point,
+               arg_max(sample_idx, (reward, -sample_idx)) as chosen_idx,
+               arg_min(sample_idx, (reward, -sample_idx)) as rejected_idx,
+               max(reward) as chosen_reward, min(reward) as rejected_reward,
+               any_value(mu) as mu, any_value(sigma) as sigma, any_value(n_samples) as n_samples
+        from (
+            select r.*, s.mu, s.sigma, s.n_samples,
+                   row_number() over (partition by prompt_id order by hash({cfg.seed}, prompt_id, sample_idx),
+                                      sample_idx) as draw
+            from rewards r join (select distinct prompt_id, mu, sigma, n_samples from seven) s using (prompt_id)
+        ) where draw <= 2
+        group by prompt_id"""
+
+
+def build_pairs_sql(seven: str, rewards: str, samples: str, prompts: str, cfg: PairConfig,
+                    system_prompt: str | None = None) -> str:
+    """All candidate pairs with a `status` ('ok' or why there is no pair), joined with their texts."""
+    strategies = list(dict.fromkeys([cfg.strategy, *cfg.extra_strategies]))
+    candidates = "\n        union all\n".join(candidates_sql(s, cfg) for s in strategies)
+    system = f"{{'role': 'system', 'content': {_lit(system_prompt)}}}, " if system_prompt else ""
+    return f"""
+    with seven as (
+        select * from {seven}
+    ),
+    rewards as (
+        select prompt_id, sample_idx, reward from {rewards}
+    ),
+    candidates as ({candidates}
+    ),
+    classified as (
+        select *,
+            case when sigma = 0 then 'zero_std'
+                 when chosen_idx = rejected_idx then 'same_sample'
+                 when chosen_reward <= rejected_reward then 'not_ordered'
+                 else 'ok' end as status
+        from candidates
+    ),
+    final as (
+        select
+            c.prompt_id || '|' || c.strategy || ':' || c.chosen_point || '>' || c.rejected_point as pair_id,
+            c.prompt_id,
+            [{system}{{'role': 'user', 'content': p.prompt}}] as prompt,
+            [{{'role': 'assistant', 'content': cs.response}}] as chosen,
+            [{{'role': 'assistant', 'content': rs.response}}] as rejected,
+            c.chosen_idx, c.rejected_idx, c.chosen_point, c.rejected_point,
+            c.chosen_reward, c.rejected_reward, c.mu as reward_mean, c.sigma as reward_std,
+            c.chosen_reward - c.rejected_reward as gt_margin, c.n_samples, c.strategy, c.status
+        from classified c
+        join {prompts} p on p.prompt_id = c.prompt_id
+        join {samples} cs on cs.prompt_id = c.prompt_id and cs.sample_idx = c.chosen_idx
+        join {samples} rs on rs.prompt_id = c.prompt_id and rs.sample_idx = c.rejected_idx
+    )
+    select * from final
+    """
+
+
+def _copy(con, query: str, path: str) -> None:
+    """COPY a query to Parquet under a temporary name, then rename it into place."""
+    tmp = path + ".tmp"
+    con.execute(f"copy ({query}) to {_lit(tmp)} (format parquet, compression zstd)")
+    os.replace(tmp, path)
+
+
+def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, out_dir: dict[str, str],
+                system_prompt: str | None = None) -> dict:
+    """Write seven_points and pairs Parquet files; return counts per strategy and status."""
+    seven_path = os.path.join(out_dir["seven_points"], "part-00000.parquet")
+    os.makedirs(out_dir["seven_points"], exist_ok=True)
+    _copy(con, f"select *{ctx_cols} from ({seven_points_sql(sources['rewards'])})", seven_path)
+    seven = f"read_parquet({_lit(seven_path)})"
+    con.execute(f"create or replace temp table all_pairs as {build_pairs_sql(seven, sources['rewards'], sources['samples'], sources['prompts'], cfg, system_prompt)}")  # noqa: E501
+    os.makedirs(out_dir["pairs"], exist_ok=True)
+    _copy(con, f"select * exclude (status){ctx_cols} from all_pairs where status = 'ok' order by pair_id",
+          os.path.join(out_dir["pairs"], "part-00000.parquet"))
+    counts = con.execute("select strategy, status, count(*) from all_pairs group by all order by all").fetchall()
+    report: dict = {}
+    for strategy, status, n in counts:
+        report.setdefault(strategy, {"ok": 0, "zero_std": 0, "same_sample": 0, "not_ordered": 0})[status] = n
+    return report
+
+
+@task(name="pair")
+def pair(ctx: RunContext) -> StageResult:
+    """Build seven_points and pairs for the run, then plot a few prompts' reward distributions."""
+    from popflow.plots import plot_reward_distributions
+
+    done = completed(ctx, "pair")
+    if done:
+        return done
+    logger, cfg, lake, started = get_run_logger(), ctx.config.pair, ctx.lake, time.time()
+    sources = {t: f"read_parquet({_lit(ctx.glob(t))})" for t in ("samples", "prompts")}
+    sources["rewards"] = f"read_parquet({_lit(ctx.glob('sample_rewards'))})"
+    out = {t: str(lake.staging(t, ctx.pipeline, ctx.run_id)) for t in ("seven_points", "pairs")}
+    for t in out:
+        lake.discard_staging(t, ctx.pipeline, ctx.run_id)
+    cols = f", {_lit(ctx.pipeline)} as pipeline, {_lit(ctx.run_id)} as run_id"
+    con = duckdb.connect()
+    report = write_pairs(con, cols, sources, cfg, out, ctx.config.sample.system_prompt)
+    for t in out:
+        lake.publish(t, ctx.pipeline, ctx.run_id)
+    tables = {t: con.execute(f"select count(*) from read_parquet({_lit(ctx.glob(t))})").fetchone()[0] for t in out}
+    plot = plot_reward_distributions(con, ctx.glob("sample_rewards"), ctx.glob("seven_points"),
+                                     ctx.run_dir / "reward_distributions.png", ctx.run_id)
+    report["plot"] = str(plot)
+    for strategy, counts in report.items():
+        if strategy != "plot":
+            logger.info("pairs %s: %s", strategy, counts)
+    return finish(ctx, "pair", started, tables, report)

