@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,6 +49,8 @@ class PromptsConfig(Strict):
     )
     hf_config: str | None = Field(None, description="Dataset config name for 'hf:' sources.")
     hf_split: str = Field("train", description="Dataset split to read for 'hf:' sources.")
+    hf_data_files: str | list[str] | None = Field(
+        None, description="'hf:' sources only: data_files for load_dataset (e.g. hf:json with local files).")
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Source column names.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of prompts held out (by a hash of prompt_id) when the source "
@@ -122,7 +124,7 @@ class PythonReward(_RewardBase):
 
 
 RewardModel = Annotated[
-    Union[HfReward, ConstraintsReward, RelevanceReward, PythonReward], Field(discriminator="kind")
+    HfReward | ConstraintsReward | RelevanceReward | PythonReward, Field(discriminator="kind")
 ]
 
 

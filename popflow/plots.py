@@ -10,7 +10,7 @@ from pathlib import Path
 
 from popflow.config import POINTS
 
-COLORS = dict(zip(POINTS, ["#67001f", "#d6604d", "#e08214", "#444444", "#35978f", "#4393c3", "#053061"]))
+COLORS = dict(zip(POINTS, ["#67001f", "#d6604d", "#e08214", "#444444", "#35978f", "#4393c3", "#053061"], strict=True))
 
 
 def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path, title: str,
@@ -36,7 +36,7 @@ def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path
         f"select prompt_id, point_rank, point, target, reward from read_parquet('{seven_glob}') "
         "where prompt_id in ?", [prompts]).fetchall()
     fig, axes = plt.subplots(len(prompts), 1, figsize=(8, 1.6 * len(prompts) + 0.8), sharex=True, squeeze=False)
-    for ax, pid in zip(axes[:, 0], prompts):
+    for ax, pid in zip(axes[:, 0], prompts, strict=True):
         values = [r for p, r in rewards if p == pid]
         ax.scatter(values, [0] * len(values), s=12, alpha=0.5, color="black", label="samples")
         for p, rank, point, target, reward in points:

@@ -32,7 +32,7 @@ def read_records(cfg: PromptsConfig) -> tuple[list[dict], str]:
         import datasets
 
         try:
-            ds = datasets.load_dataset(source[3:], cfg.hf_config, split=cfg.hf_split)
+            ds = datasets.load_dataset(source[3:], cfg.hf_config, split=cfg.hf_split, data_files=cfg.hf_data_files)
         except Exception as exc:  # datasets raises many types; the message is what matters
             raise PopflowError(f"prompts.source {source!r}: cannot load dataset: {exc}") from exc
         return ds.to_list(), "row"

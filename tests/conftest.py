@@ -1,0 +1,67 @@
+"""Shared test helpers: run the real `popflow` CLI in a subprocess with an isolated Prefect home and lake.
+
+The built-in models are shared through POPFLOW_MODELS_DIR (the repo's data/models, filled by `make models`)
+so each test does not rebuild them; everything else (lake, Prefect's database) lives in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        POPFLOW_MODELS_DIR=str(REPO / "data" / "models"),
+        PYTHONPATH=str(REPO),  # so `python` reward kinds can name tests.fixtures.rewards:...
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    env.pop("POPFLOW_DATA_DIR", None)
+    return env
+
+
+class Cli:
+    def __init__(self, tmp_path: Path):
+        self.data_dir = tmp_path / "data"
+        self.env = cli_env(tmp_path)
+
+    def cmd(self, *args: str) -> list[str]:
+        data = ["--data-dir", str(self.data_dir)] if args[0] in {"run", "sql", "runs"} else []
+        return [sys.executable, "-m", "popflow.cli", *args, *data]
+
+    def __call__(self, *args: str, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.cmd(*args), env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(*args), env=self.env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def query(self, sql: str) -> list[tuple]:
+        con = duckdb.connect(str(self.data_dir / "lake" / "catalog.duckdb"), read_only=True)
+        try:
+            return con.sql(sql).fetchall()
+        finally:
+            con.close()
+
+    def run_id(self, stdout: str) -> str:
+        line = next(line for line in stdout.splitlines() if line.startswith("run ") and "completed" in line)
+        return line.split()[1]
+
+
+@pytest.fixture
+def cli(tmp_path) -> Cli:
+    return Cli(tmp_path)

