@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import duckdb
 import pyarrow as pa
 from prefect import get_run_logger, task
 
@@ -171,8 +172,6 @@ SAMPLES_SCHEMA = pa.schema([
 
 
 def train_prompts(ctx: RunContext) -> pa.Table:
-    import duckdb
-
     return duckdb.sql(
         f"select prompt_id, prompt from read_parquet('{ctx.glob('prompts')}') "
         "where split = 'train' order by source_row").to_arrow_table()
@@ -208,9 +207,14 @@ def sample(ctx: RunContext) -> StageResult:
                 logger.info("shard %d: %d prompts written", k, e - s)
         finally:
             engine.close()
+    staged = lake.staging("samples", ctx.pipeline, ctx.run_id)
+    rows = duckdb.sql(f"select count(*) from read_parquet('{staged}/*.parquet')").fetchall()[0][0]
+    if rows != len(ids) * cfg.n:  # never publish a table that is not exactly prompts x n
+        raise PopflowError(f"samples of run {ctx.run_id}: {rows} staged rows, expected {len(ids)} x {cfg.n}")
     lake.publish("samples", ctx.pipeline, ctx.run_id)
-    rows = len(ids) * cfg.n
     report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
               "shards": len(shards(len(ids), cfg.shard_size)), "resumed_shards": len(have),
-              "per_request_seed": per_request_seed}
+              "per_request_seed": per_request_seed,
+              "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                           "seed": cfg.seed, "system_prompt": cfg.system_prompt}}
     return finish(ctx, "sample", started, {"samples": rows}, report, {"policy": policy.identity()})

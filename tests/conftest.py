@@ -57,6 +57,16 @@ class Cli:
         finally:
             con.close()
 
+    def prefect_db(self, sql: str) -> list[tuple]:
+        """Rows from the ephemeral Prefect server's own database (what the UI would show)."""
+        import sqlite3
+
+        con = sqlite3.connect(Path(self.env["PREFECT_HOME"]) / "prefect.db")
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+
     def run_id(self, stdout: str) -> str:
         line = next(line for line in stdout.splitlines() if line.startswith("run ") and "completed" in line)
         return line.split()[1]

@@ -83,6 +83,14 @@ def test_tiny_pipeline_with_vllm(cli):
 def test_tiny_pipeline_with_transformers(cli):
     out = cli("run", "tiny", "--set", "sample.engine=transformers")
     check_tiny_run(cli, cli.run_id(out.stdout), "transformers")
+    # Prefect saw one flow run with one completed task per stage, and a table artifact per stage
+    assert cli.prefect_db("select name, state_type from flow_run")[0][1] == "COMPLETED"
+    tasks = sorted(r[0].rsplit("-", 1)[0] for r in cli.prefect_db("select name from task_run "
+                                                                  "where state_type = 'COMPLETED'"))
+    assert tasks == ["ingest", "pair", "sample", "score"]
+    artifacts = dict(cli.prefect_db("select key, type from artifact"))
+    assert artifacts == {"tiny-prompts": "table", "tiny-sample": "table", "tiny-score": "table",
+                         "tiny-pair": "table", "tiny-report": "markdown"}
 
 
 @pytest.mark.slow
