@@ -3,10 +3,12 @@
     .venv/bin/python bench/bench_score.py [--samples 256] [--batch-size 16]
 
 The reward model is SmolLM2-135M-Instruct with a scalar head (AutoModelForSequenceClassification,
-num_labels=1, head seeded): the same architecture and cost as a real SmolLM2 reward model. The samples are
+num_labels=1, head seeded), saved as a directory and loaded by popflow's own `hf` loader. The samples are
 the demo run's responses when data/lake has them (`make demo`), else synthetic responses of demo-like
 lengths. The baseline is how common scripts score: format, tokenize and forward one sample at a time.
-Both paths use popflow's formatting (the model's chat template); scores must agree. Goal (issue 2): >= 5x.
+Reported against the loop in the same dtype (the gain of batching alone) and against a float32 loop (the
+default most CPU scripts get; popflow's `dtype: auto` is bf16 on CPUs with native bf16). Goal (issue 2):
+>= 5x.
 """
 
 from __future__ import annotations
@@ -44,46 +46,66 @@ def load_samples(n: int) -> tuple[list[str], list[str], str]:
     return ["Explain something."] * n, responses, "synthetic responses (run make demo for real ones)"
 
 
-def main() -> None:
+def build_reward_model(out: Path) -> None:
+    """SmolLM2-135M-Instruct with a seeded scalar head, saved as a normal HF reward model directory."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = models.resolve(models.SMOLLM2, REPO / "data").path
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+
+
+def loop(tokenizer, model, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, float]:
+    """The usual script: format, tokenize and forward one sample at a time."""
+    import torch
+
+    start, scores = time.perf_counter(), []
+    for p, r in zip(prompts, responses, strict=True):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                             tokenize=False)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            scores.append(model(**enc).logits[0, 0].float().item())
+    return np.array(scores), time.perf_counter() - start
+
+
+def main() -> None:
+    import tempfile
+
+    import torch
+    from scipy.stats import spearmanr
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    path = models.resolve(models.SMOLLM2, REPO / "data").path
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
     prompts, responses, source = load_samples(args.samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_reward_model(Path(tmp))
+        tokenizer, model = hf.load(tmp, "auto", False)  # what the score stage does
+        start = time.perf_counter()
+        texts, templated = hf.format_texts(tokenizer, prompts, responses)
+        batched = hf.score_texts(tokenizer, model, texts, templated, args.batch_size, 2048, "batched")
+        t_batched = time.perf_counter() - start
+        same, t_same = loop(tokenizer, model, prompts, responses)
+        fp32_tok, fp32_model = hf.load(tmp, "float32", False)
+        fp32, t_fp32 = loop(fp32_tok, fp32_model, prompts, responses)
 
-    start = time.perf_counter()
-    texts, templated = hf.format_texts(tokenizer, prompts, responses)
-    batched = hf.score_texts(tokenizer, model, texts, templated, args.batch_size, 2048, "batched")
-    t_batched = time.perf_counter() - start
-
-    start = time.perf_counter()
-    single = []
-    for p, r in zip(prompts, responses, strict=True):  # the usual script: one sample per forward pass
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                             tokenize=False)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            single.append(model(**enc).logits[0, 0].item())
-    t_single = time.perf_counter() - start
-
-    max_diff = float(np.max(np.abs(np.array(single) - batched)))
     tokens = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores (bf16 native: "
+          f"{models.cpu_has_bf16()}), torch threads {torch.get_num_threads()}")
     print(f"samples: {args.samples} {source}, {tokens / args.samples:.0f} tokens each on average")
-    print(f"popflow hf reward, batch {args.batch_size} length-sorted: {t_batched:.1f} s "
-          f"({args.samples / t_batched:.1f} samples/s)")
-    print(f"batch-size-1 loop:                            {t_single:.1f} s ({args.samples / t_single:.1f} samples/s)")
-    print(f"ratio (loop / batched): {t_single / t_batched:.2f}x   max |score difference|: {max_diff:.2e}")
+    print(f"popflow hf reward (dtype auto = {model.dtype}, batch {args.batch_size}, length-sorted): "
+          f"{t_batched:.1f} s ({args.samples / t_batched:.1f} samples/s)")
+    print(f"batch-size-1 loop, same dtype:    {t_same:.1f} s ({args.samples / t_same:.1f} samples/s)")
+    print(f"batch-size-1 loop, float32:       {t_fp32:.1f} s ({args.samples / t_fp32:.1f} samples/s)")
+    print(f"ratio vs same-dtype loop: {t_same / t_batched:.2f}x   vs float32 loop: {t_fp32 / t_batched:.2f}x")
+    print(f"max |batched - same-dtype loop|: {np.max(np.abs(same - batched)):.2e}; Spearman(batched, float32 "
+          f"loop): {spearmanr(batched, fp32).statistic:.4f}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class TransformersEngine:
         self.cfg = cfg
         self.per_request_seed = False
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(cfg.dtype, cfg.dtype)
+        dtype = models.torch_dtype(cfg.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

@@ -34,10 +34,9 @@ def load(path: str, dtype: str, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(dtype, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        path, dtype=models.torch_dtype(dtype, device), trust_remote_code=trust_remote_code).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -54,7 +53,7 @@ def score_texts(tokenizer, model, texts: list[str], templated: bool, batch_size:
     tokenizer.padding_side = "right"
     for idx in tqdm(length_sorted_batches([len(x) for x in ids], batch_size), desc=desc):
         batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = model(**batch).logits
         out[idx] = logits[:, 0].float().cpu().numpy()
     return out
