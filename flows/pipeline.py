@@ -50,8 +50,8 @@ def preference_pipeline(pipeline: str = "demo", overrides: list[str] | None = No
     logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
     stages: dict = {}
     try:
-        for stage_task in (ingest, sample, score, pair):
-            result = stage_task(ctx)
+        for run_stage in (ingest, sample, score, pair):
+            result = run_stage(ctx)
             stages[result.stage] = {"tables": result.tables, "seconds": result.seconds, "skipped": result.skipped}
             summarise(ctx, result)
     except BaseException as exc:

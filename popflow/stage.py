@@ -10,9 +10,11 @@ which is refused rather than mixing two configs in one run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # The config sections each stage depends on (its own and its upstream stages'): the stage hash covers them.
 STAGE_SECTIONS = {
-    "prompts": ("prompts",),
+    "ingest": ("prompts",),
     "sample": ("prompts", "sample"),
     "score": ("prompts", "sample", "score"),
     "pair": ("prompts", "sample", "score", "pair"),
@@ -81,6 +83,20 @@ def completed(ctx: RunContext, stage: str) -> StageResult | None:
             f"(stage hash {manifest['stage_hash']} != {ctx.stage_hash(stage)}); start a new run id")
     log.info("stage %s already complete in run %s: skipped", stage, ctx.run_id)
     return StageResult(stage, manifest["tables"], manifest.get("report", {}), skipped=True)
+
+
+def stage_task(name: str, **task_options) -> Callable:
+    """Make a stage function a Prefect task that is skipped when the run already completed that stage."""
+    from prefect import task
+
+    def decorate(fn: Callable[[RunContext], StageResult]):
+        @functools.wraps(fn)
+        def run(ctx: RunContext) -> StageResult:
+            return completed(ctx, name) or fn(ctx)
+
+        return task(name=name, **task_options)(run)
+
+    return decorate
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:

@@ -22,10 +22,10 @@ import os
 import time
 
 import duckdb
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from popflow.config import POINTS, PairConfig
-from popflow.stage import RunContext, StageResult, completed, finish
+from popflow.stage import RunContext, StageResult, finish, stage_task
 
 _SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
 
@@ -166,14 +166,11 @@ def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, ou
     return report
 
 
-@task(name="pair")
+@stage_task("pair")
 def pair(ctx: RunContext) -> StageResult:
     """Build seven_points and pairs for the run, then plot a few prompts' reward distributions."""
     from popflow.plots import plot_reward_distributions
 
-    done = completed(ctx, "pair")
-    if done:
-        return done
     logger, cfg, lake, started = get_run_logger(), ctx.config.pair, ctx.lake, time.time()
     sources = {t: f"read_parquet({_lit(ctx.glob(t))})" for t in ("samples", "prompts")}
     sources["rewards"] = f"read_parquet({_lit(ctx.glob('sample_rewards'))})"

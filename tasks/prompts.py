@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from popflow.config import PromptsConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, completed, finish, with_run_columns
+from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 from tasks.rewards.constraints import validate_constraints
 
 SPLITS = ("train", "eval")
@@ -136,12 +136,9 @@ def load_prompts(cfg: PromptsConfig) -> pa.Table:
     return table
 
 
-@task(name="ingest")
+@stage_task("ingest")
 def ingest(ctx: RunContext) -> StageResult:
     """Validate the whole prompt set, then write the `prompts` table."""
-    done = completed(ctx, "prompts")
-    if done:
-        return done
     started = time.time()
     table = load_prompts(ctx.config.prompts)
     ctx.lake.write_table("prompts", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
@@ -149,4 +146,4 @@ def ingest(ctx: RunContext) -> StageResult:
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),
               "with_constraints": table.num_rows - table.column("constraints").null_count}
     get_run_logger().info("prompts: %s", report)
-    return finish(ctx, "prompts", started, {"prompts": table.num_rows}, report)
+    return finish(ctx, "ingest", started, {"prompts": table.num_rows}, report)

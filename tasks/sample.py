@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from popflow import models
 from popflow.config import SampleConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, completed, finish, with_run_columns
+from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,9 @@ def train_prompts(ctx: RunContext) -> pa.Table:
         "where split = 'train' order by source_row").to_arrow_table()
 
 
-@task(name="sample")
+@stage_task("sample")
 def sample(ctx: RunContext) -> StageResult:
     """Generate the missing shards, then publish `samples` and write the stage manifest."""
-    done = completed(ctx, "sample")
-    if done:
-        return done
     logger, cfg, lake, started = get_run_logger(), ctx.config.sample, ctx.lake, time.time()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     prompts = train_prompts(ctx)

@@ -16,12 +16,12 @@ import time
 import duckdb
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from popflow import models
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, completed, finish, with_run_columns
+from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 from tasks.rewards import ScoringBatch
 
 KINDS = {k: f"tasks.rewards.{k}" for k in ("hf", "constraints", "relevance", "python")}
@@ -84,14 +84,11 @@ def samples_to_score(ctx: RunContext) -> pa.Table:
     """).to_arrow_table()
 
 
-@task(name="score")
+@stage_task("score")
 def score(ctx: RunContext) -> StageResult:
     """Score with each reward model (resuming per model), publish rewards and sample_rewards."""
     import json
 
-    done = completed(ctx, "score")
-    if done:
-        return done
     logger, cfg, lake, started = get_run_logger(), ctx.config.score, ctx.lake, time.time()
     data = samples_to_score(ctx)
     ids, idx = data.column("prompt_id").to_pylist(), data.column("sample_idx").to_pylist()

@@ -89,7 +89,7 @@ def test_tiny_pipeline_with_transformers(cli):
                                                                   "where state_type = 'COMPLETED'"))
     assert tasks == ["ingest", "pair", "sample", "score"]
     artifacts = dict(cli.prefect_db("select key, type from artifact"))
-    assert artifacts == {"tiny-prompts": "table", "tiny-sample": "table", "tiny-score": "table",
+    assert artifacts == {"tiny-ingest": "table", "tiny-sample": "table", "tiny-score": "table",
                          "tiny-pair": "table", "tiny-report": "markdown"}
 
 
