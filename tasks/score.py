@@ -10,6 +10,7 @@ aggregate per sample: optionally each model z-normalised over the run, then mean
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import time
 
@@ -87,8 +88,6 @@ def samples_to_score(ctx: RunContext) -> pa.Table:
 @stage_task("score")
 def score(ctx: RunContext) -> StageResult:
     """Score with each reward model (resuming per model), publish rewards and sample_rewards."""
-    import json
-
     logger, cfg, lake, started = get_run_logger(), ctx.config.score, ctx.lake, time.time()
     data = samples_to_score(ctx)
     ids, idx = data.column("prompt_id").to_pylist(), data.column("sample_idx").to_pylist()
