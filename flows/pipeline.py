@@ -1,7 +1,10 @@
-"""The preference pipeline flow: ingest -> sample -> score -> pair, one Prefect task per stage.
+"""The preference pipeline flow, one Prefect task per stage:
 
-    .venv/bin/popflow run tiny                      # what the CLI calls
-    .venv/bin/python -m flows.pipeline tiny         # the same, without the CLI
+    ingest -> sample -> score -> pair -> annotate -> margins
+    import_pairs ------------------> annotate -> margins        (when the pipeline sets import_pairs)
+
+    .venv/bin/popflow run tiny                                   # what the CLI calls
+    .venv/bin/popflow run tiny --run-id ID --from-stage annotate --set annotate.k=4   # redo from a stage
 
 Tasks receive a RunContext and return StageResults (table row counts and a report): no data frames pass
 through Prefect. Each stage writes its manifest last, so rerunning with the same --run-id resumes after the
@@ -19,10 +22,27 @@ from popflow.config import load_pipeline
 from popflow.errors import PopflowError
 from popflow.runs import end_run, new_run_id, preflight, resolve_data_dir, start_run
 from popflow.stage import RunContext, StageResult
+from tasks.annotate import annotate
+from tasks.import_pairs import import_pairs
+from tasks.margins import infer_margins
 from tasks.pair import pair
 from tasks.prompts import ingest
 from tasks.sample import sample
 from tasks.score import score
+
+
+def stages_for(cfg) -> tuple:
+    head = (import_pairs,) if cfg.import_pairs else (ingest, sample, score, pair)
+    return (*head, annotate, infer_margins)
+
+
+def reset_from(ctx: RunContext, stages: tuple, from_stage: str) -> None:
+    """Forget the manifests of `from_stage` and every later stage, so they run again on this run's data."""
+    names = [s.name for s in stages]
+    if from_stage not in names:
+        raise PopflowError(f"--from-stage {from_stage!r}: not a stage of this pipeline ({', '.join(names)})")
+    for name in names[names.index(from_stage):]:
+        ctx.lake.manifest_path(ctx.pipeline, ctx.run_id, name).unlink(missing_ok=True)
 
 
 def _artifact_key(*parts: str) -> str:
@@ -40,17 +60,26 @@ def summarise(ctx: RunContext, result: StageResult) -> None:
 
 @flow(name="preference-pipeline")
 def preference_pipeline(pipeline: str = "demo", overrides: list[str] | None = None, data_dir: str | None = None,
-                        run_id: str | None = None, config_path: str | None = None) -> dict:
-    """Run (or resume) one pipeline from pipelines.yaml; returns the run id and each stage's row counts."""
+                        run_id: str | None = None, config_path: str | None = None,
+                        from_stage: str | None = None) -> dict:
+    """Run (or resume) one pipeline from pipelines.yaml; returns the run id and each stage's row counts.
+
+    from_stage (with run_id) reruns that stage and the later ones on the run's existing data; the config may
+    differ only in those stages' sections (each kept stage's hash is checked)."""
     logger = get_run_logger()
     cfg = load_pipeline(pipeline, config_path, overrides or [])
     preflight(cfg)
+    if from_stage and not run_id:
+        raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, run_id or new_run_id(), cfg)
-    start_run(ctx.lake, pipeline, ctx.run_id, cfg)
+    plan = stages_for(cfg)
+    if from_stage:
+        reset_from(ctx, plan, from_stage)
+    start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage)
     logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
     stages: dict = {}
     try:
-        for run_stage in (ingest, sample, score, pair):
+        for run_stage in plan:
             result = run_stage(ctx)
             stages[result.stage] = {"tables": result.tables, "seconds": result.seconds, "skipped": result.skipped}
             summarise(ctx, result)
@@ -58,9 +87,9 @@ def preference_pipeline(pipeline: str = "demo", overrides: list[str] | None = No
         end_run(ctx.lake, pipeline, ctx.run_id, "failed", stages, error=str(exc)[:2000])
         raise
     end_run(ctx.lake, pipeline, ctx.run_id, "completed", stages)
-    plot = ctx.run_dir / "reward_distributions.png"
+    plots = "".join(f"- `{p}`\n" for p in sorted(ctx.run_dir.glob("*.png")))
     create_markdown_artifact(key=_artifact_key(pipeline, "report"), markdown=(
-        f"# {pipeline} run {ctx.run_id}\n\nLake: `{ctx.lake.root}`\n\nReward distributions: `{plot}`\n"))
+        f"# {pipeline} run {ctx.run_id}\n\nLake: `{ctx.lake.root}`\n\nPlots:\n{plots}"))
     return {"run_id": ctx.run_id, "stages": stages}
 
 

@@ -1,6 +1,7 @@
 """The `popflow` command.
 
     popflow run PIPELINE [--config FILE] [--set key.path=value ...] [--data-dir DIR] [--run-id ID]
+                         [--from-stage STAGE]
     popflow sql "SELECT ..." [--data-dir DIR] [--csv]
     popflow runs [--data-dir DIR]
     popflow validate [--config FILE]         validate every pipeline in the file
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one config value (YAML-parsed); repeatable")
     run.add_argument("--data-dir")
     run.add_argument("--run-id", help="resume this run id (same config) instead of starting a new run")
+    run.add_argument("--from-stage", help="with --run-id: rerun this stage and the later ones on the run's data")
 
     sql = sub.add_parser("sql", help="query the lake's catalog with DuckDB SQL")
     sql.add_argument("query")
@@ -54,7 +56,7 @@ def cmd_run(args) -> int:
     from flows.pipeline import preference_pipeline
 
     result = preference_pipeline(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,
-                                 run_id=args.run_id, config_path=args.config)
+                                 run_id=args.run_id, config_path=args.config, from_stage=args.from_stage)
     print(f"run {result['run_id']} completed")
     for stage, info in result["stages"].items():
         tables = ", ".join(f"{t}={n}" for t, n in info["tables"].items())
@@ -120,6 +122,10 @@ COMMANDS = {"run": cmd_run, "sql": cmd_sql, "runs": cmd_runs, "validate": cmd_va
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # The ephemeral server's telemetry heartbeat has nowhere to go offline and races its own SQLite file.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

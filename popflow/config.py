@@ -173,6 +173,63 @@ class PairConfig(Strict):
         return self
 
 
+class PairColumns(Strict):
+    """Which source columns hold an imported pair (conversational lists or plain text)."""
+
+    prompt_id: str | None = Field(None, description="Column with a prompt id; null hashes the prompt text.")
+    prompt: str | None = Field("prompt", description="Prompt column; null when chosen/rejected hold the whole "
+                               "conversation (the prompt is then their common prefix, as TRL extracts it).")
+    chosen: str = Field("chosen", description="Chosen response column.")
+    rejected: str = Field("rejected", description="Rejected response column.")
+    chosen_score: str | None = Field(None, description="Chosen score column (gives gt_margin); optional.")
+    rejected_score: str | None = Field(None, description="Rejected score column; optional.")
+
+
+class ImportPairsConfig(Strict):
+    source: str = Field(..., description="A .jsonl or .parquet file (relative to the config file) or "
+                        "'hf:<dataset>' of scored preference pairs; replaces sample/score/pair.")
+    hf_config: str | None = Field(None, description="Dataset config name for 'hf:' sources.")
+    hf_split: str = Field("train", description="Dataset split for 'hf:' sources.")
+    hf_data_files: str | list[str] | None = Field(None, description="'hf:' sources only: data_files.")
+    columns: PairColumns = Field(default_factory=PairColumns, description="Source column names.")
+    limit: int | None = Field(None, ge=1, description="Keep at most this many pairs (first in the source).")
+
+
+class AnnotateConfig(Strict):
+    pairs: str | None = Field(None, description="Which pairs.strategy to annotate; default: pair.strategy, or "
+                              "'imported' when import_pairs is set.")
+    sampling: Literal["iterative", "random"] = Field(
+        "iterative", description="iterative: every pair anchors k comparisons; random: k x N uniform "
+        "comparisons (DPO-PoP, Chittepu et al. 2025).")
+    k: int = Field(2, ge=1, description="PoP labels per pair (the paper found 1-2 best).")
+    partners: Literal["all", "same_prompt"] = Field("all", description="Draw partners from all pairs or only "
+                                                    "from pairs of the same prompt.")
+    train_on: Literal["all_pairs", "pop_winners"] | None = Field(
+        None, description="Training-set composition; default all_pairs for iterative, pop_winners for random "
+        "(our reading of the paper).")
+    ground_truth: str = Field("aggregate", description="'aggregate' (pairs.gt_margin) or a reward model name "
+                              "(its own chosen - rejected score).")
+    noise: Literal["flip", "bradley_terry"] = Field("flip", description="flip: invert with probability p; "
+                                                    "bradley_terry: P(a) = sigmoid((m_a - m_b) / tau).")
+    p: float = Field(0.0, ge=0.0, lt=0.5, description="flip: label-noise probability, in [0, 0.5).")
+    tau: float = Field(1.0, gt=0.0, description="bradley_terry: temperature (> 0).")
+    ties: Literal["drop", "coin"] = Field("coin", description="Exactly equal margins: drop, or a fair coin.")
+    seed: int = Field(0, description="Seed of partner draws and label noise.")
+
+
+class MarginsConfig(Strict):
+    method: Literal["pop", "gt", "fixed", "none"] = Field(
+        "pop", description="pop: Bradley-Terry strengths from PoP labels; gt: alpha * gt_margin; fixed: gamma; "
+        "none: 0 (plain DPO).")
+    scale: Literal["rank", "affine"] = Field("rank", description="pop: strengths -> margins by quantile rank, "
+                                             "or affine with target_mean (both clipped to [0, max_margin]).")
+    max_margin: float = Field(1.0, gt=0.0, description="Margins are clipped to [0, max_margin].")
+    target_mean: float = Field(0.5, gt=0.0, description="scale affine: the mean margin.")
+    alpha: float = Field(1.0, gt=0.0, description="gt: margin = alpha * gt_margin.")
+    gamma: float = Field(0.5, ge=0.0, description="fixed: the margin of every pair.")
+    prior_sigma: float = Field(1.0, gt=0.0, description="pop: std of the Gaussian prior on strengths.")
+
+
 class PipelineConfig(Strict):
     description: str = Field("", description="What this pipeline is for.")
     seed: int = Field(0, description="Run-level seed recorded with every artifact.")
@@ -180,6 +237,16 @@ class PipelineConfig(Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Stage 1: sampling.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Stage 2: reward models.")
     pair: PairConfig = Field(default_factory=PairConfig, description="Stage 3: pair construction.")
+    import_pairs: ImportPairsConfig | None = Field(
+        None, description="Start from an existing scored pairs dataset instead of sample/score/pair.")
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig, description="Stage 4: PoP labels.")
+    margins: MarginsConfig = Field(default_factory=MarginsConfig, description="Stage 5: per-pair margins.")
+
+    def annotated_strategy(self) -> str:
+        return self.annotate.pairs or ("imported" if self.import_pairs else self.pair.strategy)
+
+    def train_on(self) -> str:
+        return self.annotate.train_on or ("all_pairs" if self.annotate.sampling == "iterative" else "pop_winners")
 
     def hash(self, *sections: str) -> str:
         """Hash of the whole config, or of the named sections (a stage's own inputs)."""
@@ -268,13 +335,17 @@ def load_pipeline(name: str, config_path: Path | None = None, overrides: list[st
     return resolve_paths(cfg, path.parent)
 
 
+def _absolute(source: str, base: Path) -> str:
+    return source if source.startswith("hf:") or Path(source).is_absolute() else str((base / source).resolve())
+
+
 def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
-    """Make a relative prompt file absolute against the config file's folder (not the caller's cwd)."""
-    source = cfg.prompts.source
-    if source.startswith("hf:") or Path(source).is_absolute():
-        return cfg
-    prompts = cfg.prompts.model_copy(update={"source": str((base / source).resolve())})
-    return cfg.model_copy(update={"prompts": prompts})
+    """Make relative source files absolute against the config file's folder (not the caller's cwd)."""
+    update = {"prompts": cfg.prompts.model_copy(update={"source": _absolute(cfg.prompts.source, base)})}
+    if cfg.import_pairs:
+        update["import_pairs"] = cfg.import_pairs.model_copy(
+            update={"source": _absolute(cfg.import_pairs.source, base)})
+    return cfg.model_copy(update=update)
 
 
 def pipeline_names(config_path: Path | None = None) -> list[str]:

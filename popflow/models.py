@@ -134,6 +134,8 @@ def materialise(ref: str, root: Path) -> Path:
     target = root / _DIRS[ref]
     if (target / "config.json").is_file():
         return target
+    for dependency in _DEPENDS.get(ref, ()):  # before the lock: flock is not re-entrant within a process
+        materialise(dependency, root)
     with _lock(root):
         if (target / "config.json").is_file():  # another process finished it while we waited
             return target
@@ -198,6 +200,7 @@ def _build_tiny(out: Path, root: Path, head: str) -> None:
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
 
+_DEPENDS = {TINY_LLAMA: (SMOLLM2,), TINY_REWARD: (SMOLLM2,)}  # the tiny models reuse SmolLM2's tokenizer
 _BUILDERS = {
     SMOLLM2: _build_smollm2,
     TINY_LLAMA: lambda out, root: _build_tiny(out, root, "lm"),

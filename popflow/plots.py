@@ -2,6 +2,7 @@
 
 reward_distributions.png: for a few prompts, every sample's aggregate reward as a strip, with the seven
 points (min, mu-2sigma, ..., max) marked where the picked samples lie.
+margins_vs_gt.png: inferred PoP margins and strengths against the ground-truth margins.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ from pathlib import Path
 from popflow.config import POINTS
 
 COLORS = dict(zip(POINTS, ["#67001f", "#d6604d", "#e08214", "#444444", "#35978f", "#4393c3", "#053061"], strict=True))
+
+
+def save(fig, out: Path) -> Path:
+    """Save under a temporary name and rename, so a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
 
 
 def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path, title: str,
@@ -53,9 +66,26 @@ def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path
     axes[-1, 0].set_xlabel("aggregate reward (markers: picked sample; dashed: target mu + k sigma)")
     fig.suptitle(f"reward distributions and the seven points - {title}", fontsize=9, y=0.995)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save(fig, out)
+
+
+def plot_margins(gt, margins, strengths, out: Path, title: str) -> Path:
+    """Inferred margins (left) and Bradley-Terry strengths (right) against the ground-truth reward margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    ok = ~np.isnan(gt)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, values, label in ((axes[0], margins, "inferred margin"), (axes[1], strengths, "BT strength")):
+        ax.scatter(gt[ok], values[ok], s=8, alpha=0.5, color="#2166ac")
+        rho = spearmanr(gt[ok], values[ok]).statistic if ok.sum() > 2 else float("nan")
+        ax.set_xlabel("ground-truth margin (chosen - rejected reward)")
+        ax.set_ylabel(label)
+        ax.set_title(f"Spearman {rho:.3f}", fontsize=9)
+    fig.suptitle(f"PoP margins vs ground truth - {title}", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)

@@ -42,6 +42,8 @@ def preflight(cfg: PipelineConfig) -> None:
     """Catch what would fail late (a missing model directory, an unimportable reward function) up front."""
     from tasks.rewards.python import load_function
 
+    if cfg.import_pairs:
+        return  # no model is loaded before annotation
     models.check_ref(cfg.sample.policy, "sample.policy")
     for spec in cfg.score.models:
         if hasattr(spec, "model"):
@@ -50,10 +52,11 @@ def preflight(cfg: PipelineConfig) -> None:
             load_function(spec.function, f"score.models[{spec.name}].function")
 
 
-def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig) -> dict:
-    """Write (or reopen) the run record; a reused run id must come with the same config."""
+def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_config: bool = True) -> dict:
+    """Write (or reopen) the run record; a reused run id must come with the same config (unless a rerun from a
+    stage, where the stages themselves check that the ones kept were made with the same config)."""
     record = lake.read_run(pipeline, run_id)
-    if record and record["config_hash"] != cfg.hash():
+    if same_config and record and record["config_hash"] != cfg.hash():
         raise PopflowError(
             f"run {run_id!r} of {pipeline!r} was made with config {record['config_hash']}, this one is "
             f"{cfg.hash()}; a resumed run must use the same config (or omit --run-id for a new run)")

@@ -34,6 +34,9 @@ STAGE_SECTIONS = {
     "sample": ("prompts", "sample"),
     "score": ("prompts", "sample", "score"),
     "pair": ("prompts", "sample", "score", "pair"),
+    "import_pairs": ("import_pairs",),
+    "annotate": ("prompts", "sample", "score", "pair", "import_pairs", "annotate"),
+    "margins": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins"),
 }
 
 

@@ -25,8 +25,10 @@ from tasks.rewards.constraints import validate_constraints
 SPLITS = ("train", "eval")
 
 
-def read_records(cfg: PromptsConfig) -> tuple[list[dict], str]:
-    """Raw records of the source and the word for a position in it ('line' or 'row')."""
+def read_records(cfg, key: str = "prompts.source") -> tuple[list[dict], str]:
+    """Raw records of a file or HF dataset source and the word for a position in it ('line' or 'row').
+
+    `cfg` has source, hf_config, hf_split and hf_data_files (PromptsConfig, ImportPairsConfig)."""
     source = cfg.source
     if source.startswith("hf:"):
         import datasets
@@ -34,11 +36,11 @@ def read_records(cfg: PromptsConfig) -> tuple[list[dict], str]:
         try:
             ds = datasets.load_dataset(source[3:], cfg.hf_config, split=cfg.hf_split, data_files=cfg.hf_data_files)
         except Exception as exc:  # datasets raises many types; the message is what matters
-            raise PopflowError(f"prompts.source {source!r}: cannot load dataset: {exc}") from exc
+            raise PopflowError(f"{key} {source!r}: cannot load dataset: {exc}") from exc
         return ds.to_list(), "row"
     path = Path(source)
     if not path.is_file():
-        raise PopflowError(f"prompts.source: prompt file {str(path)!r} does not exist")
+        raise PopflowError(f"{key}: file {str(path)!r} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -47,7 +49,7 @@ def read_records(cfg: PromptsConfig) -> tuple[list[dict], str]:
         except Exception as exc:
             raise PopflowError(f"{path}: cannot read Parquet: {exc}") from exc
     if path.suffix != ".jsonl":
-        raise PopflowError(f"{path}: unsupported prompt file type (use .jsonl, .parquet or hf:<dataset>)")
+        raise PopflowError(f"{path}: unsupported file type (use .jsonl, .parquet or hf:<dataset>)")
     records = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():

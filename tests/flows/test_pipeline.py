@@ -40,10 +40,15 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
     assert q(f"""select bool_and(p.chosen[1].content = s.response) from pairs p join samples s
                  on s.prompt_id = p.prompt_id and s.sample_idx = p.chosen_idx and s.run_id = p.run_id
                  {where.replace('run_id', 'p.run_id')}""") == [(True,)]
+    # PoP stages: iterative k = 2 over the 6 seven-point pairs, margins for each pair
+    assert q(f"select count(*), count(distinct pair_a) from pop_labels {where}") == [(TRAIN * 2, TRAIN)]
+    assert q(f"select count(*), bool_and(margin between 0 and 1) from margins {where}") == [(TRAIN, True)]
+    assert q(f"select count(*) from train_pairs {where}") == [(TRAIN,)]
     run = q(f"select status, config_hash from runs {where}")
     assert run[0][0] == "completed" and len(run[0][1]) == 12
     run_dir = cli.data_dir / "lake" / "_runs" / "pipeline=tiny" / f"run={run_id}"
-    assert (run_dir / "reward_distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("reward_distributions.png", "margins_vs_gt.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((run_dir / "stages" / "sample.json").read_text())
     assert manifest["models"]["policy"]["fingerprint"].startswith("sha256:")
     assert manifest["tables"] == {"samples": TRAIN * N}
@@ -75,7 +80,7 @@ def test_tiny_pipeline_with_vllm(cli):
 
     # a rerun of the same run id skips every stage and changes nothing
     again = cli("run", "tiny", "--run-id", run_id)
-    assert again.stdout.count("(already complete)") == 4
+    assert again.stdout.count("(already complete)") == 6
     check_tiny_run(cli, run_id, "vllm")
 
 
@@ -87,10 +92,11 @@ def test_tiny_pipeline_with_transformers(cli):
     assert cli.prefect_db("select name, state_type from flow_run")[0][1] == "COMPLETED"
     tasks = sorted(r[0].rsplit("-", 1)[0] for r in cli.prefect_db("select name from task_run "
                                                                   "where state_type = 'COMPLETED'"))
-    assert tasks == ["ingest", "pair", "sample", "score"]
+    assert tasks == ["annotate", "ingest", "margins", "pair", "sample", "score"]
     artifacts = dict(cli.prefect_db("select key, type from artifact"))
     assert artifacts == {"tiny-ingest": "table", "tiny-sample": "table", "tiny-score": "table",
-                         "tiny-pair": "table", "tiny-report": "markdown"}
+                         "tiny-pair": "table", "tiny-annotate": "table", "tiny-margins": "table",
+                         "tiny-report": "markdown"}
 
 
 @pytest.mark.slow

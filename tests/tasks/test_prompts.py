@@ -79,5 +79,5 @@ def test_missing_and_empty_files(tmp_path):
     with pytest.raises(PopflowError, match="empty.jsonl: no prompts"):
         load_prompts(PromptsConfig(source=str(tmp_path / "empty.jsonl")))
     (tmp_path / "p.csv").write_text("prompt\nx\n")
-    with pytest.raises(PopflowError, match="unsupported prompt file type"):
+    with pytest.raises(PopflowError, match="unsupported file type"):
         load_prompts(PromptsConfig(source=str(tmp_path / "p.csv")))

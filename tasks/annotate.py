@@ -1,0 +1,182 @@
+"""Stage 4, annotate: simulated preference-over-preference (PoP) labels, "which of two preferences is stronger".
+
+Each pair's ground truth is its gt_margin: chosen minus rejected reward (the aggregate, or one reward model
+named by `annotate.ground_truth`). Two ways to choose comparisons (DPO-PoP, Chittepu et al. 2025):
+
+    iterative  every pair anchors exactly k comparisons (pair_a = the anchor) with k distinct partners, so
+               each pair is labelled about 2k times; the training set keeps every pair once
+               (train_on: all_pairs) and weak preferences keep their natural frequency.
+    random     k x (number of pairs) comparisons, both members drawn uniformly at random; the training set
+               is resampled from the comparisons' winners (train_on: pop_winners), so strong preferences are
+               over-represented. The paper publishes no code: this composition is our reading of it, and
+               `train_on` makes it an explicit choice.
+
+Partners come from the whole dataset or only from pairs of the same prompt (`partners: same_prompt`).
+Noise: `flip` inverts the true order with probability p (the paper's model); `bradley_terry` labels
+P(a stronger) = sigmoid((m_a - m_b) / tau). Exact ties: `drop` the comparison or a fair `coin`.
+Same seed and inputs give identical labels.
+
+    .venv/bin/popflow sql "select sampling, avg(flipped::int) from pop_labels group by all"
+"""
+
+from __future__ import annotations
+
+import time
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import get_run_logger
+
+from popflow.errors import PopflowError
+from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+
+
+def group_layout(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Items sorted by group: (order, position of each item in that order, its group's start, its group's size)."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts_of_sorted = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    ends_of_sorted = np.searchsorted(sorted_groups, sorted_groups, side="right")
+    pos = np.empty_like(order)
+    pos[order] = np.arange(len(order))
+    return order, pos, starts_of_sorted[pos], (ends_of_sorted - starts_of_sorted)[pos]
+
+
+def check_k(k: int, sizes: np.ndarray, partners: str) -> None:
+    possible = int(sizes.min()) - 1 if len(sizes) else 0
+    if k > possible:
+        where = "in the dataset" if partners == "all" else "among some prompt's pairs (partners: same_prompt)"
+        raise PopflowError(f"annotate.k = {k} is larger than the {possible} possible partner(s) {where}")
+
+
+def draw_iterative(groups: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Every item anchors k comparisons with k distinct partners of its own group (never itself)."""
+    order, pos, start, size = group_layout(groups)
+    n = len(groups)
+    offsets = rng.integers(1, size[:, None], size=(n, k))
+    for _ in range(100):  # redraw the rows that repeated a partner; with k << group size this ends at once
+        srt = np.sort(offsets, axis=1)
+        dup = (np.diff(srt, axis=1) == 0).any(axis=1) if k > 1 else np.zeros(n, bool)
+        if not dup.any():
+            break
+        offsets[dup] = rng.integers(1, size[dup, None], size=(int(dup.sum()), k))
+    else:  # k close to the group size: draw those rows as permutations
+        for i in np.flatnonzero((np.diff(np.sort(offsets, axis=1), axis=1) == 0).any(axis=1)):
+            offsets[i] = rng.permutation(np.arange(1, size[i]))[:k]
+    partner_pos = start[:, None] + (pos[:, None] - start[:, None] + offsets) % size[:, None]
+    return np.repeat(np.arange(n), k), order[partner_pos].ravel()
+
+
+def draw_random(groups: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """k x n comparisons: a uniform item, and a uniform other item of its group."""
+    order, pos, start, size = group_layout(groups)
+    a = rng.integers(0, len(groups), size=k * len(groups))
+    offset = rng.integers(1, size[a])
+    b = order[start[a] + (pos[a] - start[a] + offset) % size[a]]
+    return a, b
+
+
+def label(gt_a: np.ndarray, gt_b: np.ndarray, noise: str, p: float, tau: float, ties: str,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a_stronger, flipped, keep): simulated labels, whether each disagrees with the truth, rows kept."""
+    diff = gt_a - gt_b
+    truth = diff > 0
+    tie = diff == 0
+    u = rng.random(len(diff))
+    if noise == "flip":
+        labels = truth ^ (u < p)
+    else:
+        labels = u < 1.0 / (1.0 + np.exp(-diff / tau))
+    coin = rng.random(len(diff)) < 0.5
+    labels = np.where(tie, coin, labels)
+    flipped = (labels != truth) & ~tie
+    keep = ~tie if ties == "drop" else np.ones(len(diff), bool)
+    return labels, flipped, keep
+
+
+def simulate_pop_labels(gt: np.ndarray, groups: np.ndarray, sampling: str, k: int, noise: str, p: float,
+                        tau: float, ties: str, seed: int, partners: str = "all") -> dict[str, np.ndarray]:
+    """Comparisons and their labels over items 0..n-1 (indices into gt)."""
+    if len(gt) < 2:
+        raise PopflowError("annotate: PoP labels need at least two pairs")
+    if np.isnan(gt).any():
+        bad = int(np.flatnonzero(np.isnan(gt))[0])
+        raise PopflowError(f"annotate: gt_margin is NaN for pair #{bad}: a ground truth is needed for every pair")
+    _, _, _, size = group_layout(groups)
+    check_k(k, size, partners)
+    rng = np.random.default_rng(seed)
+    a, b = (draw_iterative if sampling == "iterative" else draw_random)(groups, k, rng)
+    a_stronger, flipped, keep = label(gt[a], gt[b], noise, p, tau, ties, rng)
+    return {"a": a[keep], "b": b[keep], "a_stronger": a_stronger[keep], "flipped": flipped[keep]}
+
+
+def winner_counts(n: int, a: np.ndarray, b: np.ndarray, a_stronger: np.ndarray) -> np.ndarray:
+    """How often each item is the stronger member of a comparison (the pop_winners training set)."""
+    return np.bincount(np.where(a_stronger, a, b), minlength=n)
+
+
+def annotated_pairs(ctx: RunContext) -> pa.Table:
+    """The pairs to annotate (pair_id, prompt_id, gt) in a stable order; gt from a named reward model if asked."""
+    cfg, strategy = ctx.config, ctx.config.annotated_strategy()
+    gt_model = cfg.annotate.ground_truth
+    if gt_model == "aggregate":
+        gt_sql, joins = "p.gt_margin", ""
+    else:
+        if cfg.import_pairs or gt_model not in {m.name for m in cfg.score.models}:
+            raise PopflowError(f"annotate.ground_truth: {gt_model!r} is not a reward model of this pipeline "
+                               "(use 'aggregate' or a name from score.models)")
+        gt_sql = "rc.score - rr.score"
+        rewards = f"read_parquet('{ctx.glob('rewards')}')"
+        joins = (f"left join {rewards} rc on rc.prompt_id = p.prompt_id and rc.sample_idx = p.chosen_idx "
+                 f"and rc.reward_model = '{gt_model}' "
+                 f"left join {rewards} rr on rr.prompt_id = p.prompt_id and rr.sample_idx = p.rejected_idx "
+                 f"and rr.reward_model = '{gt_model}'")
+    table = duckdb.sql(f"""
+        with final as (
+            select p.pair_id, p.prompt_id, {gt_sql} as gt
+            from read_parquet('{ctx.glob('pairs')}') p {joins}
+            where p.strategy = '{strategy}'
+        )
+        select * from final order by pair_id
+    """).to_arrow_table()
+    if table.num_rows == 0:
+        raise PopflowError(f"annotate: run {ctx.run_id} has no pairs with strategy {strategy!r} (annotate.pairs)")
+    missing = table.filter(pc.is_null(table.column("gt"), nan_is_null=True))
+    if missing.num_rows:
+        raise PopflowError(f"annotate: pair {missing.column('pair_id')[0].as_py()!r} has no ground-truth margin "
+                           f"({missing.num_rows} such pairs): PoP simulation needs chosen and rejected scores")
+    return table
+
+
+@stage_task("annotate")
+def annotate(ctx: RunContext) -> StageResult:
+    """Simulate PoP labels over the run's pairs; write pop_labels and the training-set composition."""
+    started, cfg = time.time(), ctx.config.annotate
+    pairs = annotated_pairs(ctx)
+    ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
+    gt = pairs.column("gt").to_numpy()
+    groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
+              if cfg.partners == "same_prompt" else np.zeros(len(ids), dtype=np.int64))
+    lab = simulate_pop_labels(gt, groups, cfg.sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
+                              cfg.partners)
+    n = len(lab["a"])
+    labels = pa.table({
+        "pop_id": pa.array(np.arange(n), pa.int64()), "pair_a": ids[lab["a"]], "pair_b": ids[lab["b"]],
+        "a_stronger": lab["a_stronger"], "flipped": lab["flipped"], "gt_margin_a": gt[lab["a"]],
+        "gt_margin_b": gt[lab["b"]], "sampling": [cfg.sampling] * n, "k": pa.array([cfg.k] * n, pa.int32()),
+        "noise": [cfg.noise] * n,
+    })
+    train_on = ctx.config.train_on()
+    copies = (np.ones(len(ids), dtype=np.int64) if train_on == "all_pairs"
+              else winner_counts(len(ids), lab["a"], lab["b"], lab["a_stronger"]))
+    keep = copies > 0
+    train = pa.table({"pair_id": ids[keep], "copies": copies[keep], "train_on": [train_on] * int(keep.sum())})
+    ctx.lake.write_table("pop_labels", ctx.pipeline, ctx.run_id, with_run_columns(ctx, labels))
+    ctx.lake.write_table("train_pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, train))
+    report = {"pairs": len(ids), "comparisons": n, "sampling": cfg.sampling, "k": cfg.k, "noise": cfg.noise,
+              "flip_rate": round(float(lab["flipped"].mean()), 4) if n else 0.0, "train_on": train_on,
+              "train_pairs": int(keep.sum()), "train_examples": int(copies.sum())}
+    get_run_logger().info("PoP labels: %s", report)
+    return finish(ctx, "annotate", started, {"pop_labels": n, "train_pairs": int(keep.sum())}, report)
