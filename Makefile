@@ -39,6 +39,7 @@ $(MODELS): $(SETUP) popflow/models.py
 demo: models
 	$(VENV)/bin/popflow run demo
 	$(VENV)/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs where pipeline = 'demo' group by all"
+	$(VENV)/bin/popflow sql "select method, count(*) as pairs, round(avg(margin), 3) as mean_margin, round(corr(margin, gt_margin), 3) as pearson_vs_gt from margins where pipeline = 'demo' group by all"
 
 test: models
 	$(VENV)/bin/ruff check .
@@ -51,6 +52,7 @@ bench: models
 	$(PY) bench/bench_pair.py
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_sample.py
+	$(PY) bench/bench_margins.py
 
 clean:
 	rm -rf $(VENV) data/lake data/models
