@@ -78,12 +78,24 @@ def agreement(margins: np.ndarray, gt: np.ndarray) -> dict:
             "pearson": round(float(pearsonr(margins[ok], gt[ok]).statistic), 4), "pairs_with_gt": int(ok.sum())}
 
 
-def pop_labels_of(ctx: RunContext) -> pa.Table:
+def pop_labels_of(ctx: RunContext, pairs_sql: str) -> pa.Table:
+    """The run's PoP labels as item indices (a, b, a_stronger), numbered like `pairs_sql` ordered by pair_id."""
     glob = ctx.glob("pop_labels")
     if not list(Path(glob).parent.glob("*.parquet")):
         raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has none "
                            "(run the annotate stage, or choose method gt, fixed or none)")
-    return duckdb.sql(f"select pair_a, pair_b, a_stronger from read_parquet('{glob}')").to_arrow_table()
+    return duckdb.sql(f"""
+        with pairs as (
+            select pair_id, row_number() over (order by pair_id) - 1 as i from ({pairs_sql})
+        ),
+        final as (
+            select pa.i as a, pb.i as b, l.a_stronger
+            from read_parquet('{glob}') l
+            join pairs pa on pa.pair_id = l.pair_a
+            join pairs pb on pb.pair_id = l.pair_b
+        )
+        select * from final
+    """).to_arrow_table()
 
 
 @stage_task("margins")
@@ -92,16 +104,15 @@ def infer_margins(ctx: RunContext) -> StageResult:
     from popflow.plots import plot_margins
 
     started, cfg = time.time(), ctx.config.margins
-    pairs = duckdb.sql(f"select pair_id, gt_margin from read_parquet('{ctx.glob('pairs')}') "
-                       f"where strategy = '{ctx.config.annotated_strategy()}' order by pair_id").to_arrow_table()
+    pairs_sql = (f"select pair_id, gt_margin from read_parquet('{ctx.glob('pairs')}') "
+                 f"where strategy = '{ctx.config.annotated_strategy()}'")
+    pairs = duckdb.sql(f"{pairs_sql} order by pair_id").to_arrow_table()
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt_margin").to_numpy(zero_copy_only=False).astype(np.float64)
     strength, counts = np.full(len(ids), np.nan), np.zeros(len(ids), dtype=np.int64)
     if cfg.method == "pop":
-        labels = pop_labels_of(ctx)
-        index = {pid: i for i, pid in enumerate(ids)}
-        a = np.array([index[p] for p in labels.column("pair_a").to_pylist()], dtype=np.int64)
-        b = np.array([index[p] for p in labels.column("pair_b").to_pylist()], dtype=np.int64)
+        labels = pop_labels_of(ctx, pairs_sql)
+        a, b = (labels.column(c).to_numpy().astype(np.int64) for c in ("a", "b"))
         if len(a) == 0:
             raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has 0")
         strength = fit_strengths(len(ids), a, b, labels.column("a_stronger").to_numpy(zero_copy_only=False),
