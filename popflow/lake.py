@@ -6,7 +6,8 @@ Layout under DATA_DIR/lake:
     _staging/<table>/pipeline=<name>/run=<run_id>/        parts being written (shards of a running stage)
     _runs/pipeline=<name>/run=<run_id>/run.json           the run: config, hashes, status
     _runs/pipeline=<name>/run=<run_id>/stages/<stage>.json  a stage's manifest, written last
-    catalog.duckdb                                         one view per table over all runs
+    catalog.duckdb                                         one view per table over all runs, and
+                                                           latest_<table> views (newest completed run)
 
 Completeness is decided by manifests: a stage is done when its manifest exists, and a manifest is written
 only after the stage's tables were published (a directory rename). Every file is written to a temporary
@@ -127,6 +128,11 @@ class Lake:
                 con = duckdb.connect(tmp)
                 for stmt in catalog_statements(self):
                     con.execute(stmt)
+                run_columns = {r[0] for r in con.execute(
+                    "select column_name from information_schema.columns where table_name = 'runs'").fetchall()}
+                if {"pipeline", "run_id", "status", "finished_at"} <= run_columns:  # records from older versions
+                    for stmt in latest_statements(self.tables()):
+                        con.execute(stmt)
                 con.close()
                 os.replace(tmp, self.root / CATALOG)
             finally:
@@ -148,12 +154,21 @@ def _quote(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def latest_statements(tables: list[str]) -> list[str]:
+    """Per table a `latest_<table>` view: each pipeline's newest completed run only (failed runs never show)."""
+    return ["create view latest_runs as select pipeline, arg_max(run_id, finished_at) as run_id "
+            "from runs where status = 'completed' group by pipeline"] + [
+        f"create view latest_{table} as select t.* from {table} t "
+        "semi join latest_runs l on l.pipeline = t.pipeline and l.run_id = t.run_id" for table in tables]
+
+
 def catalog_statements(lake: Lake) -> list[str]:
     """The DDL of the catalog: a view per table, plus `runs` and `stages` over the JSON records."""
+    tables = lake.tables()
     stmts = [
         f"create view {table} as select * from read_parquet({_quote(lake.root / table / '*/*/*.parquet')}, "
         "union_by_name = true, hive_partitioning = false)"
-        for table in lake.tables()
+        for table in tables
     ]
     runs = lake.root / "_runs" / "*" / "*" / "run.json"
     stages = lake.root / "_runs" / "*" / "*" / "stages" / "*.json"

@@ -75,6 +75,8 @@ def test_tiny_pipeline_with_vllm(cli):
     sql = cli("sql", "select chosen_point, rejected_point, count(*) as n from pairs group by all order by 1, 2")
     assert "mu-2sigma" in sql.stdout and "random" in sql.stdout
     assert run_id in cli("runs").stdout
+    assert cli.query("select run_id from latest_runs") == [(run_id,)]
+    assert cli.query("select count(*) from latest_pairs") == cli.query("select count(*) from pairs")
     bad = cli("sql", "select * from no_such_table", expect=2)
     assert "SQL error" in bad.stderr
 
@@ -152,4 +154,5 @@ def test_non_finite_reward_fails_the_stage_and_publishes_nothing(cli):
     assert (lake / "samples").is_dir()  # sampling finished and stays for a resume
     assert not (lake / "rewards").exists() and not (lake / "sample_rewards").exists()
     assert cli.query("select status from runs") == [("failed",)]
+    assert cli.query("select count(*) from latest_runs") == [(0,)]  # a failed run never shows as latest
 

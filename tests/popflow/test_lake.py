@@ -56,3 +56,17 @@ def test_manifests_and_runs_are_queryable(tmp_path):
     assert con.sql("select tables.samples from stages where stage = 'sample'").fetchall() == [(8,)]
     assert lake.read_manifest("p", "r1", "sample")["tables"] == {"samples": 8}
     assert lake.read_manifest("p", "r1", "score") is None
+
+
+def test_latest_views_show_the_newest_completed_run_only(tmp_path):
+    lake = Lake(tmp_path)
+    for run_id, status, finished in (("r1", "completed", "2026-11-24T02:00:00+00:00"),
+                                     ("r2", "completed", "2026-11-25T02:00:00+00:00"),
+                                     ("r3", "failed", "2026-11-26T02:00:00+00:00")):
+        lake.write_run("p", run_id, {"run_id": run_id, "pipeline": "p", "status": status, "finished_at": finished})
+        lake.write_table("t", "p", run_id, pa.table({"x": [run_id], "pipeline": ["p"], "run_id": [run_id]}))
+    lake.write_run("q", "q1", {"run_id": "q1", "pipeline": "q", "status": "completed",
+                               "finished_at": "2026-11-20T02:00:00+00:00"})
+    lake.write_table("t", "q", "q1", pa.table({"x": ["q1"], "pipeline": ["q"], "run_id": ["q1"]}))
+    lake.rebuild_catalog()
+    assert lake.connect().sql("select x from latest_t order by x").fetchall() == [("q1",), ("r2",)]
