@@ -1,7 +1,8 @@
 """The preference pipeline flow, one Prefect task per stage:
 
-    ingest -> sample -> score -> pair -> annotate -> margins
-    import_pairs ------------------> annotate -> margins        (when the pipeline sets import_pairs)
+    ingest -> sample -> score -> pair -> annotate -> margins -> ref_logps -> train -> evaluate
+    import_pairs ------------------> annotate -> margins -> ...   (when the pipeline sets import_pairs)
+                                                  (train: null stops after margins)
 
     .venv/bin/popflow run tiny                                   # what the CLI calls
     .venv/bin/popflow run tiny --run-id ID --from-stage annotate --set annotate.k=4   # redo from a stage
@@ -23,17 +24,21 @@ from popflow.errors import PopflowError
 from popflow.runs import end_run, new_run_id, preflight, resolve_data_dir, start_run
 from popflow.stage import RunContext, StageResult
 from tasks.annotate import annotate
+from tasks.evaluate import evaluate
 from tasks.import_pairs import import_pairs
 from tasks.margins import infer_margins
 from tasks.pair import pair
 from tasks.prompts import ingest
+from tasks.ref_logps import ref_logps
 from tasks.sample import sample
 from tasks.score import score
+from tasks.train import train
 
 
 def stages_for(cfg) -> tuple:
     head = (import_pairs,) if cfg.import_pairs else (ingest, sample, score, pair)
-    return (*head, annotate, infer_margins)
+    tail = (ref_logps, train, evaluate) if cfg.train else ()
+    return (*head, annotate, infer_margins, *tail)
 
 
 def reset_from(ctx: RunContext, stages: tuple, from_stage: str) -> None:

@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="resume this run id (same config) instead of starting a new run")
     run.add_argument("--from-stage", help="with --run-id: rerun this stage and the later ones on the run's data")
 
+    exp = sub.add_parser("experiment", help="train the pipeline's experiment methods x seeds; comparison table")
+    exp.add_argument("pipeline")
+    exp.add_argument("--config", help="another pipelines file of the same format")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override one config value (YAML-parsed); repeatable")
+    exp.add_argument("--data-dir")
+    exp.add_argument("--run-id", help="resume this experiment run id")
+
     sql = sub.add_parser("sql", help="query the lake's catalog with DuckDB SQL")
     sql.add_argument("query")
     sql.add_argument("--data-dir")
@@ -117,8 +125,21 @@ def cmd_models(args) -> int:
         print(f"{ref:32s} {resolved.path}  {resolved.fingerprint}")
     return 0
 
+def cmd_experiment(args) -> int:
+    from popflow.config import load_pipeline
 
-COMMANDS = {"run": cmd_run, "sql": cmd_sql, "runs": cmd_runs, "validate": cmd_validate, "models": cmd_models}
+    load_pipeline(args.pipeline, args.config, args.overrides)
+    from flows.experiment import preference_experiment
+
+    result = preference_experiment(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,
+                                   run_id=args.run_id, config_path=args.config)
+    print(f"experiment run {result['run_id']} completed (mean ± std over seeds)\n{result['comparison']}")
+    print(f"plot: {result['plot']}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "sql": cmd_sql, "runs": cmd_runs,
+            "validate": cmd_validate, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from popflow.errors import PopflowError
 from popflow.models import MINILM, SMOLLM2
+from popflow.train_config import EvaluateConfig, ExperimentConfig, TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -193,14 +194,17 @@ class ImportPairsConfig(Strict):
     hf_data_files: str | list[str] | None = Field(None, description="'hf:' sources only: data_files.")
     columns: PairColumns = Field(default_factory=PairColumns, description="Source column names.")
     limit: int | None = Field(None, ge=1, description="Keep at most this many pairs (first in the source).")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation "
+                                 "(by a hash of prompt_id, stable across runs).")
 
 
 class AnnotateConfig(Strict):
     pairs: str | None = Field(None, description="Which pairs.strategy to annotate; default: pair.strategy, or "
                               "'imported' when import_pairs is set.")
-    sampling: Literal["iterative", "random"] = Field(
-        "iterative", description="iterative: every pair anchors k comparisons; random: k x N uniform "
-        "comparisons (DPO-PoP, Chittepu et al. 2025).")
+    sampling: list[Literal["iterative", "random"]] = Field(
+        ["iterative"], min_length=1, description="iterative: every pair anchors k comparisons; random: k x N "
+        "uniform comparisons (DPO-PoP, Chittepu et al. 2025). A list annotates each (the experiment's table "
+        "compares both); one value or a list.")
     k: int = Field(2, ge=1, description="PoP labels per pair (the paper found 1-2 best).")
     partners: Literal["all", "same_prompt"] = Field("all", description="Draw partners from all pairs or only "
                                                     "from pairs of the same prompt.")
@@ -213,6 +217,11 @@ class AnnotateConfig(Strict):
                                                     "bradley_terry: P(a) = sigmoid((m_a - m_b) / tau).")
     p: float = Field(0.0, ge=0.0, lt=0.5, description="flip: label-noise probability, in [0, 0.5).")
     tau: float = Field(1.0, gt=0.0, description="bradley_terry: temperature (> 0).")
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     ties: Literal["drop", "coin"] = Field("coin", description="Exactly equal margins: drop, or a fair coin.")
     seed: int = Field(0, description="Seed of partner draws and label noise.")
 
@@ -241,18 +250,36 @@ class PipelineConfig(Strict):
         None, description="Start from an existing scored pairs dataset instead of sample/score/pair.")
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig, description="Stage 4: PoP labels.")
     margins: MarginsConfig = Field(default_factory=MarginsConfig, description="Stage 5: per-pair margins.")
+    train: TrainConfig | None = Field(default_factory=TrainConfig, description="Stage 6: DPO-PoP and baselines "
+                                      "on TRL; null stops the pipeline after margins.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: held-out metrics.")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig,
+                                         description="`popflow experiment`: methods x seeds on one run's pairs.")
+
+    @model_validator(mode="after")
+    def _methods_fit_pipeline(self) -> PipelineConfig:
+        for section, methods in (("train", self.train.methods if self.train else []),
+                                 ("experiment", self.experiment.methods)):
+            for i, m in enumerate(methods):
+                if m.loss == "distill_pessimistic" and (self.import_pairs or len(self.score.models) < 2):
+                    raise ValueError(f"{section}.methods[{i}]: distill_pessimistic takes the minimum over reward "
+                                     "models and needs at least two in score.models")
+                if section == "train" and m.sampling and m.sampling not in self.annotate.sampling:
+                    raise ValueError(f"train.methods[{i}].sampling {m.sampling!r}: not annotated (annotate.sampling "
+                                     f"is {self.annotate.sampling})")
+        return self
 
     def annotated_strategy(self) -> str:
         return self.annotate.pairs or ("imported" if self.import_pairs else self.pair.strategy)
 
-    def train_on(self) -> str:
-        return self.annotate.train_on or ("all_pairs" if self.annotate.sampling == "iterative" else "pop_winners")
+    def train_on(self, sampling: str) -> str:
+        return self.annotate.train_on or ("all_pairs" if sampling == "iterative" else "pop_winners")
 
     def hash(self, *sections: str) -> str:
         """Hash of the whole config, or of the named sections (a stage's own inputs)."""
         data = self.model_dump(mode="json")
-        if sections:
-            data = {k: data[k] for k in sections}
+        if sections:  # a section, or one field of it: "train.reference"
+            data = {k: data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

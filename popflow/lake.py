@@ -76,6 +76,13 @@ class Lake:
         os.replace(src, dst)
         return dst
 
+    def publish_count(self, table: str, pipeline: str, run_id: str) -> int:
+        """Publish a table's staged parts (if any are waiting) and return its published row count."""
+        if self.staging(table, pipeline, run_id).is_dir():
+            self.publish(table, pipeline, run_id)
+        parts = self.partition(table, pipeline, run_id).glob("*.parquet")
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
     def write_table(self, table: str, pipeline: str, run_id: str, data: pa.Table) -> Path:
         """Write a whole table for a run (one part) and publish it."""
         shutil.rmtree(self.staging(table, pipeline, run_id), ignore_errors=True)

@@ -89,3 +89,25 @@ def plot_margins(gt, margins, strengths, out: Path, title: str) -> Path:
     fig.suptitle(f"PoP margins vs ground truth - {title}", fontsize=9)
     fig.tight_layout()
     return save(fig, out)
+
+
+def plot_comparison(rows: list[dict], metrics: list[str], out: Path, title: str) -> Path:
+    """One bar panel per metric: each method's mean over seeds with the std as an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "base", m))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        by = {r["method"]: r for r in rows if r["metric"] == metric}
+        shown = [m for m in methods if m in by]
+        ax.bar(range(len(shown)), [by[m]["mean"] for m in shown], yerr=[by[m]["std"] for m in shown],
+               color=["#999999" if m == "base" else "#4393c3" for m in shown], capsize=3)
+        ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.axhline(0, color="black", lw=0.5)
+    fig.suptitle(f"{title}: mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)

@@ -37,6 +37,12 @@ STAGE_SECTIONS = {
     "import_pairs": ("import_pairs",),
     "annotate": ("prompts", "sample", "score", "pair", "import_pairs", "annotate"),
     "margins": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins"),
+    # not train.reference / max_length: the train stage checks those against the stored log-probs and says
+    # which to rerun, rather than a generic "different config"
+    "ref_logps": ("prompts", "sample", "score", "pair", "import_pairs", "annotate.pairs", "train.long_prompts",
+                  "train.dtype"),
+    "train": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins", "train"),
+    "evaluate": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins", "train", "evaluate"),
 }
 
 

@@ -137,7 +137,7 @@ def annotated_pairs(ctx: RunContext) -> pa.Table:
         with final as (
             select p.pair_id, p.prompt_id, {gt_sql} as gt
             from read_parquet('{ctx.glob('pairs')}') p {joins}
-            where p.strategy = '{strategy}'
+            where p.strategy = '{strategy}' and p.split = 'train'
         )
         select * from final order by pair_id
     """).to_arrow_table()
@@ -150,33 +150,46 @@ def annotated_pairs(ctx: RunContext) -> pa.Table:
     return table
 
 
+def annotation(ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, cfg, sampling: str,
+               train_on: str) -> tuple[pa.Table, pa.Table, dict]:
+    """PoP labels and the training-set composition of one sampling strategy."""
+    lab = simulate_pop_labels(gt, groups, sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
+                              cfg.partners)
+    n = len(lab["a"])
+    labels = pa.table({
+        "pop_id": pa.array(np.arange(n), pa.int64()), "pair_a": ids[lab["a"]], "pair_b": ids[lab["b"]],
+        "a_stronger": lab["a_stronger"], "flipped": lab["flipped"], "gt_margin_a": gt[lab["a"]],
+        "gt_margin_b": gt[lab["b"]], "sampling": [sampling] * n, "k": pa.array([cfg.k] * n, pa.int32()),
+        "noise": [cfg.noise] * n,
+    })
+    copies = (np.ones(len(ids), dtype=np.int64) if train_on == "all_pairs"
+              else winner_counts(len(ids), lab["a"], lab["b"], lab["a_stronger"]))
+    keep = copies > 0
+    train = pa.table({"pair_id": ids[keep], "copies": copies[keep], "train_on": [train_on] * int(keep.sum()),
+                      "sampling": [sampling] * int(keep.sum())})
+    report = {"comparisons": n, "flip_rate": round(float(lab["flipped"].mean()), 4) if n else 0.0,
+              "train_on": train_on, "train_pairs": int(keep.sum()), "train_examples": int(copies.sum())}
+    return labels, train, report
+
+
 @stage_task("annotate")
 def annotate(ctx: RunContext) -> StageResult:
-    """Simulate PoP labels over the run's pairs; write pop_labels and the training-set composition."""
+    """Simulate PoP labels over the run's train pairs, once per sampling strategy; write pop_labels and
+    the training-set composition (train_pairs)."""
     started, cfg = time.time(), ctx.config.annotate
     pairs = annotated_pairs(ctx)
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt").to_numpy()
     groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
               if cfg.partners == "same_prompt" else np.zeros(len(ids), dtype=np.int64))
-    lab = simulate_pop_labels(gt, groups, cfg.sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
-                              cfg.partners)
-    n = len(lab["a"])
-    labels = pa.table({
-        "pop_id": pa.array(np.arange(n), pa.int64()), "pair_a": ids[lab["a"]], "pair_b": ids[lab["b"]],
-        "a_stronger": lab["a_stronger"], "flipped": lab["flipped"], "gt_margin_a": gt[lab["a"]],
-        "gt_margin_b": gt[lab["b"]], "sampling": [cfg.sampling] * n, "k": pa.array([cfg.k] * n, pa.int32()),
-        "noise": [cfg.noise] * n,
-    })
-    train_on = ctx.config.train_on()
-    copies = (np.ones(len(ids), dtype=np.int64) if train_on == "all_pairs"
-              else winner_counts(len(ids), lab["a"], lab["b"], lab["a_stronger"]))
-    keep = copies > 0
-    train = pa.table({"pair_id": ids[keep], "copies": copies[keep], "train_on": [train_on] * int(keep.sum())})
+    labels, train, report = [], [], {"pairs": len(ids), "k": cfg.k, "noise": cfg.noise}
+    for sampling in cfg.sampling:
+        lab, tr, rep = annotation(ids, gt, groups, cfg, sampling, ctx.config.train_on(sampling))
+        labels.append(lab)
+        train.append(tr)
+        report[sampling] = rep
+    labels, train = pa.concat_tables(labels), pa.concat_tables(train)
     ctx.lake.write_table("pop_labels", ctx.pipeline, ctx.run_id, with_run_columns(ctx, labels))
     ctx.lake.write_table("train_pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, train))
-    report = {"pairs": len(ids), "comparisons": n, "sampling": cfg.sampling, "k": cfg.k, "noise": cfg.noise,
-              "flip_rate": round(float(lab["flipped"].mean()), 4) if n else 0.0, "train_on": train_on,
-              "train_pairs": int(keep.sum()), "train_examples": int(copies.sum())}
     get_run_logger().info("PoP labels: %s", report)
-    return finish(ctx, "annotate", started, {"pop_labels": n, "train_pairs": int(keep.sum())}, report)
+    return finish(ctx, "annotate", started, {"pop_labels": labels.num_rows, "train_pairs": train.num_rows}, report)

@@ -22,11 +22,12 @@ from prefect import get_run_logger
 from popflow.config import ImportPairsConfig
 from popflow.errors import PopflowError
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
-from tasks.prompts import read_records
+from tasks.prompts import is_eval, read_records
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PAIRS_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("prompt_id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES),
+    ("pair_id", pa.string()), ("prompt_id", pa.string()), ("split", pa.string()), ("prompt", MESSAGES),
+    ("chosen", MESSAGES),
     ("rejected", MESSAGES), ("chosen_idx", pa.int32()), ("rejected_idx", pa.int32()), ("chosen_point", pa.string()),
     ("rejected_point", pa.string()), ("chosen_reward", pa.float64()), ("rejected_reward", pa.float64()),
     ("reward_mean", pa.float64()), ("reward_std", pa.float64()), ("gt_margin", pa.float64()),
@@ -85,8 +86,10 @@ def build_imported_pairs(records: list[dict], cfg: ImportPairsConfig, unit: str)
         cs = score(rec.get(cols.chosen_score), pos, cols.chosen_score) if cols.chosen_score else None
         rs = score(rec.get(cols.rejected_score), pos, cols.rejected_score) if cols.rejected_score else None
         rows.append({
-            "pair_id": f"{pid}|imported:{i}", "prompt_id": pid, "prompt": prompt, "chosen": chosen,
-            "rejected": rejected, "chosen_point": "imported", "rejected_point": "imported",
+            "pair_id": f"{pid}|imported:{i}", "prompt_id": pid,
+            "split": "eval" if is_eval(pid, cfg.eval_fraction) else "train",
+            "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "chosen_point": "imported", "rejected_point": "imported",
             "chosen_reward": cs, "rejected_reward": rs,
             "gt_margin": cs - rs if cs is not None and rs is not None else None, "strategy": "imported",
         })
@@ -100,7 +103,8 @@ def import_pairs(ctx: RunContext) -> StageResult:
     records, unit = read_records(cfg, "import_pairs.source")
     table = build_imported_pairs(records, cfg, unit)
     ctx.lake.write_table("pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
-    report = {"source": cfg.source, "pairs": table.num_rows, "with_gt_margin": table.num_rows -
-              table.column("gt_margin").null_count}
+    report = {"source": cfg.source, "pairs": table.num_rows,
+              "eval_pairs": table.column("split").to_pylist().count("eval"),
+              "with_gt_margin": table.num_rows - table.column("gt_margin").null_count}
     get_run_logger().info("imported pairs: %s", report)
     return finish(ctx, "import_pairs", started, {"pairs": table.num_rows}, report)

@@ -78,8 +78,9 @@ def agreement(margins: np.ndarray, gt: np.ndarray) -> dict:
             "pearson": round(float(pearsonr(margins[ok], gt[ok]).statistic), 4), "pairs_with_gt": int(ok.sum())}
 
 
-def pop_labels_of(ctx: RunContext, pairs_sql: str) -> pa.Table:
-    """The run's PoP labels as item indices (a, b, a_stronger), numbered like `pairs_sql` ordered by pair_id."""
+def pop_labels_of(ctx: RunContext, pairs_sql: str, sampling: str) -> pa.Table:
+    """The run's PoP labels of one sampling as item indices (a, b, a_stronger), numbered like `pairs_sql`
+    ordered by pair_id."""
     glob = ctx.glob("pop_labels")
     if not list(Path(glob).parent.glob("*.parquet")):
         raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has none "
@@ -93,43 +94,54 @@ def pop_labels_of(ctx: RunContext, pairs_sql: str) -> pa.Table:
             from read_parquet('{glob}') l
             join pairs pa on pa.pair_id = l.pair_a
             join pairs pb on pb.pair_id = l.pair_b
+            where l.sampling = '{sampling}'
         )
         select * from final
     """).to_arrow_table()
 
 
+def margins_of(ctx: RunContext, pairs_sql: str, ids: np.ndarray, gt: np.ndarray, sampling: str):
+    """Margins, strengths and comparison counts of the pairs under one PoP sampling's labels."""
+    cfg = ctx.config.margins
+    strength, counts = np.full(len(ids), np.nan), np.zeros(len(ids), dtype=np.int64)
+    if cfg.method != "pop":
+        if cfg.method == "gt" and np.isnan(gt).any():
+            raise PopflowError(f"margins.method: gt needs gt_margin, and pair {ids[np.isnan(gt)][0]!r} has none")
+        return fixed_margins(cfg.method, gt, cfg.alpha, cfg.gamma, cfg.max_margin), strength, counts
+    labels = pop_labels_of(ctx, pairs_sql, sampling)
+    a, b = (labels.column(c).to_numpy().astype(np.int64) for c in ("a", "b"))
+    if len(a) == 0:
+        raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has 0 ({sampling})")
+    strength = fit_strengths(len(ids), a, b, labels.column("a_stronger").to_numpy(zero_copy_only=False),
+                             cfg.prior_sigma)
+    counts = np.bincount(a, minlength=len(ids)) + np.bincount(b, minlength=len(ids))
+    return strengths_to_margins(strength, cfg.scale, cfg.max_margin, cfg.target_mean), strength, counts
+
+
 @stage_task("margins")
 def infer_margins(ctx: RunContext) -> StageResult:
-    """Write a margin per annotated pair (`margins` table), with agreement figures and a scatter plot."""
+    """Write a margin per annotated train pair and PoP sampling (`margins` table), with agreement figures
+    and a scatter plot."""
     from popflow.plots import plot_margins
 
     started, cfg = time.time(), ctx.config.margins
     pairs_sql = (f"select pair_id, gt_margin from read_parquet('{ctx.glob('pairs')}') "
-                 f"where strategy = '{ctx.config.annotated_strategy()}'")
+                 f"where strategy = '{ctx.config.annotated_strategy()}' and split = 'train'")
     pairs = duckdb.sql(f"{pairs_sql} order by pair_id").to_arrow_table()
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt_margin").to_numpy(zero_copy_only=False).astype(np.float64)
-    strength, counts = np.full(len(ids), np.nan), np.zeros(len(ids), dtype=np.int64)
-    if cfg.method == "pop":
-        labels = pop_labels_of(ctx, pairs_sql)
-        a, b = (labels.column(c).to_numpy().astype(np.int64) for c in ("a", "b"))
-        if len(a) == 0:
-            raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has 0")
-        strength = fit_strengths(len(ids), a, b, labels.column("a_stronger").to_numpy(zero_copy_only=False),
-                                 cfg.prior_sigma)
-        counts = np.bincount(a, minlength=len(ids)) + np.bincount(b, minlength=len(ids))
-        margins = strengths_to_margins(strength, cfg.scale, cfg.max_margin, cfg.target_mean)
-    else:
-        if cfg.method == "gt" and np.isnan(gt).any():
-            raise PopflowError(f"margins.method: gt needs gt_margin, and pair {ids[np.isnan(gt)][0]!r} has none")
-        margins = fixed_margins(cfg.method, gt, cfg.alpha, cfg.gamma, cfg.max_margin)
-    table = pa.table({"pair_id": ids, "margin": margins, "strength": strength, "method": [cfg.method] * len(ids),
-                      "gt_margin": gt, "n_comparisons": counts})
+    tables, report = [], {"method": cfg.method, "pairs": len(ids)}
+    for sampling in ctx.config.annotate.sampling:
+        margins, strength, counts = margins_of(ctx, pairs_sql, ids, gt, sampling)
+        tables.append(pa.table({
+            "pair_id": ids, "margin": margins, "strength": strength, "method": [cfg.method] * len(ids),
+            "sampling": [sampling] * len(ids), "gt_margin": gt, "n_comparisons": counts}))
+        report[sampling] = {"mean_margin": round(float(margins.mean()), 4), **agreement(margins, gt),
+                            "uncompared_pairs": int((counts == 0).sum()) if cfg.method == "pop" else None}
+        if cfg.method == "pop" and not np.isnan(gt).all() and sampling == ctx.config.annotate.sampling[0]:
+            report["plot"] = str(plot_margins(gt, margins, strength, ctx.run_dir / "margins_vs_gt.png",
+                                              ctx.run_id))
+    table = pa.concat_tables(tables)
     ctx.lake.write_table("margins", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
-    report = {"method": cfg.method, "pairs": len(ids), "mean_margin": round(float(margins.mean()), 4),
-              "uncompared_pairs": int((counts == 0).sum()) if cfg.method == "pop" else None,
-              **agreement(margins, gt)}
-    if cfg.method == "pop" and not np.isnan(gt).all():
-        report["plot"] = str(plot_margins(gt, margins, strength, ctx.run_dir / "margins_vs_gt.png", ctx.run_id))
     get_run_logger().info("margins: %s", report)
-    return finish(ctx, "margins", started, {"margins": len(ids)}, report)
+    return finish(ctx, "margins", started, {"margins": table.num_rows}, report)

@@ -125,7 +125,7 @@ def build_pairs_sql(seven: str, rewards: str, samples: str, prompts: str, cfg: P
     final as (
         select
             c.prompt_id || '|' || c.strategy || ':' || c.chosen_point || '>' || c.rejected_point as pair_id,
-            c.prompt_id,
+            c.prompt_id, p.split,
             [{system}{{'role': 'user', 'content': p.prompt}}] as prompt,
             [{{'role': 'assistant', 'content': cs.response}}] as chosen,
             [{{'role': 'assistant', 'content': rs.response}}] as rejected,

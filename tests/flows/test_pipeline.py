@@ -14,6 +14,8 @@ import time
 import pytest
 
 TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
+PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
+METRICS = ["accuracy", "constraint_rate", "mean_reward", "pearson", "spearman", "win_rate"]
 
 
 def check_tiny_run(cli, run_id: str, engine: str) -> None:
@@ -21,21 +23,21 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
     where = f"where run_id = '{run_id}'"
     assert q(f"select split, count(*) from prompts {where} group by all order by 1") == [("eval", EVAL),
                                                                                           ("train", TRAIN)]
-    # exactly n samples per train prompt, indices 0..n-1, no duplicates
+    # exactly n samples per prompt, indices 0..n-1, no duplicates
     assert q(f"select count(*), count(distinct (prompt_id, sample_idx)), min(sample_idx), max(sample_idx) "
-             f"from samples {where}") == [(TRAIN * N, TRAIN * N, 0, N - 1)]
+             f"from samples {where}") == [(PROMPTS * N, PROMPTS * N, 0, N - 1)]
     assert q(f"select distinct engine, policy from samples {where}") == [(engine, "builtin:tiny-llama")]
     assert q(f"select bool_and(num_tokens between 1 and 12 and finish_reason in ('stop', 'length')) "
              f"from samples {where}") == [(True,)]
     assert q(f"select reward_model, count(*) from rewards {where} group by all order by 1") == [
-        ("constraints", TRAIN * N), ("relevance", TRAIN * N), ("tiny_rm", TRAIN * N)]
-    assert q(f"select count(*), bool_and(isfinite(reward)) from sample_rewards {where}") == [(TRAIN * N, True)]
-    assert q(f"select count(*) from seven_points {where}") == [(TRAIN * 7,)]
+        ("constraints", PROMPTS * N), ("relevance", PROMPTS * N), ("tiny_rm", PROMPTS * N)]
+    assert q(f"select count(*), bool_and(isfinite(reward)) from sample_rewards {where}") == [(PROMPTS * N, True)]
+    assert q(f"select count(*) from seven_points {where}") == [(PROMPTS * 7,)]
     strategies = q(f"select strategy, count(*), bool_and(chosen_reward > rejected_reward), "
                    f"bool_and(abs(gt_margin - (chosen_reward - rejected_reward)) < 1e-12) "
                    f"from pairs {where} group by all order by 1")
     assert [s[0] for s in strategies] == ["max_min", "random", "seven_point"]
-    assert all(1 <= n <= TRAIN and ordered and margin for _, n, ordered, margin in strategies)
+    assert all(1 <= n <= PROMPTS and ordered and margin for _, n, ordered, margin in strategies)
     # the chosen text really is the picked sample's response
     assert q(f"""select bool_and(p.chosen[1].content = s.response) from pairs p join samples s
                  on s.prompt_id = p.prompt_id and s.sample_idx = p.chosen_idx and s.run_id = p.run_id
@@ -51,9 +53,31 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((run_dir / "stages" / "sample.json").read_text())
     assert manifest["models"]["policy"]["fingerprint"].startswith("sha256:")
-    assert manifest["tables"] == {"samples": TRAIN * N}
+    assert manifest["tables"] == {"samples": PROMPTS * N}
     score = json.loads((run_dir / "stages" / "score.json").read_text())
     assert set(score["models"]) == {"relevance", "tiny_rm"}  # identities of the model-backed rewards
+
+
+def check_trained(cli, run_id: str, methods: tuple = ("dpo_pop",)) -> None:
+    """ref_logps for every seven-point pair; per method a curve, a LoRA adapter that moved, held-out margins
+    for every eval pair and every metric; the base policy's generation metrics beside them."""
+    from safetensors.torch import load_file
+
+    q, where = cli.query, f"where run_id = '{run_id}'"
+    pairs = q(f"select count(*), count(*) filter (split = 'eval') from pairs {where} and strategy = 'seven_point'")
+    assert q(f"select count(*), count(distinct pair_id), bool_and(ref_chosen_logps < 0) from ref_logps {where}") == [
+        (pairs[0][0], pairs[0][0], True)]
+    assert q(f"select method, count(*) > 0, bool_and(isfinite(loss)) from train_metrics {where} group by 1 "
+             "order by 1") == [(m, True, True) for m in sorted(methods)]
+    for method, path in q(f"select method, path from policies {where}"):
+        weights = load_file(f"{path}/adapter_model.safetensors")
+        lora_b = [w for k, w in weights.items() if "lora_B" in k]
+        assert lora_b and any(w.abs().sum() > 0 for w in lora_b), f"{method}: LoRA B still zero, no step taken"
+    assert q(f"select method, count(*) from heldout_margins {where} group by 1 order by 1") == [
+        (m, pairs[0][1]) for m in sorted(methods)]
+    got = q(f"select method, list(distinct metric order by metric) from eval_metrics {where} group by 1 order by 1")
+    assert got == [("base", ["constraint_rate", "mean_reward", "win_rate"])] + [(m, METRICS) for m in sorted(methods)]
+    assert q(f"select value from eval_metrics {where} and method = 'base' and metric = 'win_rate'") == [(0.5,)]
 
 
 @pytest.mark.slow
@@ -61,6 +85,7 @@ def test_tiny_pipeline_with_vllm(cli):
     out = cli("run", "tiny")
     run_id = cli.run_id(out.stdout)
     check_tiny_run(cli, run_id, "vllm")
+    check_trained(cli, run_id)
 
     # the pairs table loads straight into `datasets` with TRL's conversational columns
     import datasets
@@ -82,7 +107,7 @@ def test_tiny_pipeline_with_vllm(cli):
 
     # a rerun of the same run id skips every stage and changes nothing
     again = cli("run", "tiny", "--run-id", run_id)
-    assert again.stdout.count("(already complete)") == 6
+    assert again.stdout.count("(already complete)") == 9
     check_tiny_run(cli, run_id, "vllm")
 
 
@@ -94,18 +119,19 @@ def test_tiny_pipeline_with_transformers(cli):
     assert cli.prefect_db("select name, state_type from flow_run")[0][1] == "COMPLETED"
     tasks = sorted(r[0].rsplit("-", 1)[0] for r in cli.prefect_db("select name from task_run "
                                                                   "where state_type = 'COMPLETED'"))
-    assert tasks == ["annotate", "ingest", "margins", "pair", "sample", "score"]
+    assert tasks == ["annotate", "evaluate", "ingest", "margins", "pair", "ref_logps", "sample", "score", "train"]
     artifacts = dict(cli.prefect_db("select key, type from artifact"))
     assert artifacts == {"tiny-ingest": "table", "tiny-sample": "table", "tiny-score": "table",
                          "tiny-pair": "table", "tiny-annotate": "table", "tiny-margins": "table",
-                         "tiny-report": "markdown"}
+                         "tiny-ref-logps": "table", "tiny-train": "table", "tiny-policies": "table",
+                         "tiny-evaluate": "table", "tiny-evaluation": "markdown", "tiny-report": "markdown"}
 
 
 @pytest.mark.slow
 def test_killed_during_sampling_resumes_without_duplicates(cli):
     """SIGKILL the whole process group (CLI, Prefect, vLLM engine) once the first shard is staged; the rerun
     of the same run id generates only the missing shards."""
-    args = ("run", "tiny", "--run-id", "killed-run", "--set", "sample.shard_size=1",
+    args = ("run", "tiny", "--run-id", "killed-run", "--set", "sample.shard_size=1", "--set", "train=null",
             "--set", "sample.max_tokens=200", "--set", "sample.vllm.max_model_len=1024")
     staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny" / "run=killed-run"
     proc = cli.popen(*args)
@@ -115,13 +141,13 @@ def test_killed_during_sampling_resumes_without_duplicates(cli):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     staged = len(list(staging.glob("shard-*.parquet")))
-    assert 1 <= staged < TRAIN, "the kill did not land during sampling"
+    assert 1 <= staged < PROMPTS, "the kill did not land during sampling"
     assert not (cli.data_dir / "lake" / "samples").exists()  # nothing published, no partial table
     assert not list(staging.glob(".*tmp"))  # no half-written shard either
 
     cli(*args)
     assert cli.query("select count(*), count(distinct (prompt_id, sample_idx)) from samples") == [
-        (TRAIN * N, TRAIN * N)]
+        (PROMPTS * N, PROMPTS * N)]
     manifest = json.loads((cli.data_dir / "lake/_runs/pipeline=tiny/run=killed-run/stages/sample.json").read_text())
     assert manifest["report"]["resumed_shards"] == staged
     assert cli.query("select count(*) from pairs where strategy = 'seven_point'")[0][0] >= 1

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 SOURCE = "data/pairs/ultrafeedback_small.jsonl"  # 12 prompts x 3 pairs, scores on a 1-10 scale
+NO_TRAIN = ("--set", "train=null", "--set", "import_pairs.eval_fraction=0")  # every pair annotated, no training
 
 
 def test_imported_pairs_through_annotate_and_margins(cli):
-    run_id = cli.run_id(cli("run", "imported").stdout)
+    run_id = cli.run_id(cli("run", "imported", *NO_TRAIN).stdout)
     q = cli.query
     assert q("select count(*), count(distinct pair_id), bool_and(strategy = 'imported') from pairs") == [
         (36, 36, True)]
@@ -28,19 +29,20 @@ def test_imported_pairs_through_annotate_and_margins(cli):
         (36, True, "pop")]
     manifest = json.loads((cli.data_dir / f"lake/_runs/pipeline=imported/run={run_id}/stages/margins.json")
                           .read_text())
-    assert manifest["report"]["spearman"] > 0.5 and manifest["report"]["uncompared_pairs"] == 0
+    report = manifest["report"]["iterative"]
+    assert report["spearman"] > 0.5 and report["uncompared_pairs"] == 0
     assert (cli.data_dir / f"lake/_runs/pipeline=imported/run={run_id}/margins_vs_gt.png").is_file()
 
     # rerun from annotate with random sampling: the import is reused, labels and margins are replaced
     out = cli("run", "imported", "--run-id", run_id, "--from-stage", "annotate", "--set", "annotate.sampling=random",
-              "--set", "annotate.k=3")
+              "--set", "annotate.k=3", *NO_TRAIN)
     assert "import_pairs pairs=36 (already complete)" in " ".join(out.stdout.split())
     assert q("select count(*), min(sampling), max(sampling) from pop_labels") == [(108, "random", "random")]
     assert q("select min(train_on), sum(copies) from train_pairs") == [("pop_winners", 108)]
 
     # a kept stage may not silently change: margins alone cannot be rerun with another annotate config
     err = cli("run", "imported", "--run-id", run_id, "--from-stage", "margins", "--set", "annotate.k=4",
-              expect=2).stderr
+              *NO_TRAIN, expect=2).stderr
     assert "already has a 'annotate' stage made with a different config" in err
 
 

@@ -1,0 +1,112 @@
+"""Typed config of the training end of the pipeline: `train:`, `evaluate:` and `experiment:` sections.
+
+Part of the one config (popflow/config.py imports these into PipelineConfig); kept in its own module so
+each file stays readable. Every field says its allowed values and where it comes from.
+
+    .venv/bin/popflow run tiny --set train.methods='[{loss: dpo_fixed_margin, gamma: 1.0}]'
+    .venv/bin/popflow run tiny --set 'train.trl={learning_rate: 1e-4}'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# popflow's own losses (tasks/losses.py): DPO with a per-pair margin (DPO-PoP and its baselines) and reward
+# model distillation (Fisch et al. 2405.19316).
+POP_LOSSES = ("dpo", "dpo_fixed_margin", "dpo_gt_margin", "dpo_pop", "distill", "distill_pessimistic")
+# TRL's own DPO loss types, passed through to DPOConfig(loss_type=...); TRL validates and computes them.
+TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# DPOConfig fields popflow sets itself: setting them under train.trl would silently fight the pipeline.
+OWNED_TRL_KEYS = ("output_dir", "beta", "loss_type", "precompute_ref_log_probs", "max_length", "seed",
+                  "truncation_mode", "bf16", "fp16", "gradient_checkpointing", "report_to")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0: deterministic runs).")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt (peft's names).")
+
+
+class Method(Strict):
+    loss: str = Field("dpo_pop", description=f"One of popflow's losses {POP_LOSSES} or a TRL loss type "
+                      f"{TRL_LOSSES} (passed through to DPOConfig.loss_type).")
+    name: str | None = Field(None, pattern=r"^[a-z0-9_]+$", description="Label in train/eval tables; default: "
+                             "the loss, plus _<sampling> for dpo_pop when the run annotates several samplings.")
+    sampling: Literal["iterative", "random"] | None = Field(
+        None, description="Which PoP annotation trains this method (its train_pairs and margins); default: the "
+        "first of annotate.sampling.")
+    gamma: float = Field(0.5, ge=0.0, description="dpo_fixed_margin: the margin of every pair.")
+    alpha: float = Field(1.0, gt=0.0, description="dpo_gt_margin: margin = alpha * gt_margin, clipped at 0.")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in POP_LOSSES + TRL_LOSSES:
+            raise ValueError(f"unknown loss {value!r}; popflow losses: {', '.join(POP_LOSSES)}; "
+                             f"TRL losses: {', '.join(TRL_LOSSES)}")
+        return value
+
+
+class TrainConfig(Strict):
+    methods: list[Method] = Field(default_factory=lambda: [Method()], min_length=1,
+                                  description="Methods trained on the same pairs (each x every seed).")
+    seeds: list[int] = Field([0], min_length=1, description="Training seeds; the experiment reports the spread.")
+    policy: str | None = Field(None, description="Model to train; default: sample.policy (on-policy).")
+    reference: str | None = Field(None, description="Reference model of the DPO ratio; default: the policy.")
+    beta: float = Field(0.1, gt=0.0, description="DPO beta (KL strength); Sweet Spot used 0.01 at 8B scale.")
+    lora: LoraOptions | None = Field(default_factory=LoraOptions,
+                                     description="LoRA adapter (peft); null = full fine-tuning.")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate (LoRA wants ~10x full FT).")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the training pairs.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(512, ge=16, description="Tokens of prompt + response; longer ones are truncated.")
+    long_prompts: Literal["truncate", "reject"] = Field(
+        "truncate", description="Prompts that fill max_length: truncate (TRL drops them; counted, with a "
+        "warning) or reject (the stage fails naming the pair).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU (mixed-precision training on CPU is not worth it).")
+    ref_batch_size: int = Field(16, ge=1, description="Pairs per forward when computing reference log-probs.")
+    trl: dict[str, Any] = Field(default_factory=dict, description="Any other DPOConfig field, passed through "
+                                "(TRL validates it), e.g. {lr_scheduler_type: cosine, warmup_ratio: 0.1}.")
+
+    @field_validator("trl")
+    @classmethod
+    def _not_owned(cls, value: dict) -> dict:
+        owned = sorted(set(value) & set(OWNED_TRL_KEYS))
+        if owned:
+            raise ValueError(f"{', '.join(owned)}: set by popflow; use train.<field> (beta, max_length, seeds, "
+                             "dtype, gradient_checkpointing) instead of train.trl")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TrainConfig:
+        names = [m.name for m in self.methods if m.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"train.methods: duplicate names {names}")
+        return self
+
+
+class EvaluateConfig(Strict):
+    generate: bool = Field(True, description="Sample each trained policy on held-out prompts and score it.")
+    n: int = Field(4, ge=1, description="Samples per held-out prompt (compared with the base policy's first n).")
+    max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts for generation.")
+
+
+class ExperimentConfig(Strict):
+    methods: list[Method] = Field(
+        default_factory=lambda: [Method(loss="dpo"), Method(loss="dpo_fixed_margin"), Method(loss="dpo_gt_margin"),
+                                 Method(loss="dpo_pop", sampling="iterative"),
+                                 Method(loss="dpo_pop", sampling="random"), Method(loss="distill")],
+        description="The comparison (DPO-PoP Table 1 by default).")
+    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds per method: the table shows mean and spread.")
+    set: list[str] = Field(default_factory=list, description="Extra key=value overrides for the experiment's run.")

@@ -1,0 +1,216 @@
+"""Stage 7, evaluate: every trained policy on the held-out split; one long table `eval_metrics`.
+
+    held-out pairs   accuracy   share of held-out pairs with beta * h > 0 (the trained policy prefers chosen)
+                     pearson    Pearson of beta * h against gt_margin (the reward gap)
+                     spearman   Spearman of the same (Pearson of average ranks)
+    generation       mean_reward      mean aggregate reward of the policy's samples on held-out prompts,
+                                      scored by the run's reward models and normalised with the run's stats
+                     win_rate         P(policy sample beats the base policy's sample of the same prompt and
+                                      index; ties count 1/2), against stage 1's samples
+                     constraint_rate  share of samples meeting every constraint (constraints reward = 1)
+The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings
+(vLLM serves every LoRA adapter from one engine; transformers merges each adapter).
+
+    .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import duckdb
+import pyarrow as pa
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from popflow import models
+from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from tasks.rewards import ScoringBatch
+from tasks.sample import ENGINES, render_prompts, samples_table
+from tasks.score import aggregate_sql, score_with
+
+
+def heldout_metrics_sql(heldout_glob: str) -> str:
+    """accuracy, pearson and spearman per (method, seed) from the trained policies' held-out beta * h."""
+    return f"""
+    with margins as (
+        select method, seed, beta_h, gt_margin from read_parquet('{heldout_glob}') where gt_margin is not null
+    ),
+    ranked as (  -- average ranks, so ties count as scipy's spearmanr counts them
+        select method, seed, beta_h, gt_margin,
+               (rank() over (partition by method, seed order by beta_h)
+                + count(*) over (partition by method, seed)
+                - rank() over (partition by method, seed order by beta_h desc) + 1) / 2.0 as rank_h,
+               (rank() over (partition by method, seed order by gt_margin)
+                + count(*) over (partition by method, seed)
+                - rank() over (partition by method, seed order by gt_margin desc) + 1) / 2.0 as rank_gt
+        from margins
+    ),
+    per_policy as (
+        select method, seed, avg((beta_h > 0)::double) as accuracy, corr(beta_h, gt_margin) as pearson,
+               corr(rank_h, rank_gt) as spearman
+        from ranked group by method, seed
+    ),
+    final as (
+        unpivot per_policy on accuracy, pearson, spearman into name metric value value
+    )
+    select method, seed, metric, value from final
+    """
+
+
+def generation_metrics_sql(policy_rewards: str, base_rewards: str, constraint_scores: str | None) -> str:
+    """mean_reward, win_rate (vs base, same prompt and index) and constraint_rate per (method, seed)."""
+    constraint = "avg(case when score >= 1.0 then 1.0 else 0.0 end)" if constraint_scores else "null"
+    join = (f"left join {constraint_scores} c on c.method = s.method and c.seed = s.seed "
+            "and c.prompt_id = s.prompt_id and c.sample_idx = s.sample_idx") if constraint_scores else ""
+    return f"""
+    with scored as (
+        select s.method, s.seed, s.prompt_id, s.sample_idx, s.reward, b.reward as base_reward
+        {", c.score" if constraint_scores else ""}
+        from {policy_rewards} s
+        join {base_rewards} b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
+        {join}
+    ),
+    per_policy as (
+        select method, seed, avg(reward) as mean_reward,
+               avg(case when reward > base_reward then 1.0 when reward = base_reward then 0.5 else 0.0 end)
+                   as win_rate,
+               {constraint} as constraint_rate
+        from scored group by method, seed
+    ),
+    final as (
+        unpivot per_policy on mean_reward, win_rate, constraint_rate into name metric value value
+    )
+    select method, seed, metric, value from final where value is not null
+    """
+
+
+def eval_prompts(ctx: RunContext) -> pa.Table:
+    limit = f"limit {ctx.config.evaluate.max_prompts}" if ctx.config.evaluate.max_prompts else ""
+    return duckdb.sql(f"select prompt_id, prompt, constraints from read_parquet('{ctx.glob('prompts')}') "
+                      f"where split = 'eval' order by source_row {limit}").to_arrow_table()
+
+
+def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table) -> pa.Table:
+    """Samples of every trained policy on the held-out prompts, with stage 1's engine and settings."""
+    cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
+    base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
+    from transformers import AutoTokenizer
+
+    ids = prompts.column("prompt_id").to_pylist()
+    texts = render_prompts(AutoTokenizer.from_pretrained(base.path), prompts.column("prompt").to_pylist(),
+                           cfg.system_prompt, cfg.policy)
+    rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
+    tables, shared = [], None
+    for i, pol in enumerate(policies):
+        if pol["adapter"] and cfg.engine == "vllm":  # one engine serves every adapter
+            shared = shared or ENGINES["vllm"](base.path, cfg, max_lora_rank=rank)
+            engine, adapter = shared, (f"{pol['method']}-s{pol['seed']}", i + 1, pol["path"])
+        else:
+            engine = (ENGINES[cfg.engine](base.path, cfg, adapter=pol["path"]) if pol["adapter"]
+                      else ENGINES[cfg.engine](pol["path"], cfg))
+            adapter = None
+        try:
+            part = samples_table(ids, engine.generate(texts, ids, adapter), pol["method"], cfg.engine, 0)
+        finally:
+            if engine is not shared:
+                engine.close()
+        n = part.num_rows
+        tables.append(part.append_column("method", pa.array([pol["method"]] * n))
+                      .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
+    if shared:
+        shared.close()
+    return pa.concat_tables(tables)
+
+
+def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.Table:
+    """Per-model scores of the generated samples (the run's reward models), one row per sample x model."""
+    by_id = {r["prompt_id"]: r for r in prompts.to_pylist()}
+    pids = samples.column("prompt_id").to_pylist()
+    batch = ScoringBatch(prompts=[by_id[p]["prompt"] for p in pids], responses=samples.column("response").to_pylist(),
+                         constraints=[json.loads(by_id[p]["constraints"]) if by_id[p]["constraints"] else None
+                                      for p in pids])
+    keys = pa.table({"method": samples.column("method"), "seed": samples.column("seed")})
+    parts = []
+    for spec in ctx.config.score.models:
+        scored = score_with(spec, batch, ctx.lake.data_dir, pids, samples.column("sample_idx").to_pylist())
+        parts.append(pa.table({**{c: keys.column(c) for c in keys.column_names},
+                               **{c: scored.column(c) for c in scored.column_names}}))
+    return pa.concat_tables(parts)
+
+
+def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | None, dict]:
+    """Generate and score every policy's samples (tables eval_samples, eval_rewards); return the metrics
+    SQL (policies and the base policy) and a report."""
+    lake, prompts, n = ctx.lake, eval_prompts(ctx), ctx.config.evaluate.n
+    if prompts.num_rows == 0 or not policies:
+        return None, {"eval_prompts": prompts.num_rows}
+    samples = generate_all(ctx, policies, prompts)
+    lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
+                     with_run_columns(ctx, score_samples(ctx, samples, prompts)))
+    con = duckdb.connect()
+    con.register("generated", samples)
+    samples = con.sql(f"""
+        with rewards as ({aggregate_sql(ctx.glob("eval_rewards"), ctx.config.score, ctx.glob("rewards"),
+                                        keys=("method", "seed"))}),
+        final as (
+            select g.* exclude (policy, shard), r.reward
+            from generated g join rewards r using (method, seed, prompt_id, sample_idx)
+        )
+        select * from final""").to_arrow_table()
+    lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
+    ids = ", ".join(f"'{p}'" for p in prompts.column("prompt_id").to_pylist())
+    base = (f"(select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward "
+            f"from read_parquet('{ctx.glob('sample_rewards')}') where prompt_id in ({ids}) and sample_idx < {n})")
+    constraints = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
+    constraint_scores = None
+    if constraints:
+        constraint_scores = (
+            f"(select method, seed, prompt_id, sample_idx, score from read_parquet('{ctx.glob('eval_rewards')}') "
+            f"where reward_model = '{constraints[0]}' union all "
+            f"select 'base', null, prompt_id, sample_idx, score from read_parquet('{ctx.glob('rewards')}') "
+            f"where reward_model = '{constraints[0]}' and prompt_id in ({ids}) and sample_idx < {n})")
+    policy_rewards = (f"(select method, seed, prompt_id, sample_idx, reward "
+                      f"from read_parquet('{ctx.glob('eval_samples')}') union all select * from {base})")
+    return (generation_metrics_sql(policy_rewards, base, constraint_scores),
+            {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n})
+
+
+def markdown_table(metrics: pa.Table) -> str:
+    """Methods x metrics (mean over seeds), for the Prefect artifact and the run report."""
+    rows = duckdb.sql("select method, metric, avg(value) as value from metrics group by all").fetchall()
+    names = sorted({r[1] for r in rows})
+    table = {}
+    for method, metric, value in rows:
+        table.setdefault(method, {})[metric] = value
+    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for method in sorted(table, key=lambda m: (m != "base", m)):
+        cells = [f"{table[method][k]:.3f}" if table[method].get(k) is not None else "" for k in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@stage_task("evaluate", retries=1, retry_delay_seconds=5)
+def evaluate(ctx: RunContext) -> StageResult:
+    """Write eval_metrics (run_id, method, seed, metric, value) for every trained policy and the base."""
+    started = time.time()
+    policies = duckdb.sql(f"select method, seed, path, adapter from read_parquet('{ctx.glob('policies')}') "
+                          "order by method, seed").to_arrow_table().to_pylist()
+    parts = [heldout_metrics_sql(ctx.glob("heldout_margins"))]
+    report: dict = {"policies": len(policies)}
+    if ctx.config.evaluate.generate:
+        sql, gen_report = generation_metrics(ctx, policies)
+        report.update(gen_report)
+        if sql:
+            parts.append(sql)
+    metrics = duckdb.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()
+    metrics = metrics.cast(pa.schema([("method", pa.string()), ("seed", pa.int64()), ("metric", pa.string()),
+                                      ("value", pa.float64())]))
+    ctx.lake.write_table("eval_metrics", ctx.pipeline, ctx.run_id, with_run_columns(ctx, metrics))
+    table = markdown_table(metrics)
+    create_markdown_artifact(key=f"{ctx.pipeline}-evaluation".replace("_", "-")[:100], markdown=(
+        f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
+    (ctx.run_dir / "evaluation.md").write_text(table + "\n")
+    get_run_logger().info("evaluation (mean over seeds):\n%s", table)
+    return finish(ctx, "evaluate", started, {"eval_metrics": metrics.num_rows}, report)

@@ -1,0 +1,110 @@
+"""TRL's DPOTrainer with popflow's losses: one subclass, one overridden loss method, no training loop.
+
+`PopDPOTrainer` keeps everything TRL does (tokenisation, chat templates, truncation, batching, LoRA via
+peft, mixed precision, logging, checkpoints) and changes three things:
+- `_compute_loss`: popflow's losses (tasks/losses.py) get per-pair inputs the collator adds (`margin`,
+  `target`, `targets`); TRL's own loss types (ipo, robust, hinge, ...) go to TRL's code unchanged.
+- `_precompute_ref_logps`: a dataset that already carries reference log-probs (from the lake's `ref_logps`
+  table) is used as is, so the reference model is never loaded for training.
+- the signature columns keep the per-pair inputs through `remove_unused_columns`.
+
+    trainer = PopDPOTrainer(model, args=dpo_args(...), train_dataset=ds, processing_class=tok, loss="dpo_pop")
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from popflow.errors import PopflowError
+from popflow.train_config import POP_LOSSES
+from tasks.losses import pair_loss
+
+POP_COLUMNS = ("margin", "target", "targets")
+
+
+class PairInputsCollator:
+    """TRL's preference collator plus the per-pair loss inputs as float tensors."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.inner(examples)
+        for key in POP_COLUMNS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
+        return batch
+
+
+def sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of the chosen and rejected halves of a collated batch (as TRL does it:
+    its fused LM head returns per-token log-probs without materialising the logits)."""
+    completion_mask = inputs["completion_mask"]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                use_cache=False, fused_lm_head=True)
+    seq_len = completion_mask.size(1) - 1
+    logps = out.log_probs[:, -seq_len:].sum(dim=1)
+    return logps.chunk(2, dim=0)
+
+
+class PopDPOTrainer(DPOTrainer):
+    def __init__(self, *args, loss: str = "dpo", **kwargs):
+        self.pop_loss = loss
+        super().__init__(*args, **kwargs)
+        self.data_collator = PairInputsCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *POP_COLUMNS]
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        if len(dataset) == 0:  # TRL dropped every pair (prompts filling max_length); its pass would crash
+            raise PopflowError(f"the {name} set is empty: no pair's prompt fits max_length={self.args.max_length} "
+                               "tokens, so nothing is left to train on")
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.pop_loss not in POP_LOSSES:
+            return super()._compute_loss(model, inputs, return_outputs)
+        chosen, rejected = sequence_logps(model, inputs)
+        chosen_ratio = chosen - inputs["ref_chosen_logps"]
+        rejected_ratio = rejected - inputs["ref_rejected_logps"]
+        h = chosen_ratio - rejected_ratio
+        zeros = torch.zeros_like(h)
+        per_pair = pair_loss(self.pop_loss, h, self.beta, inputs.get("margin", zeros), inputs.get("target", zeros),
+                             inputs.get("targets", zeros[:, None]))
+        self._log_pairs(chosen, rejected, chosen_ratio.detach(), rejected_ratio.detach(), inputs)
+        return per_pair.mean()
+
+    def _log_pairs(self, chosen, rejected, chosen_ratio, rejected_ratio, inputs) -> None:
+        """The metrics TRL logs for its own losses (so curves compare across methods), plus the mean margin."""
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        chosen_rewards, rejected_rewards = self.beta * chosen_ratio, self.beta * rejected_ratio
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        if "margin" in inputs:
+            metrics["pop/margin"].append(gather(inputs["margin"]).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def dpo_args(output_dir: str, loss: str, beta: float, max_length: int, seed: int, bf16: bool,
+             gradient_checkpointing: bool, extra: dict, **kwargs) -> DPOConfig:
+    """DPOConfig for one method: popflow's own losses run through `_compute_loss` above (TRL's loss_type
+    is then irrelevant and left at sigmoid); TRL's loss types pass through by name."""
+    options = dict(
+        output_dir=output_dir, loss_type=[loss if loss not in POP_LOSSES else "sigmoid"], beta=beta,
+        max_length=max_length, seed=seed, data_seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+        precompute_ref_log_probs=True, report_to="none", save_strategy="no", logging_steps=1)
+    return DPOConfig(**{**options, **kwargs, **extra})
