@@ -40,8 +40,8 @@ def make_inputs(root: Path, prompts: int, samples: int, seed: int = 0) -> None:
     pq.write_table(pa.table({"prompt_id": pid, "sample_idx": idx, "reward": reward}), root / "rewards.parquet")
     pq.write_table(pa.table({"prompt_id": pid, "sample_idx": idx,
                              "response": np.char.add("response ", idx.astype(str))}), root / "samples.parquet")
-    pq.write_table(pa.table({"prompt_id": pid[::samples], "prompt": np.char.add("prompt ", pid[::samples])}),
-                   root / "prompts.parquet")
+    pq.write_table(pa.table({"prompt_id": pid[::samples], "prompt": np.char.add("prompt ", pid[::samples]),
+                             "split": ["train"] * prompts}), root / "prompts.parquet")
     assert len(reward) == n
 
 

@@ -55,7 +55,8 @@ def test_pop_bad_input(cli, tmp_path):
     fails("annotate.k=0", message="annotate.k: Input should be greater than or equal to 1")
     fails("annotate.p=0.5", message="annotate.p: Input should be less than 0.5")
     fails("annotate.noise=bradley_terry", "annotate.tau=0", message="annotate.tau: Input should be greater than 0")
-    fails("annotate.k=36", message="annotate.k = 36 is larger than the 35 possible partner(s) in the dataset")
+    fails("annotate.k=36", "import_pairs.eval_fraction=0",
+          message="annotate.k = 36 is larger than the 35 possible partner(s) in the dataset")
     fails(f"import_pairs.source={tmp_path}/missing.jsonl", message="does not exist")
     fails("import_pairs.columns.chosen_score=score_a",
           message="no column 'score_a' (import_pairs.columns.chosen_score)")
@@ -64,5 +65,6 @@ def test_pop_bad_input(cli, tmp_path):
         json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "score_chosen": 2.0 if i else None,
                     "score_rejected": 1.0}) + "\n" for i in range(4)))
     fails(f"import_pairs.source={broken}", "import_pairs.columns.prompt_id=null",
+          "import_pairs.eval_fraction=0",
           message="has no ground-truth margin (1 such pairs)")
     assert not (cli.data_dir / "lake" / "pop_labels").exists() and not (cli.data_dir / "lake" / "margins").exists()

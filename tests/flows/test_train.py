@@ -80,4 +80,5 @@ def test_train_bad_input_fails_clearly_and_writes_nothing(cli, tmp_path):
     config.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     fails(f"train.policy={no_template}", message="the tokenizer has no chat template")
-    assert cli.query("select count(*) filter (status = 'failed'), count(*) from runs") == [(4, 4)]  # the config errors never started a run
+    # four runs started and failed; the three config errors never started one
+    assert cli.query("select count(*) filter (status = 'failed'), count(*) from runs") == [(4, 4)]

@@ -35,7 +35,8 @@ def run_pairs(tmp_path, cfg: PairConfig, rewards=REWARDS):
     con.executemany("insert into rw values (?, ?, ?)", rows)
     con.execute("create table sm as select prompt_id, sample_idx, 'resp ' || prompt_id || sample_idx as response "
                 "from rw")
-    con.execute("create table pr as select distinct prompt_id, 'prompt ' || prompt_id as prompt from rw")
+    con.execute("create table pr as select distinct prompt_id, 'prompt ' || prompt_id as prompt, 'train' as split "
+                "from rw")
     out = {t: str(tmp_path / t) for t in ("seven_points", "pairs")}
     report = write_pairs(con, ", 'p' as pipeline, 'r' as run_id", {"rewards": "rw", "samples": "sm", "prompts": "pr"},
                          cfg, out)
