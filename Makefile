@@ -40,6 +40,8 @@ demo: models
 	$(VENV)/bin/popflow run demo
 	$(VENV)/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs where pipeline = 'demo' group by all"
 	$(VENV)/bin/popflow sql "select method, count(*) as pairs, round(avg(margin), 3) as mean_margin, round(corr(margin, gt_margin), 3) as pearson_vs_gt from margins where pipeline = 'demo' group by all"
+	$(VENV)/bin/popflow sql "select method, seed, path, steps, tokens_per_s from latest_policies where pipeline = 'demo'"
+	$(VENV)/bin/popflow sql "pivot (select method, metric, value from latest_eval_metrics where pipeline = 'demo') on metric using round(avg(value), 3) group by method order by method"
 
 test: models
 	$(VENV)/bin/ruff check .
@@ -53,6 +55,7 @@ bench: models
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_sample.py
 	$(PY) bench/bench_margins.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) data/lake data/models
