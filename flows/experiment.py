@@ -20,7 +20,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import preference_pipeline
+from flows.pipeline import as_assignments, preference_pipeline
 from popflow.config import load_pipeline
 from popflow.runs import resolve_data_dir
 from popflow.stage import RunContext, with_run_columns
@@ -67,13 +67,14 @@ def comparison_markdown(table: pa.Table) -> str:
 
 
 @flow(name="preference-experiment")
-def preference_experiment(pipeline: str = "demo", overrides: list[str] | None = None, data_dir: str | None = None,
-                          run_id: str | None = None, config_path: str | None = None) -> dict:
+def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | None = None,
+                          data_dir: str | None = None, run_id: str | None = None,
+                          config_path: str | None = None) -> dict:
     """Train the experiment's methods x seeds on one run's pairs; write the comparison table."""
     from popflow.plots import plot_comparison
 
-    cfg = load_pipeline(pipeline, config_path, overrides or [])
-    sets = [*(overrides or []), *experiment_overrides(cfg)]
+    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
+    sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
     result = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
                                  config_path=config_path)
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],

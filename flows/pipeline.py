@@ -14,14 +14,16 @@ last complete stage (and, inside sampling, after the last complete shard).
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
-from popflow.runs import end_run, new_run_id, preflight, resolve_data_dir, start_run
+from popflow.runs import end_run, new_run_id, preflight, prune_runs, resolve_data_dir, start_run
 from popflow.stage import RunContext, StageResult
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -50,6 +52,25 @@ def reset_from(ctx: RunContext, stages: tuple, from_stage: str) -> None:
         ctx.lake.manifest_path(ctx.pipeline, ctx.run_id, name).unlink(missing_ok=True)
 
 
+def as_assignments(overrides: dict[str, Any] | list[str] | None) -> list[str]:
+    """`--set`-style assignments from either form a run is given: a list of "key.path=value" strings (CLI) or a
+    nested mapping such as {"sample": {"n": 4}} (a deployment's `overrides` parameter). Values become JSON,
+    which the YAML parser of `apply_override` reads back unchanged."""
+    if not overrides:
+        return []
+    if isinstance(overrides, list):
+        return list(overrides)
+
+    def flatten(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            out += flatten(value, path + ".") if isinstance(value, dict) and value else [f"{path}={json.dumps(value)}"]
+        return out
+
+    return flatten(overrides, "")
+
+
 def _artifact_key(*parts: str) -> str:
     return "-".join(parts).lower().replace("_", "-")[:100]
 
@@ -63,39 +84,57 @@ def summarise(ctx: RunContext, result: StageResult) -> None:
                           description=f"{ctx.pipeline} run {ctx.run_id}: stage {result.stage}")
 
 
+def report(ctx: RunContext, stages: dict) -> None:
+    """The run's own artifacts: one table of every stage, and a Markdown report with the plots' paths and,
+    when the run evaluated policies, the evaluation table."""
+    create_table_artifact(key=_artifact_key(ctx.pipeline, "stages"), description=f"{ctx.pipeline} run {ctx.run_id}",
+                          table=[{"stage": s, "rows": ", ".join(f"{t}={n}" for t, n in i["tables"].items()),
+                                  "seconds": i["seconds"], "skipped": i["skipped"]} for s, i in stages.items()])
+    plots = "".join(f"- `{p}`\n" for p in sorted(ctx.run_dir.glob("*.png")))
+    evaluation = ctx.run_dir / "evaluation.md"
+    evaluation = f"\n## Evaluation (mean over seeds)\n\n{evaluation.read_text()}" if evaluation.is_file() else ""
+    create_markdown_artifact(key=_artifact_key(ctx.pipeline, "report"), markdown=(
+        f"# {ctx.pipeline} run {ctx.run_id}\n\nLake: `{ctx.lake.root}`\n\nPlots:\n{plots}{evaluation}"))
+
+
 @flow(name="preference-pipeline")
-def preference_pipeline(pipeline: str = "demo", overrides: list[str] | None = None, data_dir: str | None = None,
-                        run_id: str | None = None, config_path: str | None = None,
+def preference_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | list[str] | None = None,
+                        data_dir: str | None = None, run_id: str | None = None, config_path: str | None = None,
                         from_stage: str | None = None) -> dict:
     """Run (or resume) one pipeline from pipelines.yaml; returns the run id and each stage's row counts.
 
+    overrides: "key.path=value" strings, or a nested mapping of config sections ({"sample": {"n": 4}}).
+    run_id: resume that run (a failed or killed one goes on from its last complete stage / shard).
     from_stage (with run_id) reruns that stage and the later ones on the run's existing data; the config may
     differ only in those stages' sections (each kept stage's hash is checked)."""
     logger = get_run_logger()
-    cfg = load_pipeline(pipeline, config_path, overrides or [])
+    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     preflight(cfg)
     if from_stage and not run_id:
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, run_id or new_run_id(), cfg)
     plan = stages_for(cfg)
-    if from_stage:
-        reset_from(ctx, plan, from_stage)
-    start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage)
-    logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
-    stages: dict = {}
-    try:
-        for run_stage in plan:
-            result = run_stage(ctx)
-            stages[result.stage] = {"tables": result.tables, "seconds": result.seconds, "skipped": result.skipped}
-            summarise(ctx, result)
-    except BaseException as exc:
-        end_run(ctx.lake, pipeline, ctx.run_id, "failed", stages, error=str(exc)[:2000])
-        raise
-    end_run(ctx.lake, pipeline, ctx.run_id, "completed", stages)
-    plots = "".join(f"- `{p}`\n" for p in sorted(ctx.run_dir.glob("*.png")))
-    create_markdown_artifact(key=_artifact_key(pipeline, "report"), markdown=(
-        f"# {pipeline} run {ctx.run_id}\n\nLake: `{ctx.lake.root}`\n\nPlots:\n{plots}"))
-    return {"run_id": ctx.run_id, "stages": stages}
+    with ctx.lake.run_lock(pipeline, ctx.run_id):
+        if from_stage:
+            reset_from(ctx, plan, from_stage)
+        start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage)
+        logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
+        stages: dict = {}
+        try:
+            for run_stage in plan:
+                result = run_stage(ctx)
+                stages[result.stage] = {"tables": result.tables, "seconds": result.seconds,
+                                        "skipped": result.skipped}
+                summarise(ctx, result)
+        except BaseException as exc:
+            end_run(ctx.lake, pipeline, ctx.run_id, "failed", stages, error=str(exc)[:2000])
+            raise
+        end_run(ctx.lake, pipeline, ctx.run_id, "completed", stages)
+    report(ctx, stages)
+    pruned = prune_runs(ctx.lake, pipeline, cfg.retention.keep_runs)
+    if pruned:
+        logger.info("retention (keep_runs=%d): deleted runs %s", cfg.retention.keep_runs, ", ".join(pruned))
+    return {"run_id": ctx.run_id, "stages": stages, "pruned": pruned}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
     popflow runs [--data-dir DIR]
     popflow validate [--config FILE]         validate every pipeline in the file
     popflow models [--data-dir DIR]          materialise the built-in models (make setup does this)
+    popflow serve [PIPELINE ...] [--config FILE] [--data-dir DIR] [--limit N]
+                                             Prefect deployments on their schedules (needs PREFECT_API_URL)
+    popflow deploy [PIPELINE ...] --work-pool POOL [--config FILE] [--data-dir DIR]
+                                             the same deployments, for the workers of a work pool
 
 --data-dir defaults to $POPFLOW_DATA_DIR, else ./data. Bad input exits with status 2 and one message that
 names the key, file:line or row; nothing is written.
@@ -51,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="validate every pipeline of a config file")
     validate.add_argument("--config")
+
+    serve = sub.add_parser("serve", help="serve pipelines as Prefect deployments on their schedules")
+    serve.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
+    serve.add_argument("--config", help="another pipelines file of the same format")
+    serve.add_argument("--data-dir", help="the lake the deployments' runs write to (default as for run)")
+    serve.add_argument("--limit", type=int, help="at most this many flow runs at once (default: no limit)")
+
+    deploy = sub.add_parser("deploy", help="register pipelines as deployments of a work pool (run by its workers)")
+    deploy.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
+    deploy.add_argument("--work-pool", required=True, help="an existing work pool (prefect work-pool create)")
+    deploy.add_argument("--config", help="another pipelines file of the same format")
+    deploy.add_argument("--data-dir", help="the lake the deployments' runs write to (default as for run)")
 
     mats = sub.add_parser("models", help="materialise the built-in models")
     mats.add_argument("--data-dir")
@@ -125,6 +141,21 @@ def cmd_models(args) -> int:
         print(f"{ref:32s} {resolved.path}  {resolved.fingerprint}")
     return 0
 
+def cmd_serve(args) -> int:
+    from flows.deployments import serve
+
+    serve(args.pipelines, args.config, args.data_dir, args.limit)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows.deployments import deploy
+
+    for name in deploy(args.pipelines, args.work_pool, args.config, args.data_dir):
+        print(f"deployment {name} -> work pool {args.work_pool}")
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from popflow.config import load_pipeline
 
@@ -139,7 +170,8 @@ def cmd_experiment(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "sql": cmd_sql, "runs": cmd_runs,
-            "validate": cmd_validate, "models": cmd_models}
+            "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
+            "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

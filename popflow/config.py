@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from popflow.errors import PopflowError
 from popflow.models import MINILM, SMOLLM2
+from popflow.service_config import RetentionConfig, ScheduleConfig
 from popflow.train_config import EvaluateConfig, ExperimentConfig, TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
@@ -239,6 +240,10 @@ class MarginsConfig(Strict):
     prior_sigma: float = Field(1.0, gt=0.0, description="pop: std of the Gaussian prior on strengths.")
 
 
+# Sections that say how a pipeline is operated, not what it computes: left out of the config hash.
+OPERATIONAL = ("description", "schedule", "retention")
+
+
 class PipelineConfig(Strict):
     description: str = Field("", description="What this pipeline is for.")
     seed: int = Field(0, description="Run-level seed recorded with every artifact.")
@@ -255,6 +260,9 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: held-out metrics.")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig,
                                          description="`popflow experiment`: methods x seeds on one run's pairs.")
+    schedule: ScheduleConfig | None = Field(default_factory=ScheduleConfig, description="When `popflow serve` "
+                                            "runs the pipeline (nightly by default); null: on demand only.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How many runs to keep.")
 
     @model_validator(mode="after")
     def _methods_fit_pipeline(self) -> PipelineConfig:
@@ -277,7 +285,7 @@ class PipelineConfig(Strict):
 
     def hash(self, *sections: str) -> str:
         """Hash of the whole config, or of the named sections (a stage's own inputs)."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
         if sections:  # a section, or one field of it: "train.reference"
             data = {k: data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -330,7 +338,11 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PopflowError(f"--set {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise PopflowError(f"--set {assignment!r}: the value is not valid YAML ({exc.problem}); quote it, "
+                           f"e.g. {key}='{value}'") from None
 
 
 def format_errors(exc: ValidationError, source: str, name: str, node: yaml.Node | None) -> str:

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from popflow.errors import PopflowError
 
 CATALOG = "catalog.duckdb"
 
@@ -105,12 +108,61 @@ class Lake:
         write_json(manifest, path)
         return path
 
+    def read_manifests(self, pipeline: str, run_id: str) -> dict[str, dict]:
+        """Every stage manifest of a run, by stage name."""
+        folder = self.run_dir(pipeline, run_id) / "stages"
+        return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+    def read_runs(self, pipeline: str) -> list[dict]:
+        """The run records of one pipeline (any status), oldest first."""
+        paths = self.root.glob(f"_runs/pipeline={pipeline}/run=*/run.json")
+        records = (json.loads(p.read_text()) for p in paths)
+        return sorted(records, key=lambda r: (r.get("started_at") or "", r["run_id"]))
+
     def read_run(self, pipeline: str, run_id: str) -> dict | None:
         path = self.run_dir(pipeline, run_id) / "run.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_run(self, pipeline: str, run_id: str, record: dict) -> None:
         write_json(record, self.run_dir(pipeline, run_id) / "run.json")
+
+    # ------------------------------------------------------------------ run lifecycle
+    @contextmanager
+    def run_lock(self, pipeline: str, run_id: str, wait: bool = False):
+        """Held by the process executing a run, for all of it: a second process on the same run id is refused
+        (two writers would interleave shards). The OS drops the lock when its holder dies, even by SIGKILL,
+        so a crashed run can be resumed at once."""
+        path = self.run_dir(pipeline, run_id) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                fh.seek(0)
+                raise PopflowError(f"run {run_id!r} of {pipeline!r} is being executed by another process "
+                                   f"({fh.read().strip() or 'unknown pid'}); wait for it, or omit --run-id to "
+                                   "start a new run") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            yield
+
+    def delete_run(self, pipeline: str, run_id: str) -> list[Path]:
+        """Remove a run: its partition of every table, staged parts, trained models, then its record. Each
+        folder is first renamed out of the lake (atomic), so a catalog view never reads half a partition."""
+        paths = [*self.root.glob(f"[!_]*/pipeline={pipeline}/run={run_id}"),
+                 *self.root.glob(f"_staging/*/pipeline={pipeline}/run={run_id}"),
+                 self.data_dir / "models" / "runs" / pipeline / run_id,
+                 self.run_dir(pipeline, run_id)]  # the record last: while it exists the run is listed
+        trash = self.root / "_trash" / uuid.uuid4().hex
+        trash.mkdir(parents=True)
+        moved = []
+        for i, path in enumerate(p for p in paths if p.exists()):
+            os.replace(path, trash / str(i))
+            moved.append(path)
+        shutil.rmtree(trash)
+        return moved
 
     # ------------------------------------------------------------------ catalog
     def tables(self) -> list[str]:

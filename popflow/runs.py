@@ -71,9 +71,42 @@ def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_
 
 def end_run(lake: Lake, pipeline: str, run_id: str, status: str, stages: dict | None = None,
             error: str | None = None) -> None:
+    """Close the run record: status, finish time, per-stage row counts and seconds, and the identities of
+    every model its stages used (from their manifests), so `runs` alone says what made a run."""
     record = lake.read_run(pipeline, run_id) or {}
     record.update(status=status, finished_at=now(), error=error)
     if stages is not None:
         record["stages"] = stages
+    record["models"] = {stage: m["models"] for stage, m in lake.read_manifests(pipeline, run_id).items()
+                        if m.get("models")}
     lake.write_run(pipeline, run_id, record)
     lake.rebuild_catalog()
+
+
+def runs_to_prune(records: list[dict], keep: int) -> list[str]:
+    """Run ids older than the pipeline's `keep` newest completed runs (records oldest first). Runs that
+    started after the oldest kept one stay whatever their status: one may still be in progress."""
+    completed = [r for r in records if r.get("status") == "completed"]
+    if len(completed) < keep:
+        return []
+    kept = {r["run_id"] for r in completed[-keep:]}
+    cutoff = completed[-keep]["started_at"]
+    return [r["run_id"] for r in records if r["run_id"] not in kept and r["started_at"] < cutoff]
+
+
+def prune_runs(lake: Lake, pipeline: str, keep: int | None) -> list[str]:
+    """Apply `retention.keep_runs`: delete the runs `runs_to_prune` names, skipping any that a live process
+    holds (its run lock). Returns the run ids deleted."""
+    if keep is None:
+        return []
+    deleted = []
+    for run_id in runs_to_prune(lake.read_runs(pipeline), keep):
+        try:
+            with lake.run_lock(pipeline, run_id):
+                lake.delete_run(pipeline, run_id)
+        except PopflowError:  # being resumed right now: leave it for a later run's retention
+            continue
+        deleted.append(run_id)
+    if deleted:
+        lake.rebuild_catalog()
+    return deleted

@@ -94,8 +94,15 @@ def completed(ctx: RunContext, stage: str) -> StageResult | None:
     return StageResult(stage, manifest["tables"], manifest.get("report", {}), skipped=True)
 
 
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for stages: retry what may pass (a model or an engine that failed to load,
+    a worker that ran out of memory), never bad input, which would only fail again."""
+    return not isinstance(state.data, PopflowError)
+
+
 def stage_task(name: str, **task_options) -> Callable:
-    """Make a stage function a Prefect task that is skipped when the run already completed that stage."""
+    """Make a stage function a Prefect task that is skipped when the run already completed that stage.
+    `retries` apply to transient errors only; a retried stage resumes from its staged parts."""
     from prefect import task
 
     def decorate(fn: Callable[[RunContext], StageResult]):
@@ -103,7 +110,7 @@ def stage_task(name: str, **task_options) -> Callable:
         def run(ctx: RunContext) -> StageResult:
             return completed(ctx, name) or fn(ctx)
 
-        return task(name=name, **task_options)(run)
+        return task(name=name, retry_condition_fn=transient, **task_options)(run)
 
     return decorate
 

@@ -62,7 +62,7 @@ def heldout_metrics_sql(heldout_glob: str) -> str:
 def generation_metrics_sql(policy_rewards: str, base_rewards: str, constraint_scores: str | None) -> str:
     """mean_reward, win_rate (vs base, same prompt and index) and constraint_rate per (method, seed)."""
     constraint = "avg(case when score >= 1.0 then 1.0 else 0.0 end)" if constraint_scores else "null"
-    join = (f"left join {constraint_scores} c on c.method = s.method and c.seed = s.seed "
+    join = (f"left join {constraint_scores} c on c.method = s.method and c.seed is not distinct from s.seed "
             "and c.prompt_id = s.prompt_id and c.sample_idx = s.sample_idx") if constraint_scores else ""
     return f"""
     with scored as (

@@ -190,7 +190,7 @@ def prompts_to_sample(ctx: RunContext) -> pa.Table:
         "order by split desc, source_row").to_arrow_table()
 
 
-@stage_task("sample")
+@stage_task("sample", retries=1, retry_delay_seconds=5)
 def sample(ctx: RunContext) -> StageResult:
     """Generate the missing shards, then publish `samples` and write the stage manifest."""
     logger, cfg, lake, started = get_run_logger(), ctx.config.sample, ctx.lake, time.time()

@@ -105,7 +105,7 @@ def samples_to_score(ctx: RunContext) -> pa.Table:
     """).to_arrow_table()
 
 
-@stage_task("score")
+@stage_task("score", retries=1, retry_delay_seconds=5)
 def score(ctx: RunContext) -> StageResult:
     """Score with each reward model (resuming per model), publish rewards and sample_rewards."""
     logger, cfg, lake, started = get_run_logger(), ctx.config.score, ctx.lake, time.time()

@@ -78,6 +78,11 @@ def check_trained(cli, run_id: str, methods: tuple = ("dpo_pop",)) -> None:
     got = q(f"select method, list(distinct metric order by metric) from eval_metrics {where} group by 1 order by 1")
     assert got == [("base", ["constraint_rate", "mean_reward", "win_rate"])] + [(m, METRICS) for m in sorted(methods)]
     assert q(f"select value from eval_metrics {where} and method = 'base' and metric = 'win_rate'") == [(0.5,)]
+    # the base policy's constraint rate, recomputed from stage 2's scores of its first n = 2 held-out samples
+    assert q(f"select value from eval_metrics {where} and method = 'base' and metric = 'constraint_rate'") == q(
+        f"select avg(case when r.score >= 1 then 1.0 else 0.0 end) from rewards r join prompts p "
+        f"using (prompt_id, run_id) {where.replace('run_id', 'r.run_id')} and p.split = 'eval' "
+        "and r.sample_idx < 2 and r.reward_model = 'constraints'")
 
 
 @pytest.mark.slow
@@ -124,7 +129,8 @@ def test_tiny_pipeline_with_transformers(cli):
     assert artifacts == {"tiny-ingest": "table", "tiny-sample": "table", "tiny-score": "table",
                          "tiny-pair": "table", "tiny-annotate": "table", "tiny-margins": "table",
                          "tiny-ref-logps": "table", "tiny-train": "table", "tiny-policies": "table",
-                         "tiny-evaluate": "table", "tiny-evaluation": "markdown", "tiny-report": "markdown"}
+                         "tiny-evaluate": "table", "tiny-evaluation": "markdown", "tiny-report": "markdown",
+                         "tiny-stages": "table"}
 
 
 @pytest.mark.slow
