@@ -27,49 +27,38 @@ from popflow.errors import PopflowError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="popflow", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run (or resume) a pipeline under Prefect")
-    run.add_argument("pipeline")
-    run.add_argument("--config", help="another pipelines file of the same format")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+    # argument groups several commands share
+    one = argparse.ArgumentParser(add_help=False)
+    one.add_argument("pipeline")
+    one.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override one config value (YAML-parsed); repeatable")
-    run.add_argument("--data-dir")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", help="another pipelines file of the same format")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", help="the lake's folder (default: $POPFLOW_DATA_DIR, else ./data)")
+    several = argparse.ArgumentParser(add_help=False)
+    several.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
+
+    run = sub.add_parser("run", parents=[one, config, data], help="run (or resume) a pipeline under Prefect")
     run.add_argument("--run-id", help="resume this run id (same config) instead of starting a new run")
     run.add_argument("--from-stage", help="with --run-id: rerun this stage and the later ones on the run's data")
-
-    exp = sub.add_parser("experiment", help="train the pipeline's experiment methods x seeds; comparison table")
-    exp.add_argument("pipeline")
-    exp.add_argument("--config", help="another pipelines file of the same format")
-    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override one config value (YAML-parsed); repeatable")
-    exp.add_argument("--data-dir")
+    exp = sub.add_parser("experiment", parents=[one, config, data],
+                         help="train the pipeline's experiment methods x seeds; comparison table")
     exp.add_argument("--run-id", help="resume this experiment run id")
 
-    sql = sub.add_parser("sql", help="query the lake's catalog with DuckDB SQL")
+    sql = sub.add_parser("sql", parents=[data], help="query the lake's catalog with DuckDB SQL")
     sql.add_argument("query")
-    sql.add_argument("--data-dir")
     sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    sub.add_parser("runs", parents=[data], help="list runs")
+    sub.add_parser("validate", parents=[config], help="validate every pipeline of a config file")
+    sub.add_parser("models", parents=[data], help="materialise the built-in models")
 
-    runs = sub.add_parser("runs", help="list runs")
-    runs.add_argument("--data-dir")
-
-    validate = sub.add_parser("validate", help="validate every pipeline of a config file")
-    validate.add_argument("--config")
-
-    serve = sub.add_parser("serve", help="serve pipelines as Prefect deployments on their schedules")
-    serve.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
-    serve.add_argument("--config", help="another pipelines file of the same format")
-    serve.add_argument("--data-dir", help="the lake the deployments' runs write to (default as for run)")
+    serve = sub.add_parser("serve", parents=[several, config, data],
+                           help="serve pipelines as Prefect deployments on their schedules")
     serve.add_argument("--limit", type=int, help="at most this many flow runs at once (default: no limit)")
-
-    deploy = sub.add_parser("deploy", help="register pipelines as deployments of a work pool (run by its workers)")
-    deploy.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
+    deploy = sub.add_parser("deploy", parents=[several, config, data],
+                            help="register pipelines as deployments of a work pool (run by its workers)")
     deploy.add_argument("--work-pool", required=True, help="an existing work pool (prefect work-pool create)")
-    deploy.add_argument("--config", help="another pipelines file of the same format")
-    deploy.add_argument("--data-dir", help="the lake the deployments' runs write to (default as for run)")
-
-    mats = sub.add_parser("models", help="materialise the built-in models")
-    mats.add_argument("--data-dir")
     return parser
 
 
@@ -181,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
     try:
         return COMMANDS[args.command](args)
     except PopflowError as err:
