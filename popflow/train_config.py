@@ -74,7 +74,8 @@ class TrainConfig(Strict):
         "warning) or reject (the stage fails naming the pair).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="auto: bf16 on CUDA, fp32 on CPU (mixed-precision training on CPU is not worth it).")
+        "auto", description="auto: bf16 on CUDA; on CPU fp32 weights with bf16 autocast where the CPU computes "
+        "bf16 natively (AVX-512 BF16, AMX), else fp32. float32 turns mixed precision off.")
     ref_batch_size: int = Field(16, ge=1, description="Pairs per forward when computing reference log-probs.")
     trl: dict[str, Any] = Field(default_factory=dict, description="Any other DPOConfig field, passed through "
                                 "(TRL validates it), e.g. {lr_scheduler_type: cosine, warmup_ratio: 0.1}.")

@@ -39,13 +39,19 @@ def reference_ref(cfg: PipelineConfig) -> str:
 
 
 def train_device_dtype(name: str):
-    """(device, torch dtype, bf16 flag for TrainingArguments): bf16 on CUDA, fp32 on CPU unless asked."""
+    """(device, dtype the weights load in, bf16 flag for TrainingArguments) for `train.dtype`:
+    CUDA: bf16 weights and bf16 compute unless float32 is asked for. CPU: weights stay fp32 (the optimizer's
+    master copy) and `bf16` turns on bf16 autocast, which `auto` does on CPUs that compute bf16 natively
+    (1.7x fp32 for a SmolLM2 LoRA step here, BENCHMARKS.md)."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
-        name, torch.bfloat16 if device == "cuda" else torch.float32)
-    return device, dtype, dtype == torch.bfloat16
+    from popflow.models import cpu_has_bf16
+
+    if torch.cuda.is_available():
+        dtype = torch.float32 if name == "float32" else torch.bfloat16
+        return "cuda", dtype, dtype == torch.bfloat16
+    autocast = name == "bfloat16" or (name == "auto" and cpu_has_bf16())
+    return "cpu", torch.float32, autocast
 
 
 def load_tokenizer(path: str, ref: str, key: str):

@@ -210,7 +210,7 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
              "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
              "final_loss": curve[-1]["loss"] if curve else None, "adapter": cfg.lora is not None,
              "base_model": policy.ref, "base_fingerprint": policy.fingerprint, "device": device,
-             "dtype": str(dtype).removeprefix("torch.")}
+             "dtype": str(dtype).removeprefix("torch."), "mixed_precision": "bf16" if bf16 else "no"}
     return curve, heldout_h, stats
 
 

@@ -106,5 +106,6 @@ def dpo_args(output_dir: str, loss: str, beta: float, max_length: int, seed: int
     options = dict(
         output_dir=output_dir, loss_type=[loss if loss not in POP_LOSSES else "sigmoid"], beta=beta,
         max_length=max_length, seed=seed, data_seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
-        precompute_ref_log_probs=True, report_to="none", save_strategy="no", logging_steps=1)
+        precompute_ref_log_probs=True, report_to="none", save_strategy="no", logging_steps=1,
+        use_cpu=not torch.cuda.is_available())  # bf16 without CUDA is CPU autocast: transformers wants it said
     return DPOConfig(**{**options, **kwargs, **extra})

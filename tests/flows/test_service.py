@@ -141,7 +141,9 @@ def test_deployment_runs_concurrently_on_a_local_server(server, tmp_path):
         assert errors == [] and reads[0] > 0
     finally:
         stop(serve)
-
+    # serving stopped (SIGTERM): the schedule stays active for the next `popflow serve`
+    deployment = httpx.get(f"{api}/deployments/name/{DEPLOYMENT}", timeout=5).json()
+    assert deployment["paused"] is False and [s["active"] for s in deployment["schedules"]] == [True]
     check_lake(data)
 
 
