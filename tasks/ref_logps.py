@@ -42,7 +42,7 @@ def train_device_dtype(name: str):
     """(device, dtype the weights load in, bf16 flag for TrainingArguments) for `train.dtype`:
     CUDA: bf16 weights and bf16 compute unless float32 is asked for. CPU: weights stay fp32 (the optimizer's
     master copy) and `bf16` turns on bf16 autocast, which `auto` does on CPUs that compute bf16 natively
-    (1.7x fp32 for a SmolLM2 LoRA step here, BENCHMARKS.md)."""
+    (1.26-1.36x fp32 for SmolLM2 LoRA DPO steps here, BENCHMARKS.md section 5)."""
     import torch
 
     from popflow.models import cpu_has_bf16

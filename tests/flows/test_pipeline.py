@@ -136,24 +136,26 @@ def test_tiny_pipeline_with_transformers(cli):
 @pytest.mark.slow
 def test_killed_during_sampling_resumes_without_duplicates(cli):
     """SIGKILL the whole process group (CLI, Prefect, vLLM engine) once the first shard is staged; the rerun
-    of the same run id generates only the missing shards."""
-    args = ("run", "tiny", "--run-id", "killed-run", "--set", "sample.shard_size=1", "--set", "train=null",
-            "--set", "sample.max_tokens=200", "--set", "sample.vllm.max_model_len=1024")
+    of the same run id generates only the missing shards. 19 one-prompt shards of up to 300 tokens leave the
+    kill a window of 18 shards even when the machine is busy (9 shorter ones once closed before it landed)."""
+    prompts = 16 + EVAL
+    args = ("run", "tiny", "--run-id", "killed-run", "--set", "prompts.limit=16", "--set", "sample.shard_size=1",
+            "--set", "train=null", "--set", "sample.max_tokens=300", "--set", "sample.vllm.max_model_len=1024")
     staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny" / "run=killed-run"
     proc = cli.popen(*args)
     deadline = time.time() + 600
     while not list(staging.glob("shard-*.parquet")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     staged = len(list(staging.glob("shard-*.parquet")))
-    assert 1 <= staged < PROMPTS, "the kill did not land during sampling"
+    assert 1 <= staged < prompts, "the kill did not land during sampling"
     assert not (cli.data_dir / "lake" / "samples").exists()  # nothing published, no partial table
     assert not list(staging.glob(".*tmp"))  # no half-written shard either
 
     cli(*args)
     assert cli.query("select count(*), count(distinct (prompt_id, sample_idx)) from samples") == [
-        (PROMPTS * N, PROMPTS * N)]
+        (prompts * N, prompts * N)]
     manifest = json.loads((cli.data_dir / "lake/_runs/pipeline=tiny/run=killed-run/stages/sample.json").read_text())
     assert manifest["report"]["resumed_shards"] == staged
     assert cli.query("select count(*) from pairs where strategy = 'seven_point'")[0][0] >= 1
