@@ -74,9 +74,12 @@ class Lake:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():  # a crash after publishing but before the manifest: the new data supersedes it
             trash = dst.with_name(f".trash-{uuid.uuid4().hex}")
-            os.replace(dst, trash)
+            with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
+                os.replace(dst, trash)
+                os.replace(src, dst)
             shutil.rmtree(trash)
-        os.replace(src, dst)
+        else:
+            os.replace(src, dst)
         return dst
 
     def publish_count(self, table: str, pipeline: str, run_id: str) -> int:
@@ -158,9 +161,10 @@ class Lake:
         trash = self.root / "_trash" / uuid.uuid4().hex
         trash.mkdir(parents=True)
         moved = []
-        for i, path in enumerate(p for p in paths if p.exists()):
-            os.replace(path, trash / str(i))
-            moved.append(path)
+        with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
+            for i, path in enumerate(p for p in paths if p.exists()):
+                os.replace(path, trash / str(i))
+                moved.append(path)
         shutil.rmtree(trash)
         return moved
 
@@ -174,23 +178,29 @@ class Lake:
             if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*/*/*.parquet"))
         )
 
+    def catalog_lock(self):
+        """Held while the catalog is rebuilt, and while published files are removed (so a rebuild never reads a
+        file that vanishes under it). Publishing new partitions needs no lock: it only adds whole folders."""
+        return file_lock(self.root / ".catalog.lock")
+
     def rebuild_catalog(self) -> Path:
         """Recreate catalog.duckdb with one view per table over all runs, atomically, under a lock."""
         import duckdb
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.root / ".catalog.lock"):
+        with self.catalog_lock():
             fd, tmp = tempfile.mkstemp(prefix=".catalog-", suffix=".duckdb", dir=self.root)
             os.close(fd)
             os.unlink(tmp)  # duckdb wants to create the file itself
             try:
                 con = duckdb.connect(tmp)
-                for stmt in catalog_statements(self):
+                tables = self.tables()  # once: another run may publish a new table while this one builds
+                for stmt in catalog_statements(self, tables):
                     con.execute(stmt)
                 run_columns = {r[0] for r in con.execute(
                     "select column_name from information_schema.columns where table_name = 'runs'").fetchall()}
                 if {"pipeline", "run_id", "status", "finished_at"} <= run_columns:  # records from older versions
-                    for stmt in latest_statements(self.tables()):
+                    for stmt in latest_statements(tables):
                         con.execute(stmt)
                 con.close()
                 os.replace(tmp, self.root / CATALOG)
@@ -221,9 +231,8 @@ def latest_statements(tables: list[str]) -> list[str]:
         "semi join latest_runs l on l.pipeline = t.pipeline and l.run_id = t.run_id" for table in tables]
 
 
-def catalog_statements(lake: Lake) -> list[str]:
+def catalog_statements(lake: Lake, tables: list[str]) -> list[str]:
     """The DDL of the catalog: a view per table, plus `runs` and `stages` over the JSON records."""
-    tables = lake.tables()
     stmts = [
         f"create view {table} as select * from read_parquet({_quote(lake.root / table / '*/*/*.parquet')}, "
         "union_by_name = true, hive_partitioning = false)"

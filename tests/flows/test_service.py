@@ -137,7 +137,8 @@ def test_deployment_runs_concurrently_on_a_local_server(server, tmp_path):
         outputs = [p.communicate(timeout=900)[0] for p in watched]
         done.set()
         reader.join()
-        assert [p.returncode for p in watched] == [0, 0], "\n".join(outputs)[-6000:]
+        assert [p.returncode for p in watched] == [0, 0], ("\n".join(outputs)[-3000:] + "\nserve.log:\n"
+                                                           + (tmp_path / "serve.log").read_text()[-8000:])
         assert errors == [] and reads[0] > 0
     finally:
         stop(serve)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
+import duckdb
 import pyarrow as pa
 
 from popflow.lake import Lake
+from tests.conftest import REPO
 
 
 def test_views_span_runs_and_keep_columns_added_later(tmp_path):
@@ -70,3 +76,42 @@ def test_latest_views_show_the_newest_completed_run_only(tmp_path):
     lake.write_table("t", "q", "q1", pa.table({"x": ["q1"], "pipeline": ["q"], "run_id": ["q1"]}))
     lake.rebuild_catalog()
     assert lake.connect().sql("select x from latest_t order by x").fetchall() == [("q1",), ("r2",)]
+
+
+def test_catalog_rebuilds_race_with_other_processes_publishing_and_deleting(tmp_path):
+    """Two pipeline runs share a lake: while one rebuilds the catalog, the other publishes tables the lake has
+    never had (each stage's first output) and retention deletes old runs. Here a second process does that
+    (the real situation: two flow runs on one lake) while this one keeps rebuilding the catalog; every
+    rebuild succeeds, and the final catalog has a view (and its latest_ view) per table left in the lake."""
+    n = 60
+    script = textwrap.dedent(f"""
+        N = {n}
+        import sys, pyarrow as pa
+        sys.path.insert(0, {str(REPO)!r})
+        from popflow.lake import Lake
+        lake = Lake({str(tmp_path)!r})
+        lake.write_run("p", "r0", {{"run_id": "r0", "pipeline": "p", "status": "completed",
+                                    "finished_at": "2026-11-25T00:00:00"}})
+        print("ready", flush=True)
+        row = lambda run: pa.table({{"pipeline": ["p"], "run_id": [run]}})
+        for i in range(N):
+            lake.write_table(f"t{{i}}", "p", "r0", row("r0"))
+            lake.write_table("churn", "p", f"old{{i}}", row(f"old{{i}}"))
+            if i:
+                lake.delete_run("p", f"old{{i - 1}}")
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "ready\n"
+    lake, errors, rebuilds = Lake(tmp_path), [], 0
+    while writer.poll() is None or rebuilds < 50:
+        try:
+            lake.rebuild_catalog()
+        except duckdb.Error as exc:
+            errors.append(str(exc).splitlines()[0])
+        rebuilds += 1
+    assert writer.wait() == 0
+    assert errors == [] and rebuilds >= 50
+    lake.rebuild_catalog()
+    views = {v for (v,) in lake.connect().sql("select view_name from duckdb_views() where not internal").fetchall()}
+    tables = {f"t{i}" for i in range(n)} | {"churn"}
+    assert views == tables | {f"latest_{t}" for t in tables} | {"runs", "latest_runs"}
