@@ -50,6 +50,11 @@ class Lake:
     def staging(self, table: str, pipeline: str, run_id: str) -> Path:
         return self.root / "_staging" / table / f"pipeline={pipeline}" / f"run={run_id}"
 
+    def trash(self) -> Path:
+        """A fresh path to move published data to before deleting it (same filesystem: a rename)."""
+        (self.root / "_trash").mkdir(parents=True, exist_ok=True)
+        return self.root / "_trash" / uuid.uuid4().hex
+
     def run_dir(self, pipeline: str, run_id: str) -> Path:
         return self.root / "_runs" / f"pipeline={pipeline}" / f"run={run_id}"
 
@@ -73,7 +78,7 @@ class Lake:
         dst = self.partition(table, pipeline, run_id)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():  # a crash after publishing but before the manifest: the new data supersedes it
-            trash = dst.with_name(f".trash-{uuid.uuid4().hex}")
+            trash = self.trash()  # outside the table's folder: views glob hidden folders too
             with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
                 os.replace(dst, trash)
                 os.replace(src, dst)
@@ -158,8 +163,8 @@ class Lake:
                  *self.root.glob(f"_staging/*/pipeline={pipeline}/run={run_id}"),
                  self.data_dir / "models" / "runs" / pipeline / run_id,
                  self.run_dir(pipeline, run_id)]  # the record last: while it exists the run is listed
-        trash = self.root / "_trash" / uuid.uuid4().hex
-        trash.mkdir(parents=True)
+        trash = self.trash()
+        trash.mkdir()
         moved = []
         with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
             for i, path in enumerate(p for p in paths if p.exists()):

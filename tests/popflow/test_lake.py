@@ -37,7 +37,8 @@ def test_staged_parts_are_invisible_until_published(tmp_path):
     lake.publish("s", "p", "r")
     lake.rebuild_catalog()
     assert lake.connect().sql("select sum(x) from s").fetchall() == [(10,)]
-    assert not [p for p in (tmp_path / "lake").rglob("*") if ".tmp" in p.name or ".trash" in p.name]
+    assert not [p for p in (tmp_path / "lake").rglob("*") if ".tmp" in p.name]
+    assert not list((tmp_path / "lake" / "_trash").iterdir())
 
 
 def test_reader_keeps_a_consistent_catalog_across_rebuilds(tmp_path):
