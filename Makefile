@@ -56,6 +56,7 @@ bench: models
 	$(PY) bench/bench_sample.py
 	$(PY) bench/bench_margins.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_eval_lora.py
 
 clean:
 	rm -rf $(VENV) data/lake data/models

