@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,9 +52,20 @@ class Lake:
         return self.root / "_staging" / table / f"pipeline={pipeline}" / f"run={run_id}"
 
     def trash(self) -> Path:
-        """A fresh path to move published data to before deleting it (same filesystem: a rename)."""
-        (self.root / "_trash").mkdir(parents=True, exist_ok=True)
-        return self.root / "_trash" / uuid.uuid4().hex
+        """A new folder to move published data into before deleting it (same filesystem: a rename). Its mtime
+        is now, so `sweep_trash` leaves it alone while its deletion runs."""
+        path = self.root / "_trash" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def sweep_trash(self, older_than_s: float = 3600) -> list[Path]:
+        """Remove what an interrupted deletion left in _trash (entries untouched for `older_than_s`; a younger
+        one may be another process's deletion in progress)."""
+        folder, cutoff = self.root / "_trash", time.time() - older_than_s
+        stale = [p for p in folder.iterdir() if p.lstat().st_mtime < cutoff] if folder.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
 
     def run_dir(self, pipeline: str, run_id: str) -> Path:
         return self.root / "_runs" / f"pipeline={pipeline}" / f"run={run_id}"
@@ -80,7 +92,7 @@ class Lake:
         if dst.exists():  # a crash after publishing but before the manifest: the new data supersedes it
             trash = self.trash()  # outside the table's folder: views glob hidden folders too
             with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
-                os.replace(dst, trash)
+                os.replace(dst, trash / "partition")
                 os.replace(src, dst)
             shutil.rmtree(trash)
         else:
@@ -164,7 +176,6 @@ class Lake:
                  self.data_dir / "models" / "runs" / pipeline / run_id,
                  self.run_dir(pipeline, run_id)]  # the record last: while it exists the run is listed
         trash = self.trash()
-        trash.mkdir()
         moved = []
         with self.catalog_lock():  # files vanish: not while a catalog rebuild is reading them
             for i, path in enumerate(p for p in paths if p.exists()):

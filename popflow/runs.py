@@ -96,7 +96,8 @@ def runs_to_prune(records: list[dict], keep: int) -> list[str]:
 
 def prune_runs(lake: Lake, pipeline: str, keep: int | None) -> list[str]:
     """Apply `retention.keep_runs`: delete the runs `runs_to_prune` names, skipping any that a live process
-    holds (its run lock). Returns the run ids deleted."""
+    holds (its run lock), and what interrupted deletions left behind. Returns the run ids deleted."""
+    lake.sweep_trash()
     if keep is None:
         return []
     deleted = []

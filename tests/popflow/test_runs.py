@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pyarrow as pa
 import pytest
 
@@ -50,6 +53,19 @@ def test_prune_deletes_whole_runs_and_skips_one_in_progress(tmp_path):
     assert prune_runs(lake, "p", keep=2) == ["r2"]  # no longer held: it goes on the next completed run
     assert prune_runs(lake, "p", keep=None) == []
     assert not list((tmp_path / "lake" / "_trash").iterdir())
+
+
+def test_prune_sweeps_what_an_interrupted_deletion_left_in_the_trash(tmp_path):
+    """A deletion killed between its rename into _trash and its rmtree leaves a folder there. The next prune
+    removes it once it is an hour old; a younger one may be another process's deletion still running."""
+    lake = Lake(tmp_path)
+    old, young = lake.trash(), lake.trash()
+    (old / "partition").mkdir()
+    (old / "partition" / "part-00000.parquet").write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert prune_runs(lake, "p", keep=None) == []
+    assert list((tmp_path / "lake" / "_trash").iterdir()) == [young]
 
 
 def test_run_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
