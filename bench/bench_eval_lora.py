@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def make_adapter(base: str, out: Path, r: int) -> None:
     """A LoRA adapter like the train stage's (all-linear, r, alpha 2r) with random non-zero B."""
@@ -51,19 +49,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
+    from smollm2 import demo_prompts
 
-    from popflow import models
-    from popflow.config import PromptsConfig, SampleConfig
-    from tasks.prompts import load_prompts
-    from tasks.sample import VllmEngine, merge_adapter, render_prompts
+    from tasks.sample import VllmEngine, merge_adapter
 
-    base = models.resolve(models.SMOLLM2, REPO / "data").path
-    prompts = load_prompts(PromptsConfig(source=str(REPO / "data/prompts/demo.jsonl"), eval_limit=args.prompts))
-    prompts = prompts.filter(prompts.column("split").to_numpy(zero_copy_only=False) == "eval")
-    ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
-    cfg = SampleConfig(policy=models.SMOLLM2, n=args.n, max_tokens=args.max_tokens, seed=0)
-    rendered = render_prompts(AutoTokenizer.from_pretrained(base), texts, None, cfg.policy)
+    base, ids, rendered, cfg = demo_prompts("eval", args.prompts, args.n, args.max_tokens)
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"

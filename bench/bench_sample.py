@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -30,21 +28,13 @@ def main() -> None:
     parser.add_argument("--hf-prompts", type=int, default=4)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
+    from smollm2 import demo_prompts
     from vllm import SamplingParams
 
-    from popflow import models
-    from popflow.config import PromptsConfig, SampleConfig
     from popflow.lake import write_parquet
-    from tasks.prompts import load_prompts
-    from tasks.sample import TransformersEngine, VllmEngine, render_prompts, samples_table
+    from tasks.sample import TransformersEngine, VllmEngine, samples_table
 
-    path = models.resolve(models.SMOLLM2, REPO / "data").path
-    prompts = load_prompts(PromptsConfig(source=str(REPO / "data/prompts/demo.jsonl"), limit=args.prompts))
-    prompts = prompts.filter(prompts.column("split").to_numpy(zero_copy_only=False) == "train")
-    ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
-    cfg = SampleConfig(policy=models.SMOLLM2, n=args.n, max_tokens=args.max_tokens, seed=0)
-    rendered = render_prompts(AutoTokenizer.from_pretrained(path), texts, None, cfg.policy)
+    path, ids, rendered, cfg = demo_prompts("train", args.prompts, args.n, args.max_tokens)
 
     start = time.perf_counter()
     engine = VllmEngine(path, cfg)

@@ -104,8 +104,9 @@ class EvaluateConfig(Strict):
     adapters: Literal["auto", "lora", "merge"] = Field(
         "auto", description="How the vllm engine samples a LoRA-trained policy: `lora` serves every adapter from "
         "one engine (enable_lora); `merge` merges each adapter into a copy of the base weights and starts an "
-        "engine on it; auto = lora with CUDA, merge on CPU (vLLM-CPU's LoRA path is ~4x slower: "
-        "bench/bench_eval_lora.py). The transformers engine always merges, in memory.")
+        "engine on it; auto = lora with CUDA, and on CPU merge when held-out prompts x n x sample.max_tokens >= 5000 "
+        "(vLLM-CPU's LoRA path is ~4x slower, merging costs ~45 s per policy: bench/bench_eval_lora.py). The "
+        "transformers engine always merges, in memory.")
 
 
 class ExperimentConfig(Strict):

