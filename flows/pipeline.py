@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from popflow import logs
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
 from popflow.runs import end_run, new_run_id, preflight, prune_runs, resolve_data_dir, start_run
@@ -108,6 +109,7 @@ def preference_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | list
     from_stage (with run_id) reruns that stage and the later ones on the run's existing data; the config may
     differ only in those stages' sections (each kept stage's hash is checked)."""
     logger = get_run_logger()
+    logs.configure()
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     preflight(cfg)
     if from_stage and not run_id:

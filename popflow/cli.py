@@ -1,11 +1,12 @@
 """The `popflow` command.
 
     popflow run PIPELINE [--config FILE] [--set key.path=value ...] [--data-dir DIR] [--run-id ID]
-                         [--from-stage STAGE]
+                         [--from-stage STAGE] [--verbose]
     popflow sql "SELECT ..." [--data-dir DIR] [--csv]
     popflow runs [--data-dir DIR]
     popflow validate [--config FILE]         validate every pipeline in the file
     popflow models [--data-dir DIR]          materialise the built-in models (make setup does this)
+    popflow doctor [PIPELINE] [--no-sample]  this machine, the dtype each stage will use, a sampling check
     popflow serve [PIPELINE ...] [--config FILE] [--data-dir DIR] [--limit N]
                                              Prefect deployments on their schedules (needs PREFECT_API_URL)
     popflow deploy [PIPELINE ...] --work-pool POOL [--config FILE] [--data-dir DIR]
@@ -36,13 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--config", help="another pipelines file of the same format")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--data-dir", help="the lake's folder (default: $POPFLOW_DATA_DIR, else ./data)")
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument("--verbose", action="store_true", help="engine logs at INFO and vLLM's progress bars "
+                      "(default: WARNING; popflow logs its own progress)")
     several = argparse.ArgumentParser(add_help=False)
     several.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline in the file")
 
-    run = sub.add_parser("run", parents=[one, config, data], help="run (or resume) a pipeline under Prefect")
+    run = sub.add_parser("run", parents=[one, config, data, loud], help="run (or resume) a pipeline under Prefect")
     run.add_argument("--run-id", help="resume this run id (same config) instead of starting a new run")
     run.add_argument("--from-stage", help="with --run-id: rerun this stage and the later ones on the run's data")
-    exp = sub.add_parser("experiment", parents=[one, config, data],
+    exp = sub.add_parser("experiment", parents=[one, config, data, loud],
                          help="train the pipeline's experiment methods x seeds; comparison table")
     exp.add_argument("--run-id", help="resume this experiment run id")
 
@@ -52,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("runs", parents=[data], help="list runs")
     sub.add_parser("validate", parents=[config], help="validate every pipeline of a config file")
     sub.add_parser("models", parents=[data], help="materialise the built-in models")
+    doctor = sub.add_parser("doctor", parents=[loud], help="what this machine is and what popflow will do on it")
+    doctor.add_argument("pipeline", nargs="?", default="demo", help="whose stage dtypes to show (default: demo)")
+    doctor.add_argument("--no-sample", action="store_true", help="skip the short vLLM sampling measurement")
 
-    serve = sub.add_parser("serve", parents=[several, config, data],
+    serve = sub.add_parser("serve", parents=[several, config, data, loud],
                            help="serve pipelines as Prefect deployments on their schedules")
     serve.add_argument("--limit", type=int, help="at most this many flow runs at once (default: no limit)")
     deploy = sub.add_parser("deploy", parents=[several, config, data],
@@ -130,6 +137,14 @@ def cmd_models(args) -> int:
         print(f"{ref:32s} {resolved.path}  {resolved.fingerprint}")
     return 0
 
+def cmd_doctor(args) -> int:
+    from popflow.doctor import diagnose, render
+
+    found = diagnose(args.pipeline, sample=not args.no_sample)
+    print(render(found))
+    return 1 if found.broken else 0
+
+
 def cmd_serve(args) -> int:
     from flows.deployments import serve
 
@@ -160,7 +175,7 @@ def cmd_experiment(args) -> int:
 
 COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "sql": cmd_sql, "runs": cmd_runs,
             "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
-            "deploy": cmd_deploy}
+            "deploy": cmd_deploy, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from popflow import logs
+
+    logs.configure(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
     try:
         return COMMANDS[args.command](args)

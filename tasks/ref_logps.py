@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger
 
-from popflow import models
+from popflow import models, precision
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
@@ -36,22 +36,6 @@ def policy_ref(cfg: PipelineConfig) -> str:
 
 def reference_ref(cfg: PipelineConfig) -> str:
     return cfg.train.reference or policy_ref(cfg)
-
-
-def train_device_dtype(name: str):
-    """(device, dtype the weights load in, bf16 flag for TrainingArguments) for `train.dtype`:
-    CUDA: bf16 weights and bf16 compute unless float32 is asked for. CPU: weights stay fp32 (the optimizer's
-    master copy) and `bf16` turns on bf16 autocast, which `auto` does on CPUs that compute bf16 natively
-    (1.26-1.36x fp32 for SmolLM2 LoRA DPO steps here, BENCHMARKS.md section 5)."""
-    import torch
-
-    from popflow.models import cpu_has_bf16
-
-    if torch.cuda.is_available():
-        dtype = torch.float32 if name == "float32" else torch.bfloat16
-        return "cuda", dtype, dtype == torch.bfloat16
-    autocast = name == "bfloat16" or (name == "auto" and cpu_has_bf16())
-    return "cpu", torch.float32, autocast
 
 
 def load_tokenizer(path: str, ref: str, key: str):
@@ -114,12 +98,12 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
     from tasks.trainer import PopDPOTrainer, dpo_args
 
-    device, dtype, bf16 = train_device_dtype(cfg.dtype)
+    prec = precision.training_precision(cfg.dtype)
     tok = load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
-    model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
     with tempfile.TemporaryDirectory() as out:
-        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, bf16, False, {},
+        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, {},
                         per_device_train_batch_size=cfg.ref_batch_size, precompute_ref_batch_size=cfg.ref_batch_size)
         trainer = PopDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(pairs), processing_class=tok)
         return trainer.train_dataset.data.table.combine_chunks()
@@ -129,6 +113,7 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 def ref_logps(ctx: RunContext) -> StageResult:
     """Write ref_logps (pair_id, split, ref_chosen_logps, ref_rejected_logps, token counts, reference)."""
     started, cfg = time.time(), ctx.config.train
+    dtypes = precision.announce({"train.dtype": cfg.dtype})
     ref = models.resolve(reference_ref(ctx.config), ctx.lake.data_dir, "train.reference")
     pairs = pair_rows(ctx)
     if pairs.num_rows == 0:
@@ -151,4 +136,4 @@ def ref_logps(ctx: RunContext) -> StageResult:
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,
               "truncated_sequences": length_report(prepared, cfg.max_length), "max_length": cfg.max_length}
     get_run_logger().info("reference log-probs: %s", report)
-    return finish(ctx, "ref_logps", started, {"ref_logps": n}, report, {"reference": ref.identity()})
+    return finish(ctx, "ref_logps", started, {"ref_logps": n}, report, {"reference": ref.identity()}, dtypes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import duckdb
 import pyarrow as pa
 from prefect import get_run_logger
 
-from popflow import models
+from popflow import logs, models, precision
 from popflow.config import SampleConfig
 from popflow.errors import PopflowError
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
@@ -61,6 +62,17 @@ def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_prompts)) for s in range(0, num_prompts, shard_size)]
 
 
+def cpu_bind(setting: str, cores: set[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `sample.vllm.cpu_threads_bind`: `all` becomes the cores this process may
+    run on, as vLLM writes them (0-3 for a run, 0,2,5 otherwise); any other setting is vLLM's own."""
+    if setting != "all":
+        return setting
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
 def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
     """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
     a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's
@@ -86,9 +98,14 @@ class VllmEngine:
 
         self.cfg = cfg
         self.per_request_seed = torch.cuda.is_available()
+        if not self.per_request_seed:  # read by vLLM-CPU's worker processes when they start
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(cfg.vllm.cpu_threads_bind)
+        # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
+        # bf16 run through a fallback over 100x slower than float32
+        self.dtype = precision.resolve_dtype(cfg.dtype)
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}
         self.llm = LLM(
-            model=path, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+            model=path, dtype=self.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
             gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enforce_eager=cfg.vllm.enforce_eager,
             max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size, **lora,
         )
@@ -111,7 +128,8 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest(*adapter) if adapter else None
-        outputs = self.llm.generate(texts, self.params(prompt_ids), use_tqdm=True, lora_request=lora)
+        # vLLM's bar counts finished requests, which all finish together on CPU: the stage logs progress per shard
+        outputs = self.llm.generate(texts, self.params(prompt_ids), use_tqdm=logs.verbose(), lora_request=lora)
         return [
             [Completion(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
              for c in sorted(out.outputs, key=lambda c: c.index)]
@@ -132,13 +150,14 @@ class TransformersEngine:
 
         self.cfg = cfg
         self.per_request_seed = False
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = models.torch_dtype(cfg.dtype, self.device)
+        self.device = precision.detect().device
+        self.dtype = precision.resolve_dtype(cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
+                                                          trust_remote_code=cfg.trust_remote_code)
         if adapter:  # a LoRA adapter from the train stage, merged into the weights for generation
             from peft import PeftModel
 
@@ -154,7 +173,8 @@ class TransformersEngine:
         cfg, tok, results = self.cfg, self.tokenizer, []
         eos = set(self.model.generation_config.eos_token_id if isinstance(
             self.model.generation_config.eos_token_id, list) else [tok.eos_token_id])
-        for start in tqdm(range(0, len(texts), cfg.batch_size), desc="generate (transformers)"):
+        for start in tqdm(range(0, len(texts), cfg.batch_size), desc="generate (transformers)",
+                          disable=not logs.verbose()):
             batch = tok(texts[start : start + cfg.batch_size], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(self.device)
             with torch.no_grad():
@@ -207,17 +227,25 @@ def prompts_to_sample(ctx: RunContext) -> pa.Table:
         "order by split desc, source_row").to_arrow_table()
 
 
+def progress(done_prompts: int, total_prompts: int, tokens: int, seconds: float) -> str:
+    """One progress line after a shard: prompts done, output tokens/s and the time left at that rate."""
+    rate = tokens / seconds if seconds > 0 else 0.0
+    left = seconds / max(done_prompts, 1) * (total_prompts - done_prompts)
+    return f"{done_prompts}/{total_prompts} prompts, {tokens} tokens at {rate:.1f} tokens/s, {left / 60:.1f} min left"
+
+
 @stage_task("sample", retries=1, retry_delay_seconds=5)
 def sample(ctx: RunContext) -> StageResult:
     """Generate the missing shards, then publish `samples` and write the stage manifest."""
     logger, cfg, lake, started = get_run_logger(), ctx.config.sample, ctx.lake, time.time()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
+    dtypes = precision.announce({"sample.dtype": cfg.dtype})
     prompts = prompts_to_sample(ctx)
     ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
     have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
     todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size)) if f"shard-{k:05d}" not in have]
-    logger.info("sampling %d prompts x n=%d with %s: %d shard(s) to do, %d already staged",
-                len(ids), cfg.n, cfg.engine, len(todo), len(have))
+    logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
+                len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo), len(have))
     per_request_seed = None
     if todo:
         from transformers import AutoTokenizer
@@ -226,12 +254,17 @@ def sample(ctx: RunContext) -> StageResult:
         rendered = render_prompts(tokenizer, texts, cfg.system_prompt, cfg.policy)
         engine = ENGINES[cfg.engine](policy.path, cfg)
         per_request_seed = engine.per_request_seed
+        total = sum(e - s for _, s, e in todo)
+        done = tokens = 0
+        t0 = time.time()
         try:
-            for k, s, e in todo:
+            for i, (k, s, e) in enumerate(todo, 1):
                 completions = engine.generate(rendered[s:e], ids[s:e])
                 part = with_run_columns(ctx, samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))
                 lake.write_staged_part("samples", ctx.pipeline, ctx.run_id, f"shard-{k:05d}", part)
-                logger.info("shard %d: %d prompts written", k, e - s)
+                done, tokens = done + e - s, tokens + sum(c.num_tokens for group in completions for c in group)
+                logger.info("sample: shard %d/%d written: %s", i, len(todo), progress(done, total, tokens,
+                                                                                    time.time() - t0))
         finally:
             engine.close()
     staged = lake.staging("samples", ctx.pipeline, ctx.run_id)
@@ -244,4 +277,4 @@ def sample(ctx: RunContext) -> StageResult:
               "per_request_seed": per_request_seed,
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                            "seed": cfg.seed, "system_prompt": cfg.system_prompt}}
-    return finish(ctx, "sample", started, {"samples": rows}, report, {"policy": policy.identity()})
+    return finish(ctx, "sample", started, {"samples": rows}, report, {"policy": policy.identity()}, dtypes)

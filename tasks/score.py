@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger
 
-from popflow import models
+from popflow import models, precision
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
@@ -116,6 +116,7 @@ def score(ctx: RunContext) -> StageResult:
         constraints=[json.loads(c) if c else None for c in data.column("constraints").to_pylist()])
     staged = {p.stem for p in lake.staged_parts("rewards", ctx.pipeline, ctx.run_id)}
     identities, report = {}, {"samples": len(ids)}
+    dtypes = precision.announce({f"score.models[{s.name}].dtype": s.dtype for s in cfg.models if hasattr(s, "dtype")})
     for spec in cfg.models:
         if hasattr(spec, "model"):
             identities[spec.name] = models.resolve(spec.model, lake.data_dir, f"score.models[{spec.name}]").identity()
@@ -137,4 +138,4 @@ def score(ctx: RunContext) -> StageResult:
     report["models"] = {s.pop("reward_model"): {k: round(v, 6) if math.isfinite(v) else v for k, v in s.items()}
                         for s in stats}
     tables = {"rewards": len(ids) * len(cfg.models), "sample_rewards": agg.num_rows}
-    return finish(ctx, "score", started, tables, report, identities)
+    return finish(ctx, "score", started, tables, report, identities, dtypes)

@@ -35,11 +35,11 @@ import pyarrow as pa
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from popflow import models
+from popflow import models, precision
 from popflow.errors import PopflowError
 from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
 from popflow.train_config import Method
-from tasks.ref_logps import load_tokenizer, policy_ref, reference_ref, train_device_dtype
+from tasks.ref_logps import load_tokenizer, policy_ref, reference_ref
 from tasks.score import normalised_sql
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
 
     cfg = ctx.config.train
     policy = models.resolve(policy_ref(ctx.config), ctx.lake.data_dir, "train.policy")
-    device, dtype, bf16 = train_device_dtype(cfg.dtype)
+    prec = precision.training_precision(cfg.dtype)
     tok = load_tokenizer(policy.path, policy.ref, "train.policy")
     curve: list[dict] = []
 
@@ -190,11 +190,11 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = dpo_args(str(tmp), method.loss, cfg.beta, cfg.max_length, seed, bf16, cfg.gradient_checkpointing,
+    args = dpo_args(str(tmp), method.loss, cfg.beta, cfg.max_length, seed, prec.mixed, cfg.gradient_checkpointing,
                     cfg.trl, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
                     per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
                     gradient_accumulation_steps=cfg.grad_accum)
-    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=prec.torch_dtype()).to(prec.device)
     trainer = PopDPOTrainer(
         model=model, args=args, train_dataset=datasets.Dataset(data), processing_class=tok, loss=method.loss,
         eval_dataset=datasets.Dataset(heldout) if heldout.num_rows else None, peft_config=peft_config,
@@ -209,8 +209,8 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
     stats = {"steps": result.global_step, "examples": data.num_rows, "train_seconds": round(seconds, 3),
              "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
              "final_loss": curve[-1]["loss"] if curve else None, "adapter": cfg.lora is not None,
-             "base_model": policy.ref, "base_fingerprint": policy.fingerprint, "device": device,
-             "dtype": str(dtype).removeprefix("torch."), "mixed_precision": "bf16" if bf16 else "no"}
+             "base_model": policy.ref, "base_fingerprint": policy.fingerprint, "device": prec.device,
+             "dtype": prec.weights, "mixed_precision": prec.mixed}
     return curve, heldout_h, stats
 
 
@@ -222,6 +222,7 @@ def policy_dir(ctx: RunContext, name: str, seed: int) -> Path:
 def train(ctx: RunContext) -> StageResult:
     """Train every method x seed not yet done in this run; publish train_metrics, heldout_margins, policies."""
     logger, cfg, lake, started = get_run_logger(), ctx.config.train, ctx.lake, time.time()
+    dtypes = precision.announce({"train.dtype": cfg.dtype})
     check_reference(ctx)
     heldout = heldout_rows(ctx)
     done = {p.stem for p in lake.staged_parts("policies", ctx.pipeline, ctx.run_id)}
@@ -254,4 +255,4 @@ def train(ctx: RunContext) -> StageResult:
     report = {"methods": [method_name(ctx, m) for m in cfg.methods], "seeds": cfg.seeds,
               "heldout_pairs": heldout.num_rows}
     return finish(ctx, "train", started, tables, report, {"policy": models.resolve(
-        policy_ref(ctx.config), lake.data_dir, "train.policy").identity()})
+        policy_ref(ctx.config), lake.data_dir, "train.policy").identity()}, dtypes)

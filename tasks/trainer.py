@@ -99,13 +99,15 @@ class PopDPOTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
-def dpo_args(output_dir: str, loss: str, beta: float, max_length: int, seed: int, bf16: bool,
+def dpo_args(output_dir: str, loss: str, beta: float, max_length: int, seed: int, mixed: str,
              gradient_checkpointing: bool, extra: dict, **kwargs) -> DPOConfig:
     """DPOConfig for one method: popflow's own losses run through `_compute_loss` above (TRL's loss_type
-    is then irrelevant and left at sigmoid); TRL's loss types pass through by name."""
+    is then irrelevant and left at sigmoid); TRL's loss types pass through by name. mixed: no | bf16 | fp16
+    (popflow.precision.training_precision)."""
     options = dict(
         output_dir=output_dir, loss_type=[loss if loss not in POP_LOSSES else "sigmoid"], beta=beta,
-        max_length=max_length, seed=seed, data_seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+        max_length=max_length, seed=seed, data_seed=seed, bf16=mixed == "bf16", fp16=mixed == "fp16",
+        gradient_checkpointing=gradient_checkpointing,
         precompute_ref_log_probs=True, report_to="none", save_strategy="no", logging_steps=1,
         use_cpu=not torch.cuda.is_available())  # bf16 without CUDA is CPU autocast: transformers wants it said
     return DPOConfig(**{**options, **kwargs, **extra})

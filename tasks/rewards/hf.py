@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from popflow import models
+from popflow import models, precision
 from tasks.rewards import ScoringBatch, length_sorted_batches
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,12 @@ def format_texts(tokenizer, prompts: list[str], responses: list[str]) -> tuple[l
 
 
 def load(path: str, dtype: str, trust_remote_code: bool):
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hw = precision.detect()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=models.torch_dtype(dtype, device), trust_remote_code=trust_remote_code).to(device).eval()
+        path, dtype=precision.torch_dtype(dtype, hw), trust_remote_code=trust_remote_code).to(hw.device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

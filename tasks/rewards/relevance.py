@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from popflow import models
+from popflow import models, precision
 from tasks.rewards import ScoringBatch, length_sorted_batches
 
 
@@ -20,12 +20,12 @@ def embed(tokenizer, model, texts: list[str], batch_size: int, desc: str) -> np.
     ids = tokenizer(texts, truncation=True, max_length=256)["input_ids"]
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     for idx in tqdm(length_sorted_batches([len(x) for x in ids], batch_size), desc=desc):
-        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        out[idx] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
     return out
 
 
@@ -34,7 +34,8 @@ def score(spec, batch: ScoringBatch, data_dir) -> np.ndarray:
 
     resolved = models.resolve(spec.model, data_dir, f"score.models[{spec.name}].model")
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    model = AutoModel.from_pretrained(resolved.path).eval()
+    hw = precision.detect()
+    model = AutoModel.from_pretrained(resolved.path, dtype=precision.torch_dtype(spec.dtype, hw)).to(hw.device).eval()
     unique, inverse = np.unique(np.asarray(batch.prompts, dtype=object), return_inverse=True)
     prompt_vecs = embed(tokenizer, model, list(unique), spec.batch_size, f"embed prompts ({spec.name})")
     response_vecs = embed(tokenizer, model, batch.responses, spec.batch_size, f"embed responses ({spec.name})")

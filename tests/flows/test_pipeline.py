@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from popflow.precision import auto_dtype, detect
+
 TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
 PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
 METRICS = ["accuracy", "constraint_rate", "mean_reward", "pearson", "spearman", "win_rate"]
@@ -56,6 +58,13 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
     assert manifest["tables"] == {"samples": PROMPTS * N}
     score = json.loads((run_dir / "stages" / "score.json").read_text())
     assert set(score["models"]) == {"relevance", "tiny_rm"}  # identities of the model-backed rewards
+    # the dtype each stage computed in, as popflow.precision decides it for this machine, in manifests and runs
+    native = auto_dtype(detect())
+    assert manifest["precision"]["sample.dtype"] == native and manifest["precision"]["device"] == "cpu"
+    assert {k: v for k, v in score["precision"].items() if k.endswith("dtype")} == {
+        "score.models[relevance].dtype": native, "score.models[tiny_rm].dtype": native}
+    recorded = json.loads(q(f"select to_json(precision) from runs {where}")[0][0])
+    assert recorded["sample"]["sample.dtype"] == native and "score" in recorded
 
 
 def check_trained(cli, run_id: str, methods: tuple = ("dpo_pop",)) -> None:

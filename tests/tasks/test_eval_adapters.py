@@ -13,11 +13,18 @@ from tests.conftest import REPO, cli_env
 
 
 def test_auto_serves_adapters_on_gpus_and_merges_them_on_cpus_when_it_pays():
-    """The demo (16 held-out prompts x n 4 x 160 tokens = 10,240) merges on a CPU; the tiny pipeline
-    (3 x 2 x 12 = 72) does not: merging's fixed cost is larger than what it saves. Explicit settings win."""
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=16 * 4 * 160) == "merge"
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3 * 2 * 12) == "lora"
-    assert adapter_serving("auto", cuda=True, max_tokens_per_policy=16 * 4 * 160) == "lora"
+    """Per generated token the LoRA path costs 1/61 - 1/253 = 0.0124409 s more than merged weights; merging costs
+    1.4 s per policy plus an engine start-up (45 s) that one LoRA engine shares among the stage's P policies.
+    P = 1 (the demo): merge from 1.4 / 0.0124409 = 112.5 tokens, so 113 merges and 112 does not.
+    P = 12 (the experiment): merge from (1.4 + 45 * 11/12) / 0.0124409 = 42.65 / 0.0124409 = 3428.2 tokens.
+    The tiny pipeline (3 held-out prompts x n 2 x 12 tokens = 72) never merges. Explicit settings win; CUDA
+    serves adapters."""
+    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=113, policies=1) == "merge"
+    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=112, policies=1) == "lora"
+    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3429, policies=12) == "merge"
+    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3428, policies=12) == "lora"
+    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3 * 2 * 12, policies=1) == "lora"
+    assert adapter_serving("auto", cuda=True, max_tokens_per_policy=16 * 4 * 160, policies=1) == "lora"
     assert adapter_serving("lora", cuda=False, max_tokens_per_policy=10**6) == "lora"
     assert adapter_serving("merge", cuda=True, max_tokens_per_policy=1) == "merge"
 

@@ -34,7 +34,7 @@ def perturbed(seed: int = 1):
 def stored_ref(tmp_path_factory) -> datasets.Dataset:
     """Reference log-probs from TRL's own precompute pass with the unperturbed model (what ref_logps stores)."""
     tok = AutoTokenizer.from_pretrained(MODEL)
-    args = dpo_args(str(tmp_path_factory.mktemp("ref")), "dpo", 0.1, 128, 0, False, False, {},
+    args = dpo_args(str(tmp_path_factory.mktemp("ref")), "dpo", 0.1, 128, 0, "no", False, {},
                     per_device_train_batch_size=6)
     trainer = PopDPOTrainer(model=AutoModelForCausalLM.from_pretrained(MODEL), args=args, train_dataset=pairs(),
                             processing_class=tok)
@@ -48,11 +48,11 @@ def test_margin_zero_equals_trl_sigmoid(stored_ref, tmp_path):
     reference log-probs) and stock TRL sigmoid DPO (reference model run live) give the same loss."""
     tok = AutoTokenizer.from_pretrained(MODEL)
     stock = DPOTrainer(model=perturbed(), ref_model=AutoModelForCausalLM.from_pretrained(MODEL), processing_class=tok,
-                       args=dpo_args(str(tmp_path / "a"), "sigmoid", 0.1, 128, 0, False, False, {},
+                       args=dpo_args(str(tmp_path / "a"), "sigmoid", 0.1, 128, 0, "no", False, {},
                                      precompute_ref_log_probs=False),
                        train_dataset=pairs())
     ours = PopDPOTrainer(model=perturbed(), processing_class=tok, loss="dpo",
-                         args=dpo_args(str(tmp_path / "b"), "dpo", 0.1, 128, 0, False, False, {}),
+                         args=dpo_args(str(tmp_path / "b"), "dpo", 0.1, 128, 0, "no", False, {}),
                          train_dataset=stored_ref.add_column("margin", [0.0] * 6))
     ours_batch = ours.data_collator([ours.train_dataset[i] for i in range(6)])
     stock_batch = stock.data_collator([stock.train_dataset[i] for i in range(6)])
@@ -72,7 +72,7 @@ def test_margin_shifts_the_loss_as_the_formula_says(stored_ref, tmp_path):
     losses = []
     for m in (0.0, 0.7):
         t = PopDPOTrainer(model=perturbed(), processing_class=tok, loss="dpo_pop",
-                          args=dpo_args(str(tmp_path / str(m)), "dpo", 0.1, 128, 0, False, False, {}),
+                          args=dpo_args(str(tmp_path / str(m)), "dpo", 0.1, 128, 0, "no", False, {}),
                           train_dataset=one.add_column("margin", [m]))
         with torch.no_grad():
             losses.append(t.compute_loss(t.model, t.data_collator([t.train_dataset[0]])).item())

@@ -1,0 +1,30 @@
+"""How loud popflow and its engines are.
+
+By default the engines (vLLM, transformers) log at WARNING and vLLM's own progress bar is off (it counts
+finished requests, and on CPU a shard's requests all finish together, so it sits at 0% and then jumps);
+popflow logs its own progress per shard instead. `popflow run --verbose` (or POPFLOW_VERBOSE=1, which
+deployments and engine subprocesses inherit) turns both back on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ENGINE_LOGGERS = ("vllm", "transformers", "torch", "accelerate", "peft", "datasets")
+
+
+def verbose() -> bool:
+    return os.environ.get("POPFLOW_VERBOSE", "") not in ("", "0")
+
+
+def configure(verbose_flag: bool = False) -> None:
+    """Set engine log levels for this process and the processes it starts (vLLM reads its level from the
+    environment when imported, its engine processes when spawned)."""
+    if verbose_flag:
+        os.environ["POPFLOW_VERBOSE"] = "1"
+    level = "INFO" if verbose() else "WARNING"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
+    for name in ENGINE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
