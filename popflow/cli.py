@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from popflow import logs
 
+    if args.command == "doctor" and not args.verbose:  # one screen: the engine's start-up warnings are noise here
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logs.configure(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
     try:

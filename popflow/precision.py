@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,3 +183,15 @@ def torch_dtype(requested: str, hw: Hardware | None = None):
     import torch
 
     return getattr(torch, resolve_dtype(requested, hw))
+
+
+def vllm_cpu_bind(setting: str, cores: set[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `sample.vllm.cpu_threads_bind`: `all` becomes the cores this process may
+    run on, as vLLM writes them (0-3 for a run, 0,2,5 otherwise); any other setting is vLLM's own. The other
+    CPU-class decision besides the dtype: vLLM's own binding leaves one of 2 cores idle (BENCHMARKS.md section 8)."""
+    if setting != "all":
+        return setting
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))

@@ -62,17 +62,6 @@ def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_prompts)) for s in range(0, num_prompts, shard_size)]
 
 
-def cpu_bind(setting: str, cores: set[int] | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `sample.vllm.cpu_threads_bind`: `all` becomes the cores this process may
-    run on, as vLLM writes them (0-3 for a run, 0,2,5 otherwise); any other setting is vLLM's own."""
-    if setting != "all":
-        return setting
-    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
-        return f"{cores[0]}-{cores[-1]}"
-    return ",".join(map(str, cores))
-
-
 def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
     """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
     a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's
@@ -99,7 +88,7 @@ class VllmEngine:
         self.cfg = cfg
         self.per_request_seed = torch.cuda.is_available()
         if not self.per_request_seed:  # read by vLLM-CPU's worker processes when they start
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(cfg.vllm.cpu_threads_bind)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
         # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
         # bf16 run through a fallback over 100x slower than float32
         self.dtype = precision.resolve_dtype(cfg.dtype)

@@ -16,6 +16,7 @@ from popflow.precision import (
     resolve_dtype,
     slow_dtype_warning,
     training_precision,
+    vllm_cpu_bind,
 )
 
 AVX2 = Hardware("cpu", frozenset({"sse4_2", "avx", "avx2", "fma"}), name="AMD EPYC (Zen 3)")
@@ -101,3 +102,12 @@ def test_cpu_flags_from_cpuinfo_files(tmp_path):
     assert read_cpu_flags(arm) == {"fp", "asimd", "bf16", "sve"}
     assert read_cpu_flags(tmp_path / "missing") == frozenset()  # no /proc/cpuinfo: no flags, float32
     assert auto_dtype(Hardware("cpu", read_cpu_flags(tmp_path / "missing"))) == "float32"
+
+
+def test_vllm_cpu_bind_names_every_allowed_core():
+    """`all` -> the process's cores in vLLM's syntax: a contiguous set as a range, anything else as a list."""
+    assert vllm_cpu_bind("all", {0, 1}) == "0-1"
+    assert vllm_cpu_bind("all", {4, 5, 6, 7}) == "4-7"
+    assert vllm_cpu_bind("all", {0, 2, 5}) == "0,2,5"
+    assert vllm_cpu_bind("all", {3}) == "3"
+    assert vllm_cpu_bind("auto") == "auto" and vllm_cpu_bind("0-3|4-7") == "0-3|4-7"

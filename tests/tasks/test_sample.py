@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.sample import cpu_bind, progress
+from tasks.sample import progress
 
 
 def test_progress_line_by_hand():
@@ -11,11 +11,3 @@ def test_progress_line_by_hand():
     assert progress(10, 40, 3000, 20.0) == "10/40 prompts, 3000 tokens at 150.0 tokens/s, 1.0 min left"
     assert progress(40, 40, 9000, 90.0) == "40/40 prompts, 9000 tokens at 100.0 tokens/s, 0.0 min left"
 
-
-def test_cpu_bind_names_every_allowed_core():
-    """`all` -> the process's cores in vLLM's syntax: a contiguous set as a range, anything else as a list."""
-    assert cpu_bind("all", {0, 1}) == "0-1"
-    assert cpu_bind("all", {4, 5, 6, 7}) == "4-7"
-    assert cpu_bind("all", {0, 2, 5}) == "0,2,5"
-    assert cpu_bind("all", {3}) == "3"
-    assert cpu_bind("auto") == "auto" and cpu_bind("0-3|4-7") == "0-3|4-7"
