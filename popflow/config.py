@@ -157,6 +157,10 @@ class ScoreConfig(Strict):
         "models on different scales count equally.",
     )
 
+    def dtypes(self) -> dict[str, str]:
+        """{config key: requested dtype} of the reward models that run a network (popflow.precision resolves)."""
+        return {f"score.models[{m.name}].dtype": m.dtype for m in self.models if hasattr(m, "dtype")}
+
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list) -> list:
@@ -288,6 +292,11 @@ class PipelineConfig(Strict):
                     raise ValueError(f"train.methods[{i}].sampling {m.sampling!r}: not annotated (annotate.sampling "
                                      f"is {self.annotate.sampling})")
         return self
+
+    def dtypes(self) -> dict[str, str]:
+        """Every `dtype` key of the pipeline and what it asks for (popflow doctor shows how each resolves)."""
+        return {"sample.dtype": self.sample.dtype, **self.score.dtypes(),
+                **({"train.dtype": self.train.dtype} if self.train else {})}
 
     def annotated_strategy(self) -> str:
         return self.annotate.pairs or ("imported" if self.import_pairs else self.pair.strategy)

@@ -119,19 +119,11 @@ def stage_precision(pipeline: str, hw: precision.Hardware) -> list[tuple[str, st
         mixed = f", {tp.mixed} autocast" if tp.mixed != "no" else ""
         rows.append((f"train.dtype: {cfg.train.dtype}", f"{tp.compute}   (weights {tp.weights}{mixed}; "
                                                         "ref_logps and train)"))
-    for key, value in _explicit(cfg).items():
+    for key, value in cfg.dtypes().items():
         warning = precision.slow_dtype_warning(value, hw, key)
         if warning:
             rows.append(("WARNING", warning))
     return rows
-
-
-def _explicit(cfg) -> dict[str, str]:
-    out = {"sample.dtype": cfg.sample.dtype}
-    out.update({f"score.models[{s.name}].dtype": s.dtype for s in cfg.score.models if hasattr(s, "dtype")})
-    if cfg.train:
-        out["train.dtype"] = cfg.train.dtype
-    return out
 
 
 def expected_rate(hw: precision.Hardware, benchmarks: Path = REPO / "BENCHMARKS.md") -> tuple[float, str] | None:

@@ -229,8 +229,7 @@ def markdown_table(metrics: pa.Table) -> str:
 def evaluate(ctx: RunContext) -> StageResult:
     """Write eval_metrics (run_id, method, seed, metric, value) for every trained policy and the base."""
     started = time.time()
-    dtypes = precision.announce({"sample.dtype": ctx.config.sample.dtype, **{
-        f"score.models[{s.name}].dtype": s.dtype for s in ctx.config.score.models if hasattr(s, "dtype")}})
+    dtypes = precision.announce({"sample.dtype": ctx.config.sample.dtype, **ctx.config.score.dtypes()})
     policies = duckdb.sql(f"select method, seed, path, adapter from read_parquet('{ctx.glob('policies')}') "
                           "order by method, seed").to_arrow_table().to_pylist()
     parts = [heldout_metrics_sql(ctx.glob("heldout_margins"))]

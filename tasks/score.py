@@ -116,7 +116,7 @@ def score(ctx: RunContext) -> StageResult:
         constraints=[json.loads(c) if c else None for c in data.column("constraints").to_pylist()])
     staged = {p.stem for p in lake.staged_parts("rewards", ctx.pipeline, ctx.run_id)}
     identities, report = {}, {"samples": len(ids)}
-    dtypes = precision.announce({f"score.models[{s.name}].dtype": s.dtype for s in cfg.models if hasattr(s, "dtype")})
+    dtypes = precision.announce(cfg.dtypes())
     for spec in cfg.models:
         if hasattr(spec, "model"):
             identities[spec.name] = models.resolve(spec.model, lake.data_dir, f"score.models[{spec.name}]").identity()
