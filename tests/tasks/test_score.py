@@ -77,7 +77,7 @@ def test_hf_reward_batched_equals_one_at_a_time():
 
 
 def test_relevance_reward_prefers_on_topic_answers():
-    spec = type("S", (), {"name": "rel", "model": models.MINILM, "batch_size": 2})
+    spec = type("S", (), {"name": "rel", "model": models.MINILM, "batch_size": 2, "dtype": "float32"})
     prompt = "Explain how photosynthesis works in plants."
     batch = ScoringBatch([prompt] * 3, [
         "Plants use sunlight, water and carbon dioxide to make glucose in their chloroplasts.",
