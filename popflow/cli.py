@@ -137,6 +137,7 @@ def cmd_models(args) -> int:
         print(f"{ref:32s} {resolved.path}  {resolved.fingerprint}")
     return 0
 
+
 def cmd_doctor(args) -> int:
     from popflow.doctor import diagnose, render
 

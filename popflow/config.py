@@ -79,7 +79,7 @@ class VllmOptions(Strict):
     cpu_threads_bind: str = Field(
         "all", pattern=r"^(all|auto|nobind|[0-9,|-]+)$", description="vLLM-CPU only: VLLM_CPU_OMP_THREADS_BIND "
         "for the engine. all = every core this process may run on; vLLM's own `auto` leaves a core to its "
-        "scheduler, which on 2 cores measured 0.64x of `all` (bench/bench_vllm_cpu.py). auto, nobind or a core "
+        "scheduler, which is much slower on small machines (BENCHMARKS.md section 8). auto, nobind or a core "
         "list (0-3, 0-3|4-7 per tensor-parallel rank) go to vLLM as they are.")
 
 
