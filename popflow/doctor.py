@@ -70,12 +70,12 @@ def ram_gib() -> float | None:
         return None
 
 
-def describe_machine(hw: precision.Hardware, flags_readable: bool, cuda: list[str]) -> list[tuple[str, str]]:
+def describe_machine(hw: precision.Hardware, cuda: list[str]) -> list[tuple[str, str]]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ram = ram_gib()
     rows = [("machine", f"{precision.cpu_name()}, {cores} cores, "
                         f"{f'{ram:.1f} GiB RAM' if ram else 'RAM unknown'}")]
-    if flags_readable:
+    if hw.cpu_flags:  # empty when /proc/cpuinfo could not be read
         have = [f for f in precision.REPORTED_FLAGS if f in hw.cpu_flags]
         lacks = [f for f in ("avx512f", *precision.BF16_CPU_FLAGS) if f not in hw.cpu_flags]
         native = "native bf16" if "bfloat16" in precision.native_dtypes(
@@ -157,8 +157,7 @@ def measure_sampling(hw: precision.Hardware) -> tuple[float, float, str]:
 
     path = models.resolve(models.SMOLLM2, REPO / "data", "doctor").path
     cfg = SampleConfig(policy=models.SMOLLM2, n=PROBE["n"], max_tokens=PROBE["max_tokens"],
-                       vllm=VllmOptions(gpu_memory_utilization=0.3,
-                                        max_model_len=512))
+                       vllm=VllmOptions(gpu_memory_utilization=0.3, max_model_len=512))
     prompts = [f"Give {i + 2} short tips for learning to {topic}." for i, topic in
                enumerate(["cook", "swim", "code", "draw", "sing", "read", "run", "write"][: PROBE["prompts"]])]
     texts = render_prompts(AutoTokenizer.from_pretrained(path), prompts, None, cfg.policy)
@@ -180,7 +179,7 @@ def diagnose(pipeline: str = "demo", sample: bool = True, hw: precision.Hardware
     """Everything `render` prints; `hw` defaults to this machine (tests pass hand-made ones)."""
     found = Findings()
     hw = hw or precision.detect()
-    for label, text in describe_machine(hw, bool(hw.cpu_flags), cuda_devices() if hw.device == "cuda" else []):
+    for label, text in describe_machine(hw, cuda_devices() if hw.device == "cuda" else []):
         found.add(label, text)
     packages = [check_package(d, m) for d, m in PACKAGES]
     found.add("packages", ", ".join(f"{p.name} {p.version}" for p in packages if p.version and not p.error))
@@ -195,9 +194,8 @@ def diagnose(pipeline: str = "demo", sample: bool = True, hw: precision.Hardware
     if hw.device == "cpu":
         threads.append(f"vLLM-CPU OpenMP bound to cores {precision.vllm_cpu_bind('all')} "
                        "(sample.vllm.cpu_threads_bind: all)")
-    threads += [f"{v}={os.environ[v]}" for v in
-                                                      ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
-                                                       "VLLM_CPU_KVCACHE_SPACE") if v in os.environ]
+    threads += [f"{v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
+                                                 "VLLM_CPU_KVCACHE_SPACE") if v in os.environ]
     found.add("threads", ", ".join(threads))
     try:
         found.add("precision", f"pipeline {pipeline!r} on {hw.device} ({hw.name or hw.cpu_class})")

