@@ -51,7 +51,7 @@ def main() -> None:
 
     from smollm2 import demo_prompts
 
-    from tasks.sample import VllmEngine, merge_adapter
+    from popflow.engines import Engines, Params, VllmEngine, merge_adapter
 
     base, ids, rendered, cfg = demo_prompts("eval", args.prompts, args.n, args.max_tokens)
 
@@ -59,14 +59,15 @@ def main() -> None:
         adapter = Path(tmp) / "adapter"
         make_adapter(base, adapter, args.rank)
 
-        t0 = time.perf_counter()
-        engine = VllmEngine(base, cfg, max_lora_rank=args.rank)
-        lora_start = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = engine.generate(rendered, ids, ("bench", 1, str(adapter)))
-        lora_gen = time.perf_counter() - t0
+        params = Params.of(cfg)
+        with Engines(cfg, "lora", args.rank) as engines:  # popflow's LoRA serving: one shared engine
+            t0 = time.perf_counter()
+            with engines.open(base, str(adapter)) as engine:
+                lora_start = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                out = engine.generate(rendered, cfg.n, params)
+                lora_gen = time.perf_counter() - t0
         lora_tokens = sum(c.num_tokens for row in out for c in row)
-        engine.close()
 
         t0 = time.perf_counter()
         merged = merge_adapter(base, str(adapter), Path(tmp) / "merged")
@@ -75,7 +76,7 @@ def main() -> None:
         engine = VllmEngine(merged, cfg)
         merged_start = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = engine.generate(rendered, ids)
+        out = engine.generate(rendered, cfg.n, params)
         merged_gen = time.perf_counter() - t0
         merged_tokens = sum(c.num_tokens for row in out for c in row)
         engine.close()

@@ -31,8 +31,8 @@ def main() -> None:
     from smollm2 import demo_prompts
     from vllm import SamplingParams
 
+    from popflow.engines import Params, TransformersEngine, VllmEngine, samples_table
     from popflow.lake import write_parquet
-    from tasks.sample import TransformersEngine, VllmEngine, samples_table
 
     path, ids, rendered, cfg = demo_prompts("train", args.prompts, args.n, args.max_tokens)
 
@@ -43,12 +43,12 @@ def main() -> None:
 
     def raw() -> tuple[int, float]:
         t = time.perf_counter()
-        outs = engine.llm.generate(rendered, raw_params, use_tqdm=False)
+        outs = engine.llm.generate([p.text for p in rendered], raw_params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs), time.perf_counter() - t
 
     def ours(out_dir: str) -> tuple[int, float]:
         t = time.perf_counter()
-        comps = engine.generate(rendered, ids)
+        comps = engine.generate(rendered, cfg.n, Params.of(cfg))
         table = samples_table(ids, comps, cfg.policy, "vllm", 0)
         write_parquet(table, Path(out_dir) / "shard-00000.parquet")
         return sum(table.column("num_tokens").to_pylist()), time.perf_counter() - t
@@ -64,7 +64,7 @@ def main() -> None:
     hf_engine = TransformersEngine(path, cfg)
     k = args.hf_prompts
     t = time.perf_counter()
-    comps = hf_engine.generate(rendered[:k], ids[:k])
+    comps = hf_engine.generate(rendered[:k], cfg.n, Params.of(cfg))
     hf_rate = sum(c.num_tokens for group in comps for c in group) / (time.perf_counter() - t)
     hf_engine.close()
 

@@ -50,7 +50,7 @@ def child(args) -> None:
     from smollm2 import demo_prompts
 
     from popflow.config import SampleConfig, VllmOptions
-    from tasks.sample import VllmEngine
+    from popflow.engines import Params, VllmEngine
 
     path, ids, rendered, cfg = demo_prompts("train", args.prompts, args.n, args.max_tokens)
     cfg = SampleConfig(**{**cfg.model_dump(), "dtype": args.dtype, "vllm": VllmOptions(
@@ -58,9 +58,9 @@ def child(args) -> None:
     t0 = time.perf_counter()
     engine = VllmEngine(path, cfg)
     startup = time.perf_counter() - t0
-    engine.generate(rendered[:1], ids[:1])
+    engine.generate(rendered[:1], cfg.n, Params.of(cfg))
     t1 = time.perf_counter()
-    comps = engine.generate(rendered, ids)
+    comps = engine.generate(rendered, cfg.n, Params.of(cfg))
     seconds = time.perf_counter() - t1
     tokens = sum(c.num_tokens for group in comps for c in group)
     engine.close()

@@ -11,13 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def demo_prompts(split: str, count: int, n: int, max_tokens: int):
-    """(SmolLM2's local path, prompt ids, rendered prompts, SampleConfig) for `count` demo prompts of `split`."""
+    """(SmolLM2's local path, prompt ids, rendered prompts (popflow.engines.Prompt), SampleConfig) for `count`
+    demo prompts of `split`."""
     from transformers import AutoTokenizer
 
     from popflow import models
     from popflow.config import PromptsConfig, SampleConfig
+    from popflow.engines import Prompt, render_prompts
     from tasks.prompts import load_prompts
-    from tasks.sample import render_prompts
 
     path = models.resolve(models.SMOLLM2, REPO / "data").path
     limits = {"limit": count} if split == "train" else {"eval_limit": count}
@@ -25,7 +26,8 @@ def demo_prompts(split: str, count: int, n: int, max_tokens: int):
     prompts = prompts.filter(prompts.column("split").to_numpy(zero_copy_only=False) == split)
     ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
     cfg = SampleConfig(policy=models.SMOLLM2, n=n, max_tokens=max_tokens, seed=0)
-    return path, ids, render_prompts(AutoTokenizer.from_pretrained(path), texts, None, cfg.policy), cfg
+    rendered = render_prompts(AutoTokenizer.from_pretrained(path), texts, None, cfg.policy)
+    return path, ids, [Prompt(i, t) for i, t in zip(ids, rendered, strict=True)], cfg
 
 
 # What `bench/gpu_check.sh --pack` copies for a machine without the model package: enough to rebuild the

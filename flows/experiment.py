@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 
-import duckdb
 import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import as_assignments, preference_pipeline
+from popflow import sql
 from popflow.config import load_pipeline
 from popflow.runs import resolve_data_dir
-from popflow.stage import RunContext, with_run_columns
+from popflow.stage import RunContext, artifact_key, with_run_columns
 
 METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate")
 
@@ -40,10 +40,11 @@ def experiment_overrides(cfg) -> list[str]:
             f"annotate.sampling={json.dumps(samplings)}", *exp.set]
 
 
-def comparison_sql(metrics_glob: str) -> str:
+def comparison_sql(metrics: str) -> str:
+    """mean and std over seeds of every (method, metric) of the relation `metrics` (eval_metrics)."""
     return f"""
     with metrics as (
-        select method, seed, metric, value from read_parquet('{metrics_glob}') where value is not null
+        select method, seed, metric, value from {metrics} where value is not null
     ),
     final as (
         select method, metric, avg(value) as mean, coalesce(stddev_samp(value), 0.0) as std,
@@ -79,14 +80,14 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
                                  config_path=config_path)
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],
                      load_pipeline(pipeline, config_path, sets))
-    table = duckdb.sql(comparison_sql(ctx.glob("eval_metrics"))).to_arrow_table()
+    table = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).to_arrow_table()
     ctx.lake.write_table("comparison", pipeline, ctx.run_id, with_run_columns(ctx, table))
     ctx.lake.rebuild_catalog()
     markdown = comparison_markdown(table)
     (ctx.run_dir / "comparison.md").write_text(markdown + "\n")
     plot = plot_comparison(table.to_pylist(), [m for m in METRICS if m in table.column("metric").to_pylist()],
                            ctx.run_dir / "comparison.png", f"{pipeline} {ctx.run_id}")
-    create_markdown_artifact(key=f"{pipeline}-comparison".replace("_", "-")[:100], markdown=(
+    create_markdown_artifact(key=artifact_key(pipeline, "comparison"), markdown=(
         f"# {pipeline} experiment, run {ctx.run_id}\n\nmean ± std over seeds {cfg.experiment.seeds}\n\n"
         f"{markdown}\n\nPlot: `{plot}`\n"))
     get_run_logger().info("comparison (mean ± std over seeds):\n%s", markdown)

@@ -7,9 +7,12 @@
     .venv/bin/popflow run tiny                                   # what the CLI calls
     .venv/bin/popflow run tiny --run-id ID --from-stage annotate --set annotate.k=4   # redo from a stage
 
-Tasks receive a RunContext and return StageResults (table row counts and a report): no data frames pass
-through Prefect. Each stage writes its manifest last, so rerunning with the same --run-id resumes after the
-last complete stage (and, inside sampling, after the last complete shard).
+The flow only wires: STAGES lists the stages in order (each declared once, in its module under tasks/, with
+the stages it reads from); the plan keeps those the config turns on, and each Prefect task waits for the
+stages it reads from (`wait_for`), so the Prefect UI shows the stage graph. The registry (popflow/stage.py)
+skips complete stages, times them, writes their manifests and artifacts. Tasks receive a RunContext and
+return StageResults (table row counts and a report): no data frames pass through Prefect. Rerunning with
+the same --run-id resumes after the last complete stage (and, inside sampling, after the last shard).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from popflow import logs
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
 from popflow.runs import end_run, new_run_id, preflight, prune_runs, resolve_data_dir, start_run
-from popflow.stage import RunContext, StageResult
+from popflow.stage import RunContext, Stage, artifact_key, plan, upstream
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
 from tasks.import_pairs import import_pairs
@@ -37,14 +40,11 @@ from tasks.sample import sample
 from tasks.score import score
 from tasks.train import train
 
-
-def stages_for(cfg) -> tuple:
-    head = (import_pairs,) if cfg.import_pairs else (ingest, sample, score, pair)
-    tail = (ref_logps, train, evaluate) if cfg.train else ()
-    return (*head, annotate, infer_margins, *tail)
+# Every stage, in the order they run; a pipeline's config decides which of them it runs (Stage.when).
+STAGES = (ingest, sample, score, pair, import_pairs, annotate, infer_margins, ref_logps, train, evaluate)
 
 
-def reset_from(ctx: RunContext, stages: tuple, from_stage: str) -> None:
+def reset_from(ctx: RunContext, stages: list[Stage], from_stage: str) -> None:
     """Forget the manifests of `from_stage` and every later stage, so they run again on this run's data."""
     names = [s.name for s in stages]
     if from_stage not in names:
@@ -72,29 +72,16 @@ def as_assignments(overrides: dict[str, Any] | list[str] | None) -> list[str]:
     return flatten(overrides, "")
 
 
-def _artifact_key(*parts: str) -> str:
-    return "-".join(parts).lower().replace("_", "-")[:100]
-
-
-def summarise(ctx: RunContext, result: StageResult) -> None:
-    """One Prefect table artifact per stage: its tables' row counts and the flattened report."""
-    rows = [{"item": f"table {t}", "value": str(n)} for t, n in result.tables.items()]
-    rows += [{"item": k, "value": str(v)} for k, v in result.report.items()]
-    rows += [{"item": "seconds", "value": str(result.seconds)}, {"item": "skipped", "value": str(result.skipped)}]
-    create_table_artifact(key=_artifact_key(ctx.pipeline, result.stage), table=rows,
-                          description=f"{ctx.pipeline} run {ctx.run_id}: stage {result.stage}")
-
-
 def report(ctx: RunContext, stages: dict) -> None:
     """The run's own artifacts: one table of every stage, and a Markdown report with the plots' paths and,
     when the run evaluated policies, the evaluation table."""
-    create_table_artifact(key=_artifact_key(ctx.pipeline, "stages"), description=f"{ctx.pipeline} run {ctx.run_id}",
+    create_table_artifact(key=artifact_key(ctx.pipeline, "stages"), description=f"{ctx.pipeline} run {ctx.run_id}",
                           table=[{"stage": s, "rows": ", ".join(f"{t}={n}" for t, n in i["tables"].items()),
                                   "seconds": i["seconds"], "skipped": i["skipped"]} for s, i in stages.items()])
     plots = "".join(f"- `{p}`\n" for p in sorted(ctx.run_dir.glob("*.png")))
     evaluation = ctx.run_dir / "evaluation.md"
     evaluation = f"\n## Evaluation (mean over seeds)\n\n{evaluation.read_text()}" if evaluation.is_file() else ""
-    create_markdown_artifact(key=_artifact_key(ctx.pipeline, "report"), markdown=(
+    create_markdown_artifact(key=artifact_key(ctx.pipeline, "report"), markdown=(
         f"# {ctx.pipeline} run {ctx.run_id}\n\nLake: `{ctx.lake.root}`\n\nPlots:\n{plots}{evaluation}"))
 
 
@@ -115,19 +102,21 @@ def preference_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | list
     if from_stage and not run_id:
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, run_id or new_run_id(), cfg)
-    plan = stages_for(cfg)
+    stages_run = plan(STAGES, cfg)
     with ctx.lake.run_lock(pipeline, ctx.run_id):
         if from_stage:
-            reset_from(ctx, plan, from_stage)
+            reset_from(ctx, stages_run, from_stage)
         start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage)
         logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
         stages: dict = {}
+        states: dict = {}
         try:
-            for run_stage in plan:
-                result = run_stage(ctx)
+            for stage in stages_run:
+                states[stage.name] = stage.task(ctx, wait_for=[states[r] for r in upstream(stage, cfg)],
+                                                return_state=True)
+                result = states[stage.name].result()  # raises the stage's error
                 stages[result.stage] = {"tables": result.tables, "seconds": result.seconds,
                                         "skipped": result.skipped}
-                summarise(ctx, result)
         except BaseException as exc:
             end_run(ctx.lake, pipeline, ctx.run_id, "failed", stages, error=str(exc)[:2000])
             raise

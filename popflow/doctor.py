@@ -153,7 +153,7 @@ def measure_sampling(hw: precision.Hardware) -> tuple[float, float, str]:
 
     from popflow import models
     from popflow.config import SampleConfig, VllmOptions
-    from tasks.sample import VllmEngine, render_prompts
+    from popflow.engines import Params, Prompt, VllmEngine, render_prompts
 
     path = models.resolve(models.SMOLLM2, REPO / "data", "doctor").path
     cfg = SampleConfig(policy=models.SMOLLM2, n=PROBE["n"], max_tokens=PROBE["max_tokens"],
@@ -161,13 +161,14 @@ def measure_sampling(hw: precision.Hardware) -> tuple[float, float, str]:
     prompts = [f"Give {i + 2} short tips for learning to {topic}." for i, topic in
                enumerate(["cook", "swim", "code", "draw", "sing", "read", "run", "write"][: PROBE["prompts"]])]
     texts = render_prompts(AutoTokenizer.from_pretrained(path), prompts, None, cfg.policy)
+    rendered, params = [Prompt(f"p{i}", t) for i, t in enumerate(texts)], Params.of(cfg)
     t0 = time.perf_counter()
     engine = VllmEngine(path, cfg)
     startup = time.perf_counter() - t0
     try:
-        engine.generate(texts[:2], ["w0", "w1"])  # warm-up: first-call kernels and allocations
+        engine.generate(rendered[:2], cfg.n, params)  # warm-up: first-call kernels and allocations
         t1 = time.perf_counter()
-        completions = engine.generate(texts, [f"p{i}" for i in range(len(texts))])
+        completions = engine.generate(rendered, cfg.n, params)
         seconds = time.perf_counter() - t1
     finally:
         engine.close()

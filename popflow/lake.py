@@ -33,8 +33,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from popflow.errors import PopflowError
+from popflow.sql import ident, lit
 
 CATALOG = "catalog.duckdb"
 
@@ -151,22 +153,24 @@ class Lake:
     def run_lock(self, pipeline: str, run_id: str, wait: bool = False):
         """Held by the process executing a run, for all of it: a second process on the same run id is refused
         (two writers would interleave shards). The OS drops the lock when its holder dies, even by SIGKILL,
-        so a crashed run can be resumed at once."""
+        so a crashed run can be resumed at once. The holder's pid and host are written beside the lock, for
+        the refusal's message."""
         path = self.run_dir(pipeline, run_id) / ".lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                fh.seek(0)
-                raise PopflowError(f"run {run_id!r} of {pipeline!r} is being executed by another process "
-                                   f"({fh.read().strip() or 'unknown pid'}); wait for it, or omit --run-id to "
-                                   "start a new run") from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            fh.flush()
+        holder = path.with_name(".lock.holder")
+        lock = FileLock(path, timeout=-1 if wait else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            who = holder.read_text().strip() if holder.is_file() else ""
+            raise PopflowError(f"run {run_id!r} of {pipeline!r} is being executed by another process "
+                               f"({who or 'unknown pid'}); wait for it, or omit --run-id to start a new "
+                               "run") from None
+        try:
+            holder.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
             yield
+        finally:
+            lock.release()
 
     def delete_run(self, pipeline: str, run_id: str) -> list[Path]:
         """Remove a run: its partition of every table, staged parts, trained models, then its record. Each
@@ -197,7 +201,7 @@ class Lake:
     def catalog_lock(self):
         """Held while the catalog is rebuilt, and while published files are removed (so a rebuild never reads a
         file that vanishes under it). Publishing new partitions needs no lock: it only adds whole folders."""
-        return file_lock(self.root / ".catalog.lock")
+        return queued_lock(self.root / ".catalog.lock")
 
     def rebuild_catalog(self) -> Path:
         """Recreate catalog.duckdb with one view per table over all runs, atomically, under a lock."""
@@ -235,32 +239,28 @@ class Lake:
         return duckdb.connect(str(self.root / CATALOG), read_only=True)
 
 
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def latest_statements(tables: list[str]) -> list[str]:
     """Per table a `latest_<table>` view: each pipeline's newest completed run only (failed runs never show)."""
     return ["create view latest_runs as select pipeline, arg_max(run_id, finished_at) as run_id "
             "from runs where status = 'completed' group by pipeline"] + [
-        f"create view latest_{table} as select t.* from {table} t "
+        f"create view {ident('latest_' + table)} as select t.* from {ident(table)} t "
         "semi join latest_runs l on l.pipeline = t.pipeline and l.run_id = t.run_id" for table in tables]
 
 
 def catalog_statements(lake: Lake, tables: list[str]) -> list[str]:
     """The DDL of the catalog: a view per table, plus `runs` and `stages` over the JSON records."""
     stmts = [
-        f"create view {table} as select * from read_parquet({_quote(lake.root / table / '*/*/*.parquet')}, "
+        f"create view {ident(table)} as select * from read_parquet({lit(lake.root / table / '*/*/*.parquet')}, "
         "union_by_name = true, hive_partitioning = false)"
         for table in tables
     ]
     runs = lake.root / "_runs" / "*" / "*" / "run.json"
     stages = lake.root / "_runs" / "*" / "*" / "stages" / "*.json"
     if any(lake.root.glob("_runs/*/*/run.json")):
-        stmts.append(f"create view runs as select * from read_json_auto({_quote(runs)}, union_by_name = true)")
+        stmts.append(f"create view runs as select * from read_json_auto({lit(runs)}, union_by_name = true)")
     if any(lake.root.glob("_runs/*/*/stages/*.json")):
         stmts.append(
-            f"create view stages as select * from read_json_auto({_quote(stages)}, union_by_name = true)")
+            f"create view stages as select * from read_json_auto({lit(stages)}, union_by_name = true)")
     return stmts
 
 
@@ -284,7 +284,10 @@ def write_json(record: dict[str, Any], path: Path) -> None:
 
 
 @contextmanager
-def file_lock(path: Path):
+def queued_lock(path: Path):
+    """A blocking flock: the kernel wakes a waiter as soon as the holder releases. filelock (used for the
+    run lock and the models dir) polls instead, and a process rebuilding the catalog in a loop starved a
+    polling waiter (the race test in tests/popflow/test_lake.py ran 12x longer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

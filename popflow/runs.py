@@ -40,7 +40,7 @@ def code_version() -> str:
 
 def preflight(cfg: PipelineConfig) -> None:
     """Catch what would fail late (a missing model directory, an unimportable reward function) up front."""
-    from tasks.rewards.python import load_function
+    from popflow.plugins import load_function
 
     if cfg.import_pairs:
         return  # no model is loaded before annotation

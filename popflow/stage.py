@@ -1,11 +1,25 @@
-"""What every stage shares: the run context it receives and the manifest it writes last.
+"""The stage contract and its registry: a stage declares itself once, the registry does the bookkeeping.
 
-A stage task gets a `RunContext` (a small, picklable reference: data dir, pipeline, run id, config) and
-returns a `StageResult` (table row counts, a report): the flow never passes data frames between tasks.
+    @stage("pair", reads=("ingest", "sample", "score"), sections=("pair",), writes=("seven_points", "pairs"),
+           when=lambda cfg: not cfg.import_pairs)
+    def pair(ctx: RunContext) -> Output:
+        ...                                   # read the lake, compute, write the tables
+        return Output({"pairs": n}, report)
 
-A stage whose manifest exists with the same stage hash is skipped, so rerunning a run id resumes after the
-last complete stage; a manifest with another hash means the run id is being reused with a different config,
-which is refused rather than mixing two configs in one run.
+A stage function does its work and nothing else. The registry (as datatrove's executor does: a step never
+marks itself complete) derives the rest from the declaration:
+- the stage hash: the config `sections` of the stage and of every stage it `reads` from, transitively;
+- skip-if-complete: a stage whose manifest exists with the same stage hash is skipped, so rerunning a run id
+  resumes after the last complete stage; a manifest with another hash (the run id reused with a different
+  config) is refused rather than mixing two configs in one run;
+- timing, the manifest (written last: its existence means the stage's tables are whole), the catalog
+  rebuild, and a Prefect table artifact per stage;
+- the Prefect task (`Stage.task`), retried on transient errors only; flows/pipeline.py passes each task the
+  states of the stages it reads from (`wait_for`), so the Prefect UI draws the stage graph.
+
+A stage receives a `RunContext` (a small, picklable reference: data dir, pipeline, run id, config) and
+returns an `Output` (table row counts, a report, model identities, precision): the flow never passes data
+frames between tasks.
 """
 
 from __future__ import annotations
@@ -25,25 +39,9 @@ from popflow import __version__
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.lake import Lake
+from popflow.sql import parquet
 
 log = logging.getLogger(__name__)
-
-# The config sections each stage depends on (its own and its upstream stages'): the stage hash covers them.
-STAGE_SECTIONS = {
-    "ingest": ("prompts",),
-    "sample": ("prompts", "sample"),
-    "score": ("prompts", "sample", "score"),
-    "pair": ("prompts", "sample", "score", "pair"),
-    "import_pairs": ("import_pairs",),
-    "annotate": ("prompts", "sample", "score", "pair", "import_pairs", "annotate"),
-    "margins": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins"),
-    # not train.reference / max_length: the train stage checks those against the stored log-probs and says
-    # which to rerun, rather than a generic "different config"
-    "ref_logps": ("prompts", "sample", "score", "pair", "import_pairs", "annotate.pairs", "train.long_prompts",
-                  "train.dtype"),
-    "train": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins", "train"),
-    "evaluate": ("prompts", "sample", "score", "pair", "import_pairs", "annotate", "margins", "train", "evaluate"),
-}
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,27 @@ class RunContext:
     def glob(self, table: str) -> str:
         return self.lake.glob(table, self.pipeline, self.run_id)
 
+    def table(self, name: str) -> str:
+        """One table of this run as a SQL relation: read_parquet('<its files>'), quoted."""
+        return parquet(self.glob(name))
+
+    def has(self, table: str) -> bool:
+        """Whether this run has published any part of `table`."""
+        return any(Path(self.glob(table)).parent.glob("*.parquet"))
+
     def stage_hash(self, stage: str) -> str:
-        return self.config.hash(*STAGE_SECTIONS[stage])
+        return self.config.hash(*hash_sections(REGISTRY[stage], self.config))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a stage function returns: row counts of the tables it wrote, a report for the manifest and the
+    Prefect artifact, the identities of the models it used, and the precision it computed in."""
+
+    tables: dict[str, int]
+    report: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,42 +94,116 @@ class StageResult:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """A registered stage: its name, the stages it reads from, its own config sections, the tables it writes,
+    whether a pipeline runs it (`when`), and its retries. Calling it runs the work with the bookkeeping."""
+
+    name: str
+    work: Callable[[RunContext], Output]
+    reads: tuple[str, ...]
+    sections: tuple[str, ...]
+    writes: tuple[str, ...]
+    when: Callable[[PipelineConfig], bool]
+    retries: int = 0
+
+    def __call__(self, ctx: RunContext) -> StageResult:
+        return run_stage(self, ctx)
+
+    @functools.cached_property
+    def task(self):
+        """The Prefect task of this stage: runs it, then publishes the stage's table artifact."""
+        from prefect import task
+
+        @functools.wraps(self.work)
+        def run(ctx: RunContext) -> StageResult:
+            result = run_stage(self, ctx)
+            summarise(ctx, result)
+            return result
+
+        return task(name=self.name, retries=self.retries, retry_delay_seconds=5, retry_condition_fn=transient)(run)
+
+
+REGISTRY: dict[str, Stage] = {}
+
+
+def stage(name: str, *, reads: tuple[str, ...] = (), sections: tuple[str, ...] = (), writes: tuple[str, ...],
+          when: Callable[[PipelineConfig], bool] = lambda cfg: True, retries: int = 0) -> Callable:
+    """Register a stage function (see the module docstring); returns its `Stage`."""
+
+    def register(work: Callable[[RunContext], Output]) -> Stage:
+        if name in REGISTRY and REGISTRY[name].work.__module__ != work.__module__:
+            raise ValueError(f"stage {name!r} is registered twice ({REGISTRY[name].work.__module__})")
+        REGISTRY[name] = Stage(name, work, tuple(reads), tuple(sections), tuple(writes), when, retries)
+        return REGISTRY[name]
+
+    return register
+
+
+def plan(stages: tuple[Stage, ...], cfg: PipelineConfig) -> list[Stage]:
+    """The stages a pipeline runs, in order; every stage read from must be registered and come earlier."""
+    chosen = [s for s in stages if s.when(cfg)]
+    order = [s.name for s in stages]
+    for s in stages:
+        for upstream in s.reads:
+            if upstream not in REGISTRY:
+                raise ValueError(f"stage {s.name!r} reads from {upstream!r}, which is not a registered stage")
+            if upstream in order and order.index(upstream) > order.index(s.name):
+                raise ValueError(f"stage {s.name!r} reads from {upstream!r}, which runs after it")
+    return chosen
+
+
+def upstream(s: Stage, cfg: PipelineConfig) -> list[str]:
+    """The stages `s` reads from that this config runs."""
+    return [r for r in s.reads if REGISTRY[r].when(cfg)]
+
+
+def hash_sections(s: Stage, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The config keys a stage's hash covers: its own sections and, transitively, those of the stages it reads
+    from (a whole section supersedes its fields: "train" covers "train.dtype")."""
+    keys: set[str] = set()
+    todo = [s]
+    while todo:
+        current = todo.pop()
+        keys.update(current.sections)
+        todo.extend(REGISTRY[r] for r in upstream(current, cfg))
+    return tuple(sorted(k for k in keys if k.split(".")[0] == k or k.split(".")[0] not in keys))
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def completed(ctx: RunContext, stage: str) -> StageResult | None:
+def completed(ctx: RunContext, name: str) -> StageResult | None:
     """The stage's earlier result when it already finished in this run with the same config."""
-    manifest = ctx.lake.read_manifest(ctx.pipeline, ctx.run_id, stage)
+    manifest = ctx.lake.read_manifest(ctx.pipeline, ctx.run_id, name)
     if manifest is None:
         return None
-    if manifest["stage_hash"] != ctx.stage_hash(stage):
+    if manifest["stage_hash"] != ctx.stage_hash(name):
         raise PopflowError(
-            f"run {ctx.run_id!r} already has a {stage!r} stage made with a different config "
-            f"(stage hash {manifest['stage_hash']} != {ctx.stage_hash(stage)}); start a new run id")
-    log.info("stage %s already complete in run %s: skipped", stage, ctx.run_id)
-    return StageResult(stage, manifest["tables"], manifest.get("report", {}), skipped=True)
+            f"run {ctx.run_id!r} already has a {name!r} stage made with a different config "
+            f"(stage hash {manifest['stage_hash']} != {ctx.stage_hash(name)}); start a new run id")
+    log.info("stage %s already complete in run %s: skipped", name, ctx.run_id)
+    return StageResult(name, manifest["tables"], manifest.get("report", {}), skipped=True)
+
+
+def run_stage(s: Stage, ctx: RunContext) -> StageResult:
+    """Skip a complete stage, else run its work, time it and finish it (manifest, catalog)."""
+    done = completed(ctx, s.name)
+    if done:
+        return done
+    started = time.time()
+    out = s.work(ctx)
+    undeclared = sorted(set(out.tables) - set(s.writes))
+    if undeclared:  # a programming error: the declaration is what the graph and the docs show
+        raise RuntimeError(f"stage {s.name!r} wrote tables it does not declare: {undeclared}")
+    return finish(ctx, s.name, started, out)
 
 
 def transient(task, task_run, state) -> bool:
     """Prefect's retry condition for stages: retry what may pass (a model or an engine that failed to load,
     a worker that ran out of memory), never bad input, which would only fail again."""
     return not isinstance(state.data, PopflowError)
-
-
-def stage_task(name: str, **task_options) -> Callable:
-    """Make a stage function a Prefect task that is skipped when the run already completed that stage.
-    `retries` apply to transient errors only; a retried stage resumes from its staged parts."""
-    from prefect import task
-
-    def decorate(fn: Callable[[RunContext], StageResult]):
-        @functools.wraps(fn)
-        def run(ctx: RunContext) -> StageResult:
-            return completed(ctx, name) or fn(ctx)
-
-        return task(name=name, retry_condition_fn=transient, **task_options)(run)
-
-    return decorate
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:
@@ -122,16 +213,31 @@ def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:
     return table.append_column("run_id", pa.array([ctx.run_id] * n, pa.string()))
 
 
-def finish(ctx: RunContext, stage: str, started: float, tables: dict[str, int], report: dict,
-           models: dict | None = None, precision: dict | None = None) -> StageResult:
+def finish(ctx: RunContext, name: str, started: float, out: Output) -> StageResult:
     """Write the stage manifest (last: its existence means the stage's tables are whole), refresh the catalog.
-    `precision`: the device and resolved dtypes the stage computed in (popflow.precision.announce)."""
+    `out.precision`: the device and resolved dtypes the stage computed in (popflow.precision.announce)."""
     seconds = round(time.time() - started, 3)
-    ctx.lake.write_manifest(ctx.pipeline, ctx.run_id, stage, {
-        "stage": stage, "pipeline": ctx.pipeline, "run_id": ctx.run_id,
-        "stage_hash": ctx.stage_hash(stage), "config_hash": ctx.config.hash(), "seed": ctx.config.seed,
-        "models": models or {}, "precision": precision or {}, "tables": tables, "report": report, "seconds": seconds,
-        "finished_at": now(), "popflow_version": __version__, "host": platform.node(),
+    ctx.lake.write_manifest(ctx.pipeline, ctx.run_id, name, {
+        "stage": name, "pipeline": ctx.pipeline, "run_id": ctx.run_id,
+        "stage_hash": ctx.stage_hash(name), "config_hash": ctx.config.hash(), "seed": ctx.config.seed,
+        "models": out.models, "precision": out.precision, "tables": out.tables, "report": out.report,
+        "seconds": seconds, "finished_at": now(), "popflow_version": __version__, "host": platform.node(),
     })
     ctx.lake.rebuild_catalog()
-    return StageResult(stage, tables, report, seconds=seconds)
+    return StageResult(name, out.tables, out.report, seconds=seconds)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes, at most 100 characters)."""
+    return "-".join(parts).lower().replace("_", "-")[:100]
+
+
+def summarise(ctx: RunContext, result: StageResult) -> None:
+    """One Prefect table artifact per stage: its tables' row counts and the flattened report."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"item": f"table {t}", "value": str(n)} for t, n in result.tables.items()]
+    rows += [{"item": k, "value": str(v)} for k, v in result.report.items()]
+    rows += [{"item": "seconds", "value": str(result.seconds)}, {"item": "skipped", "value": str(result.skipped)}]
+    create_table_artifact(key=artifact_key(ctx.pipeline, result.stage), table=rows,
+                          description=f"{ctx.pipeline} run {ctx.run_id}: stage {result.stage}")

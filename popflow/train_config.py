@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from popflow.config_base import Strict
 
 # popflow's own losses (tasks/losses.py): DPO with a per-pair margin (DPO-PoP and its baselines) and reward
 # model distillation (Fisch et al. 2405.19316).
@@ -22,10 +24,6 @@ TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 # DPOConfig fields popflow sets itself: setting them under train.trl would silently fight the pipeline.
 OWNED_TRL_KEYS = ("output_dir", "beta", "loss_type", "precompute_ref_log_probs", "max_length", "seed",
                   "truncation_mode", "bf16", "fp16", "gradient_checkpointing", "report_to")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LoraOptions(Strict):
@@ -64,7 +62,7 @@ class TrainConfig(Strict):
     beta: float = Field(0.1, gt=0.0, description="DPO beta (KL strength); Sweet Spot used 0.01 at 8B scale.")
     lora: LoraOptions | None = Field(default_factory=LoraOptions,
                                      description="LoRA adapter (peft); null = full fine-tuning.")
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate (LoRA wants ~10x full FT).")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate (LoRA wants a higher one than full FT).")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the training pairs.")
     batch_size: int = Field(8, ge=1, description="Pairs per device step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
@@ -106,7 +104,7 @@ class EvaluateConfig(Strict):
         "auto", description="How the vllm engine samples a LoRA-trained policy: `lora` serves every adapter from "
         "one engine (enable_lora); `merge` merges each adapter into a copy of the base weights and starts an "
         "engine on it; auto = lora with CUDA, and on CPU merge when the generation time saved (vLLM-CPU's LoRA path "
-        "is ~4x slower per token) exceeds merging's cost (the merge plus an engine start-up per policy that one "
+        "is slower per token) exceeds merging's cost (the merge plus an engine start-up per policy that one "
         "LoRA engine would share): bench/bench_eval_lora.py, tasks/evaluate.py:adapter_serving. The transformers "
         "engine always merges, in memory.")
 

@@ -21,16 +21,15 @@ Same seed and inputs give identical labels.
 
 from __future__ import annotations
 
-import time
-
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger
 
+from popflow import sql
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, stage, with_run_columns
 
 
 def group_layout(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -117,30 +116,36 @@ def winner_counts(n: int, a: np.ndarray, b: np.ndarray, a_stronger: np.ndarray) 
     return np.bincount(np.where(a_stronger, a, b), minlength=n)
 
 
-def annotated_pairs(ctx: RunContext) -> pa.Table:
-    """The pairs to annotate (pair_id, prompt_id, gt) in a stable order; gt from a named reward model if asked."""
-    cfg, strategy = ctx.config, ctx.config.annotated_strategy()
-    gt_model = cfg.annotate.ground_truth
+def annotated_pairs_sql(pairs: str, rewards: str | None, strategy: str, gt_model: str) -> str:
+    """The train pairs of `strategy` (pair_id, prompt_id, gt): gt is the pair's gt_margin, or the gap of one
+    reward model's scores (`gt_model`, from the relation `rewards`) unless gt_model is 'aggregate'."""
     if gt_model == "aggregate":
         gt_sql, joins = "p.gt_margin", ""
     else:
-        if cfg.import_pairs or gt_model not in {m.name for m in cfg.score.models}:
-            raise PopflowError(f"annotate.ground_truth: {gt_model!r} is not a reward model of this pipeline "
-                               "(use 'aggregate' or a name from score.models)")
         gt_sql = "rc.score - rr.score"
-        rewards = f"read_parquet('{ctx.glob('rewards')}')"
         joins = (f"left join {rewards} rc on rc.prompt_id = p.prompt_id and rc.sample_idx = p.chosen_idx "
-                 f"and rc.reward_model = '{gt_model}' "
+                 f"and rc.reward_model = {lit(gt_model)} "
                  f"left join {rewards} rr on rr.prompt_id = p.prompt_id and rr.sample_idx = p.rejected_idx "
-                 f"and rr.reward_model = '{gt_model}'")
-    table = duckdb.sql(f"""
+                 f"and rr.reward_model = {lit(gt_model)}")
+    return f"""
         with final as (
             select p.pair_id, p.prompt_id, {gt_sql} as gt
-            from read_parquet('{ctx.glob('pairs')}') p {joins}
-            where p.strategy = '{strategy}' and p.split = 'train'
+            from {pairs} p {joins}
+            where p.strategy = {lit(strategy)} and p.split = 'train'
         )
         select * from final order by pair_id
-    """).to_arrow_table()
+    """
+
+
+def annotated_pairs(ctx: RunContext, con) -> pa.Table:
+    """The pairs to annotate (pair_id, prompt_id, gt) in a stable order; gt from a named reward model if asked."""
+    cfg, strategy = ctx.config, ctx.config.annotated_strategy()
+    gt_model = cfg.annotate.ground_truth
+    if gt_model != "aggregate" and (cfg.import_pairs or gt_model not in {m.name for m in cfg.score.models}):
+        raise PopflowError(f"annotate.ground_truth: {gt_model!r} is not a reward model of this pipeline "
+                           "(use 'aggregate' or a name from score.models)")
+    rewards = ctx.table("rewards") if gt_model != "aggregate" else None
+    table = con.sql(annotated_pairs_sql(ctx.table("pairs"), rewards, strategy, gt_model)).to_arrow_table()
     if table.num_rows == 0:
         raise PopflowError(f"annotate: run {ctx.run_id} has no pairs with strategy {strategy!r} (annotate.pairs)")
     missing = table.filter(pc.is_null(table.column("gt"), nan_is_null=True))
@@ -172,12 +177,13 @@ def annotation(ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, cfg, samplin
     return labels, train, report
 
 
-@stage_task("annotate")
-def annotate(ctx: RunContext) -> StageResult:
+@stage("annotate", reads=("pair", "import_pairs", "score"), sections=("annotate",),
+       writes=("pop_labels", "train_pairs"))
+def annotate(ctx: RunContext) -> Output:
     """Simulate PoP labels over the run's train pairs, once per sampling strategy; write pop_labels and
     the training-set composition (train_pairs)."""
-    started, cfg = time.time(), ctx.config.annotate
-    pairs = annotated_pairs(ctx)
+    cfg = ctx.config.annotate
+    pairs = annotated_pairs(ctx, sql.connect())
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt").to_numpy()
     groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
@@ -192,4 +198,4 @@ def annotate(ctx: RunContext) -> StageResult:
     ctx.lake.write_table("pop_labels", ctx.pipeline, ctx.run_id, with_run_columns(ctx, labels))
     ctx.lake.write_table("train_pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, train))
     get_run_logger().info("PoP labels: %s", report)
-    return finish(ctx, "annotate", started, {"pop_labels": labels.num_rows, "train_pairs": train.num_rows}, report)
+    return Output({"pop_labels": labels.num_rows, "train_pairs": train.num_rows}, report)

@@ -8,10 +8,11 @@
                      win_rate         P(policy sample beats the base policy's sample of the same prompt and
                                       index; ties count 1/2), against stage 1's samples
                      constraint_rate  share of samples meeting every constraint (constraints reward = 1)
-The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings.
-LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter; on CPU, when a policy
-generates enough tokens, each adapter is merged into a temporary copy of the base weights (DATA_DIR/models/
-tmp) served by its own engine, since vLLM-CPU's LoRA path is ~4x slower; transformers merges in memory.
+The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings
+(popflow/engines.py). LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter;
+on CPU, when a policy generates enough tokens, each adapter is merged into a temporary copy of the base
+weights (DATA_DIR/models/tmp) served by its own engine, since vLLM-CPU's LoRA path is slower per token
+(BENCHMARKS.md section 6); transformers merges in memory.
 
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
 """
@@ -19,26 +20,24 @@ tmp) served by its own engine, since vLLM-CPU's LoRA path is ~4x slower; transfo
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 
-import duckdb
 import pyarrow as pa
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from popflow import models, precision
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
-from tasks.rewards import ScoringBatch
-from tasks.sample import ENGINES, merge_adapter, render_prompts, samples_table
-from tasks.score import aggregate_sql, score_with
+from popflow import models, precision, sql
+from popflow.engines import Engines, Params, Prompt, render_prompts, samples_table
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, artifact_key, stage, with_run_columns
+from tasks.rewards import ScoringBatch, score_with
+from tasks.rewards.aggregate import aggregate_sql
 
 
-def heldout_metrics_sql(heldout_glob: str) -> str:
+def heldout_metrics_sql(heldout: str) -> str:
     """accuracy, pearson and spearman per (method, seed) from the trained policies' held-out beta * h."""
     return f"""
     with margins as (
-        select method, seed, beta_h, gt_margin from read_parquet('{heldout_glob}') where gt_margin is not null
+        select method, seed, beta_h, gt_margin from {heldout} where gt_margin is not null
     ),
     ranked as (  -- average ranks, so ties count as scipy's spearmanr counts them
         select method, seed, beta_h, gt_margin,
@@ -89,18 +88,24 @@ def generation_metrics_sql(policy_rewards: str, base_rewards: str, constraint_sc
     """
 
 
-def eval_prompts(ctx: RunContext) -> pa.Table:
-    limit = f"limit {ctx.config.evaluate.max_prompts}" if ctx.config.evaluate.max_prompts else ""
-    return duckdb.sql(f"select prompt_id, prompt, constraints from read_parquet('{ctx.glob('prompts')}') "
-                      f"where split = 'eval' order by source_row {limit}").to_arrow_table()
+def eval_prompts_sql(prompts: str, max_prompts: int | None) -> str:
+    """The held-out prompts evaluate generates for (the first `max_prompts` in source order)."""
+    limit = f"limit {int(max_prompts)}" if max_prompts else ""
+    return f"""
+        with final as (
+            select prompt_id, prompt, constraints, source_row from {prompts} where split = 'eval'
+        )
+        select prompt_id, prompt, constraints from final order by source_row {limit}
+    """
 
 
-# bench/bench_eval_lora.py on 2 CPU cores (BENCHMARKS.md section 6), per CPU class: (seconds to merge an adapter
+# The cost model's constants, fitted per CPU class from bench/bench_eval_lora.py (BENCHMARKS.md section 6, which
+# has the measurements and their machines): (seconds to merge an adapter
 # and save the copy, seconds of engine start-up, extra seconds per generated token on vLLM-CPU's LoRA path over
 # merged weights). Each merged policy pays a start-up that one LoRA engine pays once for all the stage's policies.
 MERGE_COSTS = {
-    "bf16": (1.4, 45.0, 1 / 61 - 1 / 253),  # CPU avx512_bf16, bf16: LoRA 61 tokens/s, merged 253
-    "fp32": (2.2, 40.0, 1 / 29.1 - 1 / 119.4),  # CPU avx2, float32: LoRA 29.1 tokens/s, merged 119.4
+    "bf16": (1.4, 45.0, 1 / 61 - 1 / 253),  # CPU avx512_bf16, bf16: 1 / LoRA tokens/s - 1 / merged tokens/s
+    "fp32": (2.2, 40.0, 1 / 29.1 - 1 / 119.4),  # CPU avx2, float32
 }
 
 
@@ -118,7 +123,7 @@ def adapter_serving(setting: str, hw: precision.Hardware, max_tokens_per_policy:
 
 def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
     """Samples of every trained policy on the held-out prompts, with stage 1's engine and settings; serving:
-    how vLLM samples an adapter (lora or merge)."""
+    how vLLM serves an adapter (lora or merge)."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
     base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
     from transformers import AutoTokenizer
@@ -126,32 +131,18 @@ def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, servi
     ids = prompts.column("prompt_id").to_pylist()
     texts = render_prompts(AutoTokenizer.from_pretrained(base.path), prompts.column("prompt").to_pylist(),
                            cfg.system_prompt, cfg.policy)
+    rendered = [Prompt(i, t) for i, t in zip(ids, texts, strict=True)]
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
-    scratch = ctx.lake.data_dir / "models" / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    tables, shared = [], None
-    for i, pol in enumerate(policies):
-        with tempfile.TemporaryDirectory(prefix="merged-", dir=scratch) as tmp:
-            adapter = None
-            if pol["adapter"] and cfg.engine == "vllm" and serving == "lora":  # one engine serves every adapter
-                shared = shared or ENGINES["vllm"](base.path, cfg, max_lora_rank=rank)
-                engine, adapter = shared, (f"{pol['method']}-s{pol['seed']}", i + 1, pol["path"])
-            elif pol["adapter"] and cfg.engine == "vllm":
-                engine = ENGINES["vllm"](merge_adapter(base.path, pol["path"], tmp, cfg.trust_remote_code), cfg)
-            elif pol["adapter"]:
-                engine = ENGINES[cfg.engine](base.path, cfg, adapter=pol["path"])
-            else:
-                engine = ENGINES[cfg.engine](pol["path"], cfg)
-            try:
-                part = samples_table(ids, engine.generate(texts, ids, adapter), pol["method"], cfg.engine, 0)
-            finally:
-                if engine is not shared:
-                    engine.close()
-        n = part.num_rows
-        tables.append(part.append_column("method", pa.array([pol["method"]] * n))
-                      .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
-    if shared:
-        shared.close()
+    tables = []
+    with Engines(cfg, serving, rank, ctx.lake.data_dir / "models" / "tmp") as engines:
+        for pol in policies:
+            opened = engines.open(base.path, pol["path"]) if pol["adapter"] else engines.open(pol["path"])
+            with opened as engine:
+                part = samples_table(ids, engine.generate(rendered, cfg.n, Params.of(cfg)), pol["method"],
+                                     cfg.engine, 0)
+            n = part.num_rows
+            tables.append(part.append_column("method", pa.array([pol["method"]] * n))
+                          .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
     return pa.concat_tables(tables)
 
 
@@ -171,10 +162,38 @@ def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.T
     return pa.concat_tables(parts)
 
 
-def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | None, dict]:
+def base_rewards_sql(sample_rewards: str, ids: list[str], n: int) -> str:
+    """The base policy's aggregate rewards of its first n samples per held-out prompt (stage 2's scores)."""
+    return f"""(
+        select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward from {sample_rewards}
+        where prompt_id in {sql.values(ids)} and sample_idx < {lit(n)})"""
+
+
+def constraint_scores_sql(eval_rewards: str, rewards: str, model: str, ids: list[str], n: int) -> str:
+    """Scores of the constraints reward model `model`: the policies' samples and the base policy's."""
+    return f"""(
+        select method, seed, prompt_id, sample_idx, score from {eval_rewards} where reward_model = {lit(model)}
+        union all
+        select 'base', null, prompt_id, sample_idx, score from {rewards}
+        where reward_model = {lit(model)} and prompt_id in {sql.values(ids)} and sample_idx < {lit(n)})"""
+
+
+def eval_samples_sql(rewards: str, cfg, stats: str) -> str:
+    """The generated samples (registered as `generated`) with their aggregate reward on the run's scale."""
+    return f"""
+        with rewards as ({aggregate_sql(rewards, cfg, stats, keys=("method", "seed"))}),
+        final as (
+            select g.* exclude (policy, shard), r.reward
+            from generated g join rewards r using (method, seed, prompt_id, sample_idx)
+        )
+        select * from final"""
+
+
+def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str | None, dict]:
     """Generate and score every policy's samples (tables eval_samples, eval_rewards); return the metrics
     SQL (policies and the base policy) and a report."""
-    lake, prompts, n = ctx.lake, eval_prompts(ctx), ctx.config.evaluate.n
+    lake, n = ctx.lake, ctx.config.evaluate.n
+    prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts)).to_arrow_table()
     if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
@@ -182,38 +201,27 @@ def generation_metrics(ctx: RunContext, policies: list[dict]) -> tuple[str | Non
     samples = generate_all(ctx, policies, prompts, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))
-    con = duckdb.connect()
     con.register("generated", samples)
-    samples = con.sql(f"""
-        with rewards as ({aggregate_sql(ctx.glob("eval_rewards"), ctx.config.score, ctx.glob("rewards"),
-                                        keys=("method", "seed"))}),
-        final as (
-            select g.* exclude (policy, shard), r.reward
-            from generated g join rewards r using (method, seed, prompt_id, sample_idx)
-        )
-        select * from final""").to_arrow_table()
+    samples = con.sql(eval_samples_sql(ctx.table("eval_rewards"), ctx.config.score, ctx.table("rewards"))
+                      ).to_arrow_table()
     lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
-    ids = ", ".join(f"'{p}'" for p in prompts.column("prompt_id").to_pylist())
-    base = (f"(select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward "
-            f"from read_parquet('{ctx.glob('sample_rewards')}') where prompt_id in ({ids}) and sample_idx < {n})")
+    ids = prompts.column("prompt_id").to_pylist()
+    base = base_rewards_sql(ctx.table("sample_rewards"), ids, n)
     constraints = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
-    constraint_scores = None
-    if constraints:
-        constraint_scores = (
-            f"(select method, seed, prompt_id, sample_idx, score from read_parquet('{ctx.glob('eval_rewards')}') "
-            f"where reward_model = '{constraints[0]}' union all "
-            f"select 'base', null, prompt_id, sample_idx, score from read_parquet('{ctx.glob('rewards')}') "
-            f"where reward_model = '{constraints[0]}' and prompt_id in ({ids}) and sample_idx < {n})")
+    constraint_scores = constraint_scores_sql(ctx.table("eval_rewards"), ctx.table("rewards"), constraints[0], ids,
+                                              n) if constraints else None
     policy_rewards = (f"(select method, seed, prompt_id, sample_idx, reward "
-                      f"from read_parquet('{ctx.glob('eval_samples')}') union all select * from {base})")
+                      f"from {ctx.table('eval_samples')} union all select * from {base})")
     return (generation_metrics_sql(policy_rewards, base, constraint_scores),
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
-             "adapters": serving if ctx.config.sample.engine == "vllm" else "merge"})
+             "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
+             "eval_samples": samples.num_rows})
 
 
-def markdown_table(metrics: pa.Table) -> str:
+def markdown_table(con, metrics: pa.Table) -> str:
     """Methods x metrics (mean over seeds), for the Prefect artifact and the run report."""
-    rows = duckdb.sql("select method, metric, avg(value) as value from metrics group by all").fetchall()
+    con.register("metrics", metrics)
+    rows = con.sql("select method, metric, avg(value) as value from metrics group by all").fetchall()
     names = sorted({r[1] for r in rows})
     table = {}
     for method, metric, value in rows:
@@ -225,27 +233,32 @@ def markdown_table(metrics: pa.Table) -> str:
     return "\n".join(lines)
 
 
-@stage_task("evaluate", retries=1, retry_delay_seconds=5)
-def evaluate(ctx: RunContext) -> StageResult:
+@stage("evaluate", reads=("train", "ingest", "score"), sections=("evaluate",),
+       writes=("eval_rewards", "eval_samples", "eval_metrics"), retries=1, when=lambda cfg: cfg.train is not None)
+def evaluate(ctx: RunContext) -> Output:
     """Write eval_metrics (run_id, method, seed, metric, value) for every trained policy and the base."""
-    started = time.time()
+    con = sql.connect()
     dtypes = precision.announce({"sample.dtype": ctx.config.sample.dtype, **ctx.config.score.dtypes()})
-    policies = duckdb.sql(f"select method, seed, path, adapter from read_parquet('{ctx.glob('policies')}') "
-                          "order by method, seed").to_arrow_table().to_pylist()
-    parts = [heldout_metrics_sql(ctx.glob("heldout_margins"))]
+    policies = con.sql(f"with final as (select method, seed, path, adapter from {ctx.table('policies')}) "
+                       "select * from final order by method, seed").to_arrow_table().to_pylist()
+    parts = [heldout_metrics_sql(ctx.table("heldout_margins"))]
     report: dict = {"policies": len(policies)}
+    tables = {}
     if ctx.config.evaluate.generate:
-        sql, gen_report = generation_metrics(ctx, policies)
+        metrics_sql, gen_report = generation_metrics(ctx, con, policies)
+        if "eval_samples" in gen_report:
+            tables = {"eval_rewards": gen_report["eval_samples"] * len(ctx.config.score.models),
+                      "eval_samples": gen_report.pop("eval_samples")}
         report.update(gen_report)
-        if sql:
-            parts.append(sql)
-    metrics = duckdb.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()
+        if metrics_sql:
+            parts.append(metrics_sql)
+    metrics = con.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()
     metrics = metrics.cast(pa.schema([("method", pa.string()), ("seed", pa.int64()), ("metric", pa.string()),
                                       ("value", pa.float64())]))
     ctx.lake.write_table("eval_metrics", ctx.pipeline, ctx.run_id, with_run_columns(ctx, metrics))
-    table = markdown_table(metrics)
-    create_markdown_artifact(key=f"{ctx.pipeline}-evaluation".replace("_", "-")[:100], markdown=(
+    table = markdown_table(con, metrics)
+    create_markdown_artifact(key=artifact_key(ctx.pipeline, "evaluation"), markdown=(
         f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
     (ctx.run_dir / "evaluation.md").write_text(table + "\n")
     get_run_logger().info("evaluation (mean over seeds):\n%s", table)
-    return finish(ctx, "evaluate", started, {"eval_metrics": metrics.num_rows}, report, precision=dtypes)
+    return Output({**tables, "eval_metrics": metrics.num_rows}, report, precision=dtypes)

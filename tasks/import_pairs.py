@@ -6,7 +6,7 @@ Chosen/rejected may be plain text or conversations (lists of {role, content}); w
 conversation the prompt is their common prefix (TRL's `extract_prompt`). Scores are optional; with both,
 gt_margin = chosen_score - rejected_score.
 
-    .venv/bin/popflow run imported-demo
+    .venv/bin/popflow run imported
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 
 import pyarrow as pa
 from prefect import get_run_logger
 
 from popflow.config import ImportPairsConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
-from tasks.prompts import is_eval, read_records
+from popflow.sources import is_eval, read_records
+from popflow.stage import Output, RunContext, stage, with_run_columns
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PAIRS_SCHEMA = pa.schema([
@@ -96,10 +95,10 @@ def build_imported_pairs(records: list[dict], cfg: ImportPairsConfig, unit: str)
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
 
-@stage_task("import_pairs")
-def import_pairs(ctx: RunContext) -> StageResult:
+@stage("import_pairs", sections=("import_pairs",), writes=("pairs",), when=lambda cfg: bool(cfg.import_pairs))
+def import_pairs(ctx: RunContext) -> Output:
     """Read, validate and write the imported pairs as this run's `pairs` table."""
-    started, cfg = time.time(), ctx.config.import_pairs
+    cfg = ctx.config.import_pairs
     records, unit = read_records(cfg, "import_pairs.source")
     table = build_imported_pairs(records, cfg, unit)
     ctx.lake.write_table("pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
@@ -107,4 +106,4 @@ def import_pairs(ctx: RunContext) -> StageResult:
               "eval_pairs": table.column("split").to_pylist().count("eval"),
               "with_gt_margin": table.num_rows - table.column("gt_margin").null_count}
     get_run_logger().info("imported pairs: %s", report)
-    return finish(ctx, "import_pairs", started, {"pairs": table.num_rows}, report)
+    return Output({"pairs": table.num_rows}, report)

@@ -1,6 +1,9 @@
 """popflow's preference losses, as pure functions of per-pair tensors (torch).
 
-Notation (../shared/papers.md): for a pair (x, y_w, y_l) and policy pi against reference pi_ref,
+Papers: "Direct Preference Optimization with an Offset" (ODPO, arXiv 2402.10571); "Adaptive Margin
+RLHF via Preference over Preferences" (DPO-PoP, Chittepu et al., arXiv 2509.22851); "Robust
+Preference Optimization through Reward Model Distillation" (Fisch et al., arXiv 2405.19316).
+Notation: for a pair (x, y_w, y_l) and policy pi against reference pi_ref,
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)].
 
     dpo, dpo_fixed_margin, dpo_gt_margin, dpo_pop     -log sigmoid(beta * h - m)        (m = 0, gamma,

@@ -16,18 +16,16 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import duckdb
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger
 from scipy.optimize import minimize
 from scipy.stats import pearsonr, rankdata, spearmanr
 
+from popflow import sql
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, stage, with_run_columns
 
 
 def bt_objective(s: np.ndarray, a: np.ndarray, b: np.ndarray, sign: np.ndarray, prior_var: float):
@@ -78,29 +76,42 @@ def agreement(margins: np.ndarray, gt: np.ndarray) -> dict:
             "pearson": round(float(pearsonr(margins[ok], gt[ok]).statistic), 4), "pairs_with_gt": int(ok.sum())}
 
 
-def pop_labels_of(ctx: RunContext, pairs_sql: str, sampling: str) -> pa.Table:
-    """The run's PoP labels of one sampling as item indices (a, b, a_stronger), numbered like `pairs_sql`
-    ordered by pair_id."""
-    glob = ctx.glob("pop_labels")
-    if not list(Path(glob).parent.glob("*.parquet")):
-        raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has none "
-                           "(run the annotate stage, or choose method gt, fixed or none)")
-    return duckdb.sql(f"""
+def train_pairs_sql(pairs: str, strategy: str) -> str:
+    """The annotated strategy's train pairs (pair_id, gt_margin), ordered by pair_id: the items margins are
+    fitted for, numbered in that order."""
+    return f"""
+        with final as (
+            select pair_id, gt_margin from {pairs} where strategy = {lit(strategy)} and split = 'train'
+        )
+        select * from final order by pair_id"""
+
+
+def pop_labels_sql(labels: str, pairs_sql: str, sampling: str) -> str:
+    """One sampling's PoP labels as item indices (a, b, a_stronger), numbered like `pairs_sql`."""
+    return f"""
         with pairs as (
             select pair_id, row_number() over (order by pair_id) - 1 as i from ({pairs_sql})
         ),
         final as (
             select pa.i as a, pb.i as b, l.a_stronger
-            from read_parquet('{glob}') l
+            from {labels} l
             join pairs pa on pa.pair_id = l.pair_a
             join pairs pb on pb.pair_id = l.pair_b
-            where l.sampling = '{sampling}'
+            where l.sampling = {lit(sampling)}
         )
         select * from final
-    """).to_arrow_table()
+    """
 
 
-def margins_of(ctx: RunContext, pairs_sql: str, ids: np.ndarray, gt: np.ndarray, sampling: str):
+def pop_labels_of(ctx: RunContext, con, pairs_sql: str, sampling: str) -> pa.Table:
+    """The run's PoP labels of one sampling as item indices (see pop_labels_sql)."""
+    if not ctx.has("pop_labels"):
+        raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has none "
+                           "(run the annotate stage, or choose method gt, fixed or none)")
+    return con.sql(pop_labels_sql(ctx.table("pop_labels"), pairs_sql, sampling)).to_arrow_table()
+
+
+def margins_of(ctx: RunContext, con, pairs_sql: str, ids: np.ndarray, gt: np.ndarray, sampling: str):
     """Margins, strengths and comparison counts of the pairs under one PoP sampling's labels."""
     cfg = ctx.config.margins
     strength, counts = np.full(len(ids), np.nan), np.zeros(len(ids), dtype=np.int64)
@@ -108,7 +119,7 @@ def margins_of(ctx: RunContext, pairs_sql: str, ids: np.ndarray, gt: np.ndarray,
         if cfg.method == "gt" and np.isnan(gt).any():
             raise PopflowError(f"margins.method: gt needs gt_margin, and pair {ids[np.isnan(gt)][0]!r} has none")
         return fixed_margins(cfg.method, gt, cfg.alpha, cfg.gamma, cfg.max_margin), strength, counts
-    labels = pop_labels_of(ctx, pairs_sql, sampling)
+    labels = pop_labels_of(ctx, con, pairs_sql, sampling)
     a, b = (labels.column(c).to_numpy().astype(np.int64) for c in ("a", "b"))
     if len(a) == 0:
         raise PopflowError(f"margins.method: pop needs PoP labels, and run {ctx.run_id} has 0 ({sampling})")
@@ -118,21 +129,20 @@ def margins_of(ctx: RunContext, pairs_sql: str, ids: np.ndarray, gt: np.ndarray,
     return strengths_to_margins(strength, cfg.scale, cfg.max_margin, cfg.target_mean), strength, counts
 
 
-@stage_task("margins")
-def infer_margins(ctx: RunContext) -> StageResult:
+@stage("margins", reads=("annotate", "pair", "import_pairs"), sections=("margins",), writes=("margins",))
+def infer_margins(ctx: RunContext) -> Output:
     """Write a margin per annotated train pair and PoP sampling (`margins` table), with agreement figures
     and a scatter plot."""
     from popflow.plots import plot_margins
 
-    started, cfg = time.time(), ctx.config.margins
-    pairs_sql = (f"select pair_id, gt_margin from read_parquet('{ctx.glob('pairs')}') "
-                 f"where strategy = '{ctx.config.annotated_strategy()}' and split = 'train'")
-    pairs = duckdb.sql(f"{pairs_sql} order by pair_id").to_arrow_table()
+    cfg, con = ctx.config.margins, sql.connect()
+    pairs_sql = train_pairs_sql(ctx.table("pairs"), ctx.config.annotated_strategy())
+    pairs = con.sql(pairs_sql).to_arrow_table()
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt_margin").to_numpy(zero_copy_only=False).astype(np.float64)
     tables, report = [], {"method": cfg.method, "pairs": len(ids)}
     for sampling in ctx.config.annotate.sampling:
-        margins, strength, counts = margins_of(ctx, pairs_sql, ids, gt, sampling)
+        margins, strength, counts = margins_of(ctx, con, pairs_sql, ids, gt, sampling)
         tables.append(pa.table({
             "pair_id": ids, "margin": margins, "strength": strength, "method": [cfg.method] * len(ids),
             "sampling": [sampling] * len(ids), "gt_margin": gt, "n_comparisons": counts}))
@@ -144,4 +154,4 @@ def infer_margins(ctx: RunContext) -> StageResult:
     table = pa.concat_tables(tables)
     ctx.lake.write_table("margins", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     get_run_logger().info("margins: %s", report)
-    return finish(ctx, "margins", started, {"margins": table.num_rows}, report)
+    return Output({"margins": table.num_rows}, report)

@@ -19,19 +19,15 @@ CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns.
 from __future__ import annotations
 
 import os
-import time
 
-import duckdb
 from prefect import get_run_logger
 
+from popflow import sql
 from popflow.config import POINTS, PairConfig
-from popflow.stage import RunContext, StageResult, finish, stage_task
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, stage
 
 _SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def seven_points_sql(rewards: str) -> str:
@@ -45,7 +41,7 @@ def seven_points_sql(rewards: str) -> str:
         f" as pt{POINTS.index(p)}" for p, k in _SIGMA_MULTIPLE.items()
     )
     unpivot = ",\n".join(
-        f"({_lit(p)}, {rank}, {'null' if p in ('min', 'max') else f'mu + {_SIGMA_MULTIPLE[p]} * sigma'}, "
+        f"({lit(p)}, {rank}, {'null' if p in ('min', 'max') else f'mu + {_SIGMA_MULTIPLE[p]} * sigma'}, "
         f"pt{rank}.idx, pt{rank}.reward)" for rank, p in enumerate(POINTS)
     )
     return f"""
@@ -77,11 +73,11 @@ def candidates_sql(strategy: str, cfg: PairConfig) -> str:
     if strategy in ("seven_point", "max_min"):
         chosen, rejected = (cfg.chosen, cfg.rejected) if strategy == "seven_point" else ("max", "min")
         return f"""
-        select c.prompt_id, '{strategy}' as strategy, c.point as chosen_point, r.point as rejected_point,
+        select c.prompt_id, {lit(strategy)} as strategy, c.point as chosen_point, r.point as rejected_point,
                c.sample_idx as chosen_idx, r.sample_idx as rejected_idx,
                c.reward as chosen_reward, r.reward as rejected_reward, c.mu, c.sigma, c.n_samples
         from seven c join seven r on c.prompt_id = r.prompt_id
-        where c.point = {_lit(chosen)} and r.point = {_lit(rejected)}"""
+        where c.point = {lit(chosen)} and r.point = {lit(rejected)}"""
     # random: the two samples with the smallest seeded hashes; the better one is chosen (on a tie the two
     # indices differ, so the pair is dropped as not_ordered)
     return f"""
@@ -92,7 +88,7 @@ def candidates_sql(strategy: str, cfg: PairConfig) -> str:
                any_value(mu) as mu, any_value(sigma) as sigma, any_value(n_samples) as n_samples
         from (
             select r.*, s.mu, s.sigma, s.n_samples,
-                   row_number() over (partition by prompt_id order by hash({cfg.seed}, prompt_id, sample_idx),
+                   row_number() over (partition by prompt_id order by hash({lit(cfg.seed)}, prompt_id, sample_idx),
                                       sample_idx) as draw
             from rewards r join (select distinct prompt_id, mu, sigma, n_samples from seven) s using (prompt_id)
         ) where draw <= 2
@@ -104,7 +100,7 @@ def build_pairs_sql(seven: str, rewards: str, samples: str, prompts: str, cfg: P
     """All candidate pairs with a `status` ('ok' or why there is no pair), joined with their texts."""
     strategies = list(dict.fromkeys([cfg.strategy, *cfg.extra_strategies]))
     candidates = "\n        union all\n".join(candidates_sql(s, cfg) for s in strategies)
-    system = f"{{'role': 'system', 'content': {_lit(system_prompt)}}}, " if system_prompt else ""
+    system = f"{{'role': 'system', 'content': {lit(system_prompt)}}}, " if system_prompt else ""
     return f"""
     with seven as (
         select * from {seven}
@@ -144,7 +140,7 @@ def build_pairs_sql(seven: str, rewards: str, samples: str, prompts: str, cfg: P
 def _copy(con, query: str, path: str) -> None:
     """COPY a query to Parquet under a temporary name, then rename it into place."""
     tmp = path + ".tmp"
-    con.execute(f"copy ({query}) to {_lit(tmp)} (format parquet, compression zstd)")
+    con.execute(f"copy ({query}) to {lit(tmp)} (format parquet, compression zstd)")
     os.replace(tmp, path)
 
 
@@ -154,7 +150,7 @@ def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, ou
     seven_path = os.path.join(out_dir["seven_points"], "part-00000.parquet")
     os.makedirs(out_dir["seven_points"], exist_ok=True)
     _copy(con, f"select *{ctx_cols} from ({seven_points_sql(sources['rewards'])})", seven_path)
-    seven = f"read_parquet({_lit(seven_path)})"
+    seven = f"read_parquet({lit(seven_path)})"
     con.execute(f"create or replace temp table all_pairs as {build_pairs_sql(seven, sources['rewards'], sources['samples'], sources['prompts'], cfg, system_prompt)}")  # noqa: E501
     os.makedirs(out_dir["pairs"], exist_ok=True)
     _copy(con, f"select * exclude (status){ctx_cols} from all_pairs where status = 'ok' order by pair_id",
@@ -166,27 +162,28 @@ def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, ou
     return report
 
 
-@stage_task("pair")
-def pair(ctx: RunContext) -> StageResult:
+@stage("pair", reads=("ingest", "sample", "score"), sections=("pair",), writes=("seven_points", "pairs"),
+       when=lambda cfg: not cfg.import_pairs)
+def pair(ctx: RunContext) -> Output:
     """Build seven_points and pairs for the run, then plot a few prompts' reward distributions."""
     from popflow.plots import plot_reward_distributions
 
-    logger, cfg, lake, started = get_run_logger(), ctx.config.pair, ctx.lake, time.time()
-    sources = {t: f"read_parquet({_lit(ctx.glob(t))})" for t in ("samples", "prompts")}
-    sources["rewards"] = f"read_parquet({_lit(ctx.glob('sample_rewards'))})"
+    logger, cfg, lake = get_run_logger(), ctx.config.pair, ctx.lake
+    sources = {"samples": ctx.table("samples"), "prompts": ctx.table("prompts"),
+               "rewards": ctx.table("sample_rewards")}
     out = {t: str(lake.staging(t, ctx.pipeline, ctx.run_id)) for t in ("seven_points", "pairs")}
     for t in out:
         lake.discard_staging(t, ctx.pipeline, ctx.run_id)
-    cols = f", {_lit(ctx.pipeline)} as pipeline, {_lit(ctx.run_id)} as run_id"
-    con = duckdb.connect()
+    cols = f", {lit(ctx.pipeline)} as pipeline, {lit(ctx.run_id)} as run_id"
+    con = sql.connect()
     report = write_pairs(con, cols, sources, cfg, out, ctx.config.sample.system_prompt)
     for t in out:
         lake.publish(t, ctx.pipeline, ctx.run_id)
-    tables = {t: con.execute(f"select count(*) from read_parquet({_lit(ctx.glob(t))})").fetchone()[0] for t in out}
-    plot = plot_reward_distributions(con, ctx.glob("sample_rewards"), ctx.glob("seven_points"),
+    tables = {t: con.execute(f"select count(*) from {ctx.table(t)}").fetchone()[0] for t in out}
+    plot = plot_reward_distributions(con, ctx.table("sample_rewards"), ctx.table("seven_points"),
                                      ctx.run_dir / "reward_distributions.png", ctx.run_id)
     report["plot"] = str(plot)
     for strategy, counts in report.items():
         if strategy != "plot":
             logger.info("pairs %s: %s", strategy, counts)
-    return finish(ctx, "pair", started, tables, report)
+    return Output(tables, report)

@@ -9,66 +9,18 @@ null), source_row.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
-from pathlib import Path
 
 import pyarrow as pa
 from prefect import get_run_logger
 
 from popflow.config import PromptsConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from popflow.sources import is_eval, read_records
+from popflow.stage import Output, RunContext, stage, with_run_columns
 from tasks.rewards.constraints import validate_constraints
 
 SPLITS = ("train", "eval")
-
-
-def read_records(cfg, key: str = "prompts.source") -> tuple[list[dict], str]:
-    """Raw records of a file or HF dataset source and the word for a position in it ('line' or 'row').
-
-    `cfg` has source, hf_config, hf_split and hf_data_files (PromptsConfig, ImportPairsConfig)."""
-    source = cfg.source
-    if source.startswith("hf:"):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(source[3:], cfg.hf_config, split=cfg.hf_split, data_files=cfg.hf_data_files)
-        except Exception as exc:  # datasets raises many types; the message is what matters
-            raise PopflowError(f"{key} {source!r}: cannot load dataset: {exc}") from exc
-        return ds.to_list(), "row"
-    path = Path(source)
-    if not path.is_file():
-        raise PopflowError(f"{key}: file {str(path)!r} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist(), "row"
-        except Exception as exc:
-            raise PopflowError(f"{path}: cannot read Parquet: {exc}") from exc
-    if path.suffix != ".jsonl":
-        raise PopflowError(f"{path}: unsupported file type (use .jsonl, .parquet or hf:<dataset>)")
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PopflowError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-        if not isinstance(record, dict):
-            raise PopflowError(f"{path}:{lineno}: expected a JSON object")
-        record["__line__"] = lineno
-        records.append(record)
-    return records, "line"
-
-
-def is_eval(prompt_id: str, fraction: float) -> bool:
-    """A stable held-out choice: the prompt_id's hash, mapped to [0, 1), falls below the fraction."""
-    h = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
 
 
 def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str) -> pa.Table:
@@ -138,14 +90,13 @@ def load_prompts(cfg: PromptsConfig) -> pa.Table:
     return table
 
 
-@stage_task("ingest")
-def ingest(ctx: RunContext) -> StageResult:
+@stage("ingest", sections=("prompts",), writes=("prompts",), when=lambda cfg: not cfg.import_pairs)
+def ingest(ctx: RunContext) -> Output:
     """Validate the whole prompt set, then write the `prompts` table."""
-    started = time.time()
     table = load_prompts(ctx.config.prompts)
     ctx.lake.write_table("prompts", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     splits = table.column("split").to_pylist()
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),
               "with_constraints": table.num_rows - table.column("constraints").null_count}
     get_run_logger().info("prompts: %s", report)
-    return finish(ctx, "ingest", started, {"prompts": table.num_rows}, report)
+    return Output({"prompts": table.num_rows}, report)

@@ -15,50 +15,29 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger
 
-from popflow import models, precision
-from popflow.config import PipelineConfig
+from popflow import models, precision, sql
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
 
-def policy_ref(cfg: PipelineConfig) -> str:
-    return cfg.train.policy or cfg.sample.policy
-
-
-def reference_ref(cfg: PipelineConfig) -> str:
-    return cfg.train.reference or policy_ref(cfg)
-
-
-def load_tokenizer(path: str, ref: str, key: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if not getattr(tok, "chat_template", None):
-        raise PopflowError(f"{key} {ref!r}: the tokenizer has no chat template, and the pairs are conversations "
-                           "(prompt/chosen/rejected message lists); use a chat model or add a template")
-    return tok
-
-
-def pair_rows(ctx: RunContext, split: str | None = None) -> pa.Table:
+def pair_rows_sql(pairs: str, strategy: str) -> str:
     """The annotated strategy's pairs as TRL columns (prompt, chosen, rejected are message lists)."""
-    where = f"and split = '{split}'" if split else ""
-    return duckdb.sql(f"""
+    return f"""
         with final as (
             select pair_id, split, prompt, chosen, rejected
-            from read_parquet('{ctx.glob('pairs')}')
-            where strategy = '{ctx.config.annotated_strategy()}' {where}
+            from {pairs}
+            where strategy = {lit(strategy)}
         )
         select * from final order by pair_id
-    """).to_arrow_table()
+    """
 
 
 def length_report(prepared: pa.Table, max_length: int) -> int:
@@ -99,7 +78,7 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
     from tasks.trainer import PopDPOTrainer, dpo_args
 
     prec = precision.training_precision(cfg.dtype)
-    tok = load_tokenizer(ref_path, ref_name, "train.reference")
+    tok = models.load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
     with tempfile.TemporaryDirectory() as out:
@@ -109,13 +88,16 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
         return trainer.train_dataset.data.table.combine_chunks()
 
 
-@stage_task("ref_logps", retries=1, retry_delay_seconds=5)
-def ref_logps(ctx: RunContext) -> StageResult:
+# not train.reference / max_length: the train stage checks those against the stored log-probs and says which
+# stage to rerun, rather than a generic "different config"
+@stage("ref_logps", reads=("pair", "import_pairs"), sections=("annotate.pairs", "train.long_prompts", "train.dtype"),
+       writes=("ref_logps",), retries=1, when=lambda cfg: cfg.train is not None)
+def ref_logps(ctx: RunContext) -> Output:
     """Write ref_logps (pair_id, split, ref_chosen_logps, ref_rejected_logps, token counts, reference)."""
-    started, cfg = time.time(), ctx.config.train
+    cfg = ctx.config.train
     dtypes = precision.announce({"train.dtype": cfg.dtype})
-    ref = models.resolve(reference_ref(ctx.config), ctx.lake.data_dir, "train.reference")
-    pairs = pair_rows(ctx)
+    ref = models.resolve(ctx.config.reference_policy(), ctx.lake.data_dir, "train.reference")
+    pairs = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), ctx.config.annotated_strategy())).to_arrow_table()
     if pairs.num_rows == 0:
         raise PopflowError(f"ref_logps: run {ctx.run_id} has no pairs of strategy "
                            f"{ctx.config.annotated_strategy()!r}")
@@ -136,4 +118,4 @@ def ref_logps(ctx: RunContext) -> StageResult:
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,
               "truncated_sequences": length_report(prepared, cfg.max_length), "max_length": cfg.max_length}
     get_run_logger().info("reference log-probs: %s", report)
-    return finish(ctx, "ref_logps", started, {"ref_logps": n}, report, {"reference": ref.identity()}, dtypes)
+    return Output({"ref_logps": n}, report, {"reference": ref.identity()}, dtypes)

@@ -26,21 +26,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from popflow import models, precision
+from popflow import models, precision, sql
+from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
-from popflow.stage import RunContext, StageResult, finish, stage_task, with_run_columns
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, artifact_key, stage, with_run_columns
 from popflow.train_config import Method
-from tasks.ref_logps import load_tokenizer, policy_ref, reference_ref
-from tasks.score import normalised_sql
+from tasks.rewards.aggregate import normalised_sql
 
 log = logging.getLogger(__name__)
 
@@ -56,67 +55,78 @@ def method_name(ctx: RunContext, method: Method) -> str:
     return method.name or f"{method.loss}{suffix}"
 
 
-def margin_sql(ctx: RunContext, method: Method) -> tuple[str, str]:
-    """(select expression of the margin, extra joins) for a method."""
+def margin_expr(method: Method) -> str:
+    """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`."""
     if method.loss == "dpo_fixed_margin":
-        return f"{float(method.gamma)!r}", ""
+        return lit(float(method.gamma))
     if method.loss == "dpo_gt_margin":
-        return f"greatest({float(method.alpha)!r} * p.gt_margin, 0.0)", ""
-    if method.loss != "dpo_pop":
-        return "0.0", ""
-    found = duckdb.sql(f"select count(*), min(method) from read_parquet('{ctx.glob('margins')}')").fetchall()[0] \
-        if list(Path(ctx.glob("margins")).parent.glob("*.parquet")) else (0, None)
+        return f"greatest({lit(float(method.alpha))} * p.gt_margin, 0.0)"
+    return "m.margin" if method.loss == "dpo_pop" else "0.0"
+
+
+def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, score: ScoreConfig) -> str:
+    """A method's training examples: each train pair of `sampling` `copies` times, with TRL's columns, the
+    stored reference log-probs, its margin and its target(s). `tables`: relations of train_pairs, pairs,
+    ref_logps, and (dpo_pop) margins or (distill_pessimistic) rewards."""
+    ctes = [f"train as (select pair_id, copies from {tables['train_pairs']} where sampling = {lit(sampling)})"]
+    joins, targets = [], ""
+    if method.loss == "dpo_pop":
+        ctes.append(f"margins as (select pair_id, margin from {tables['margins']} where sampling = {lit(sampling)})")
+        joins.append("join margins m on m.pair_id = t.pair_id")
+    if method.loss == "distill_pessimistic":  # one target per reward model, normalised as the score stage does
+        ctes.append(normalised_sql(tables["rewards"], tables["rewards"], score))
+        ctes.append(f"""gaps as (
+            select p.pair_id, list(c.value - r.value order by c.reward_model) as targets
+            from {tables['pairs']} p
+            join normalised c on c.prompt_id = p.prompt_id and c.sample_idx = p.chosen_idx
+            join normalised r on r.prompt_id = p.prompt_id and r.sample_idx = p.rejected_idx
+                 and r.reward_model = c.reward_model
+            group by p.pair_id
+        )""")
+        joins.append("join gaps g on g.pair_id = t.pair_id")
+        targets = ", g.targets"
+    ctes.append(f"""final as (
+            select t.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps,
+                   {margin_expr(method)} as margin, p.gt_margin as target{targets}, unnest(range(t.copies)) as copy
+            from train t
+            join {tables['pairs']} p on p.pair_id = t.pair_id
+            join {tables['ref_logps']} r on r.pair_id = t.pair_id
+            {" ".join(joins)}
+        )""")
+    return "with " + ",\n".join(ctes) + "\nselect * exclude (copy) from final order by pair_id, copy"
+
+
+def heldout_rows_sql(pairs: str, ref_logps: str) -> str:
+    """The held-out pairs with their reference log-probs (the trained policy's beta * h is measured on them)."""
+    return f"""
+        with final as (
+            select p.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps,
+                   p.gt_margin
+            from {pairs} p join {ref_logps} r using (pair_id)
+            where r.split = 'eval'
+        )
+        select * from final order by pair_id
+    """
+
+
+def check_pop_margins(ctx: RunContext, con) -> None:
+    """dpo_pop trains on PoP margins: the run must have them (margins.method: pop)."""
+    found = con.sql(f"select count(*), min(method) from {ctx.table('margins')}").fetchall()[0] \
+        if ctx.has("margins") else (0, None)
     if found[0] == 0 or found[1] != "pop":
         raise PopflowError(f"train: dpo_pop needs PoP margins, and run {ctx.run_id} has "
                            f"{'none' if found[0] == 0 else repr(found[1]) + ' margins'} (set margins.method: pop)")
+
+
+def training_rows(ctx: RunContext, con, method: Method) -> pa.Table:
+    """The method's training examples (training_rows_sql), checked non-empty and with the gaps it needs."""
     sampling = method.sampling or ctx.config.annotate.sampling[0]
-    return "m.margin", (f"join read_parquet('{ctx.glob('margins')}') m "
-                        f"on m.pair_id = t.pair_id and m.sampling = '{sampling}'")
-
-
-def targets_sql(ctx: RunContext) -> tuple[str, str]:
-    """Per-reward-model gaps (distill_pessimistic): a CTE and its join."""
-    cfg = ctx.config.score
-    if ctx.config.import_pairs or len(cfg.models) < 2:
-        raise PopflowError("train: distill_pessimistic needs at least two reward models (score.models); "
-                           "this pipeline has " + ("imported pairs" if ctx.config.import_pairs else
-                                                   f"{len(cfg.models)}"))
-    rewards = f"read_parquet('{ctx.glob('rewards')}')"
-    cte = f"""{normalised_sql(rewards, rewards, cfg)},
-    gaps as (
-        select p.pair_id, list(c.value - r.value order by c.reward_model) as targets
-        from read_parquet('{ctx.glob('pairs')}') p
-        join normalised c on c.prompt_id = p.prompt_id and c.sample_idx = p.chosen_idx
-        join normalised r on r.prompt_id = p.prompt_id and r.sample_idx = p.rejected_idx
-             and r.reward_model = c.reward_model
-        group by p.pair_id
-    ),"""
-    return cte, "join gaps g on g.pair_id = t.pair_id"
-
-
-def training_rows(ctx: RunContext, method: Method) -> pa.Table:
-    """The method's training examples: pairs x copies, TRL columns, stored ref log-probs, loss inputs."""
-    sampling = method.sampling or ctx.config.annotate.sampling[0]
-    margin, margin_join = margin_sql(ctx, method)
-    ctes, targets_join, targets = "", "", ""
-    if method.loss == "distill_pessimistic":
-        ctes, targets_join = targets_sql(ctx)
-        targets = ", g.targets"
-    rows = duckdb.sql(f"""
-        with {ctes}
-        train as (
-            select pair_id, copies from read_parquet('{ctx.glob('train_pairs')}') where sampling = '{sampling}'
-        ),
-        final as (
-            select t.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps,
-                   {margin} as margin, p.gt_margin as target{targets}, unnest(range(t.copies)) as copy
-            from train t
-            join read_parquet('{ctx.glob('pairs')}') p on p.pair_id = t.pair_id
-            join read_parquet('{ctx.glob('ref_logps')}') r on r.pair_id = t.pair_id
-            {margin_join} {targets_join}
-        )
-        select * exclude (copy) from final order by pair_id, copy
-    """).to_arrow_table()
+    if method.loss == "dpo_pop":
+        check_pop_margins(ctx, con)
+    names = ["train_pairs", "pairs", "ref_logps"] + {"dpo_pop": ["margins"],
+                                                      "distill_pessimistic": ["rewards"]}.get(method.loss, [])
+    rows = con.sql(training_rows_sql({t: ctx.table(t) for t in names}, method, sampling,
+                                     ctx.config.score)).to_arrow_table()
     if rows.num_rows == 0:
         raise PopflowError(f"train: the training set of run {ctx.run_id} is empty (sampling {sampling!r}: no "
                            "train_pairs with reference log-probs)")
@@ -128,20 +138,11 @@ def training_rows(ctx: RunContext, method: Method) -> pa.Table:
                            rows.column("target").fill_null(0.0))
 
 
-def heldout_rows(ctx: RunContext) -> pa.Table:
-    return duckdb.sql(f"""
-        select p.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps, p.gt_margin
-        from read_parquet('{ctx.glob('pairs')}') p
-        join read_parquet('{ctx.glob('ref_logps')}') r using (pair_id)
-        where r.split = 'eval' order by p.pair_id
-    """).to_arrow_table()
-
-
-def check_reference(ctx: RunContext) -> None:
+def check_reference(ctx: RunContext, con) -> None:
     """The stored reference log-probs must come from the reference this config names, as it is now."""
-    ref = models.resolve(reference_ref(ctx.config), ctx.lake.data_dir, "train.reference")
-    stored = duckdb.sql(f"select distinct reference, ref_fingerprint, max_length "
-                        f"from read_parquet('{ctx.glob('ref_logps')}')").fetchall()
+    ref = models.resolve(ctx.config.reference_policy(), ctx.lake.data_dir, "train.reference")
+    stored = con.sql(f"select distinct reference, ref_fingerprint, max_length from {ctx.table('ref_logps')}"
+                     ).fetchall()
     if stored != [(ref.ref, ref.fingerprint, ctx.config.train.max_length)]:
         raise PopflowError(
             f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {ctx.config.train.max_length}) does "
@@ -172,9 +173,9 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
     from tasks.trainer import PopDPOTrainer, dpo_args
 
     cfg = ctx.config.train
-    policy = models.resolve(policy_ref(ctx.config), ctx.lake.data_dir, "train.policy")
+    policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
     prec = precision.training_precision(cfg.dtype)
-    tok = load_tokenizer(policy.path, policy.ref, "train.policy")
+    tok = models.load_tokenizer(policy.path, policy.ref, "train.policy")
     curve: list[dict] = []
 
     class Curve(TrainerCallback):
@@ -218,17 +219,18 @@ def policy_dir(ctx: RunContext, name: str, seed: int) -> Path:
     return ctx.lake.data_dir / "models" / "runs" / ctx.pipeline / ctx.run_id / f"{name}-s{seed}"
 
 
-@stage_task("train")
-def train(ctx: RunContext) -> StageResult:
+@stage("train", reads=("annotate", "margins", "ref_logps", "pair", "import_pairs", "score"), sections=("train",),
+       writes=("train_metrics", "heldout_margins", "policies"), when=lambda cfg: cfg.train is not None)
+def train(ctx: RunContext) -> Output:
     """Train every method x seed not yet done in this run; publish train_metrics, heldout_margins, policies."""
-    logger, cfg, lake, started = get_run_logger(), ctx.config.train, ctx.lake, time.time()
+    logger, cfg, lake, con = get_run_logger(), ctx.config.train, ctx.lake, sql.connect()
     dtypes = precision.announce({"train.dtype": cfg.dtype})
-    check_reference(ctx)
-    heldout = heldout_rows(ctx)
+    check_reference(ctx, con)
+    heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).to_arrow_table()
     done = {p.stem for p in lake.staged_parts("policies", ctx.pipeline, ctx.run_id)}
     for method in cfg.methods:
         name = method_name(ctx, method)
-        data = training_rows(ctx, method)
+        data = training_rows(ctx, con, method)
         for seed in cfg.seeds:
             part = f"{name}-s{seed}"
             if part in done:
@@ -245,14 +247,16 @@ def train(ctx: RunContext) -> StageResult:
             for table, t in (("train_metrics", curve_t), ("heldout_margins", margins_t), ("policies", policy_t)):
                 lake.write_staged_part(table, ctx.pipeline, ctx.run_id, part, with_run_columns(ctx, t))
             logger.info("train %s: %s", part, stats)
-    tables = {t: 0 for t in ("train_metrics", "heldout_margins", "policies")}
-    for t in tables:
-        tables[t] = lake.publish_count(t, ctx.pipeline, ctx.run_id)
-    summary = duckdb.sql(f"select method, seed, steps, examples, train_seconds, tokens_per_s, final_loss "
-                         f"from read_parquet('{ctx.glob('policies')}') order by method, seed").to_arrow_table()
-    create_table_artifact(key=f"{ctx.pipeline}-policies".replace("_", "-")[:100], table=summary.to_pylist(),
+    tables = {t: lake.publish_count(t, ctx.pipeline, ctx.run_id) for t in ("train_metrics", "heldout_margins",
+                                                                            "policies")}
+    summary = con.sql(f"""
+        with final as (
+            select method, seed, steps, examples, train_seconds, tokens_per_s, final_loss from {ctx.table('policies')}
+        )
+        select * from final order by method, seed""").to_arrow_table()
+    create_table_artifact(key=artifact_key(ctx.pipeline, "policies"), table=summary.to_pylist(),
                           description=f"{ctx.pipeline} run {ctx.run_id}: trained policies")
     report = {"methods": [method_name(ctx, m) for m in cfg.methods], "seeds": cfg.seeds,
               "heldout_pairs": heldout.num_rows}
-    return finish(ctx, "train", started, tables, report, {"policy": models.resolve(
-        policy_ref(ctx.config), lake.data_dir, "train.policy").identity()}, dtypes)
+    policy = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
+    return Output(tables, report, {"policy": policy.identity()}, dtypes)

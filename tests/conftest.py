@@ -1,5 +1,6 @@
 """Shared test helpers: run the real `popflow` CLI in a subprocess with an isolated Prefect home and lake.
 
+Every CLI test's data dir holds a quote and a space (tmp/it's data), as a home like /home/o'brien does.
 The built-in models are shared through POPFLOW_MODELS_DIR (the repo's data/models, filled by `make models`)
 so each test does not rebuild them; everything else (lake, Prefect's database) lives in tmp_path.
 """
@@ -33,7 +34,7 @@ def cli_env(tmp_path: Path) -> dict:
 
 class Cli:
     def __init__(self, tmp_path: Path):
-        self.data_dir = tmp_path / "data"
+        self.data_dir = tmp_path / "it's data"  # a quote and a space: every path reaching SQL is quoted
         self.env = cli_env(tmp_path)
 
     def cmd(self, *args: str) -> list[str]:

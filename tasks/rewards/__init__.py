@@ -1,14 +1,23 @@
-"""Reward model kinds used by the score stage: hf, constraints, relevance, python.
+"""Reward scoring, shared by the score and evaluate stages: one module per reward kind, and the aggregation.
 
-Each kind module exposes `score(spec, batch, data_dir) -> np.ndarray`, one float per response of the
-`ScoringBatch`; tasks/score.py picks the module by the config's `kind` and checks every value is finite.
+Each kind (popflow.config.REWARD_KINDS lists them) is the module tasks/rewards/<kind>.py exposing
+`score(spec, batch, data_dir) -> np.ndarray`, one float per response of the `ScoringBatch`. `score_with`
+picks the module by the spec's `kind`, checks every value is finite and returns `rewards` rows;
+tasks/rewards/aggregate.py turns per-model scores into one reward per sample.
+
+    from tasks.rewards import ScoringBatch, score_with
+    rows = score_with(spec, ScoringBatch(prompts, responses, constraints), data_dir, prompt_ids, sample_idx)
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+
+from popflow.errors import PopflowError
 
 
 @dataclass(frozen=True)
@@ -22,3 +31,28 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarra
     """Index batches of similar length, longest first: padding is minimal and an OOM shows up at once."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def check_finite(values: np.ndarray, name: str, prompt_ids: list[str], sample_idx: list[int]) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise PopflowError(
+            f"reward model {name!r} returned {values[i]} for prompt_id={prompt_ids[i]!r} "
+            f"sample_idx={sample_idx[i]} ({bad.size} non-finite score(s) in all); nothing was written")
+
+
+def rewards_part(name: str, kind: str, prompt_ids: list[str], sample_idx: list[int], values: np.ndarray) -> pa.Table:
+    n = len(values)
+    return pa.table({
+        "prompt_id": pa.array(prompt_ids, pa.string()), "sample_idx": pa.array(sample_idx, pa.int32()),
+        "reward_model": pa.array([name] * n, pa.string()), "kind": pa.array([kind] * n, pa.string()),
+        "score": pa.array(values, pa.float64()),
+    })
+
+
+def score_with(spec, batch: ScoringBatch, data_dir, prompt_ids: list[str], sample_idx: list[int]) -> pa.Table:
+    """One reward model's scores of a batch, checked finite, as rewards rows."""
+    values = importlib.import_module(f"tasks.rewards.{spec.kind}").score(spec, batch, data_dir)
+    check_finite(values, spec.name, prompt_ids, sample_idx)
+    return rewards_part(spec.name, spec.kind, prompt_ids, sample_idx, values)

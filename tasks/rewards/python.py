@@ -9,23 +9,10 @@ and must return one number per response (NaN and inf are rejected by the score s
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
 from popflow.errors import PopflowError
-
-
-def load_function(ref: str, key: str):
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PopflowError(f"{key}: cannot import module {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise PopflowError(f"{key}: {module_name!r} has no function {attr!r}")
-    return fn
+from popflow.plugins import load_function
 
 
 def score(spec, batch, data_dir=None) -> np.ndarray:

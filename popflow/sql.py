@@ -1,0 +1,53 @@
+"""The one way popflow writes SQL: every literal and path goes through `lit`, every stage opens its own
+DuckDB connection with `connect`, and queries are named CTEs ending in `final`.
+
+    from popflow import sql
+    con = sql.connect()
+    con.sql(f"with final as (select * from {sql.parquet(ctx.glob('pairs'))} where pair_id = {sql.lit(pid)}) "
+            "select * from final")
+
+A path with a quote (/home/o'brien) or a prompt_id like "it's" is quoted, never spliced; numbers are
+written with repr (no locale, full precision; floats typed double); None is null.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def lit(value: str | Path | float | int | bool | None) -> str:
+    """A SQL literal: strings and paths single-quoted with quotes doubled, numbers as themselves."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):  # typed: DuckDB reads a bare 0.1 as a DECIMAL
+        return f"{value!r}::double" if math.isfinite(value) else f"'{value}'::double"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def ident(name: str) -> str:
+    """A double-quoted identifier (a table or view name taken from the lake's folders)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def parquet(glob: str | Path) -> str:
+    """`read_parquet('<glob>')` with the glob quoted."""
+    return f"read_parquet({lit(glob)})"
+
+
+def values(items: Iterable) -> str:
+    """A parenthesised list of literals for `in (...)`; `(null)` for none (matches nothing)."""
+    body = ", ".join(lit(v) for v in items)
+    return f"({body or 'null'})"
+
+
+def connect():
+    """A new in-memory DuckDB connection: one per stage, never the process-global `duckdb.sql`."""
+    import duckdb
+
+    return duckdb.connect()

@@ -1,0 +1,126 @@
+"""The stage registry: what each stage's hash covers (derived from the declarations), the plan's checks,
+the bookkeeping it owns (skip, refuse, manifest), and the house rules the registry relies on."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flows.pipeline import STAGES
+from popflow import stage as registry
+from popflow.config import load_pipeline
+from popflow.errors import PopflowError
+from popflow.stage import Output, RunContext, hash_sections, plan, stage, upstream
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_hash_sections_follow_the_declared_reads():
+    """tiny (sample/score/pair, training on): each stage covers its own sections and those of every stage it
+    reads from, transitively; a whole section replaces its fields (train covers train.dtype):
+        sample     reads ingest                          -> prompts, sample
+        annotate   reads pair (import_pairs is off)      -> + pair, score, annotate
+        ref_logps  reads pair; own annotate.pairs, train.dtype, train.long_prompts
+        train      reads annotate, margins, ref_logps    -> annotate, margins, pair, prompts, sample, score, train
+        evaluate   reads train, ingest, score            -> train's + evaluate"""
+    cfg = load_pipeline("tiny")
+    got = {s.name: hash_sections(s, cfg) for s in plan(STAGES, cfg)}
+    chain = ("pair", "prompts", "sample", "score")
+    assert got == {
+        "ingest": ("prompts",),
+        "sample": ("prompts", "sample"),
+        "score": ("prompts", "sample", "score"),
+        "pair": chain,
+        "annotate": ("annotate", *chain),
+        "margins": ("annotate", "margins", *chain),
+        "ref_logps": ("annotate.pairs", *chain, "train.dtype", "train.long_prompts"),
+        "train": ("annotate", "margins", *chain, "train"),
+        "evaluate": ("annotate", "evaluate", "margins", *chain, "train"),
+    }
+
+
+def test_imported_pairs_plan_and_hashes():
+    """`imported` replaces ingest/sample/score/pair by import_pairs, so the later stages hash import_pairs
+    instead of the sampling sections; `train: null` drops ref_logps, train and evaluate."""
+    cfg = load_pipeline("imported")
+    names = [s.name for s in plan(STAGES, cfg)]
+    assert names[:3] == ["import_pairs", "annotate", "margins"]
+    annotate = next(s for s in STAGES if s.name == "annotate")
+    assert hash_sections(annotate, cfg) == ("annotate", "import_pairs")
+    assert upstream(annotate, cfg) == ["import_pairs"]
+    no_train = load_pipeline("tiny", overrides=["train=null"])
+    assert [s.name for s in plan(STAGES, no_train)] == ["ingest", "sample", "score", "pair", "annotate", "margins"]
+
+
+def test_plan_refuses_unknown_and_later_reads(monkeypatch):
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    cfg = load_pipeline("tiny")
+    first = stage("t_first", writes=("a",))(lambda ctx: Output({}))
+    orphan = stage("t_orphan", reads=("t_nowhere",), writes=("b",))(lambda ctx: Output({}))
+    with pytest.raises(ValueError, match="reads from 't_nowhere', which is not a registered stage"):
+        plan((first, orphan), cfg)
+    late = stage("t_late", reads=("t_first",), writes=("c",))(lambda ctx: Output({}))
+    with pytest.raises(ValueError, match="reads from 't_first', which runs after it"):
+        plan((late, first), cfg)
+    assert plan((first, late), cfg) == [first, late]
+
+
+def test_the_registry_skips_refuses_and_checks_declarations(monkeypatch, tmp_path):
+    """The work runs once; a rerun is skipped from the manifest; a changed section is refused; a table the
+    stage does not declare is an error."""
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    calls = []
+
+    def work(ctx):
+        calls.append(ctx.run_id)
+        ctx.lake.write_table("things", ctx.pipeline, ctx.run_id, pa.table({"x": [1, 2, 3]}))
+        return Output({"things": 3}, {"note": "it's done"})
+
+    things = stage("t_things", sections=("pair",), writes=("things",))(work)
+    ctx = RunContext(str(tmp_path / "it's a lake"), "tiny", "r1", load_pipeline("tiny"))
+    first = things(ctx)
+    assert (first.tables, first.skipped, calls) == ({"things": 3}, False, ["r1"])
+    manifest = ctx.lake.read_manifest("tiny", "r1", "t_things")
+    assert manifest["stage_hash"] == ctx.config.hash("pair") and manifest["report"] == {"note": "it's done"}
+    again = things(ctx)
+    assert (again.skipped, again.tables, calls) == (True, {"things": 3}, ["r1"])  # not run again
+    changed = RunContext(ctx.data_dir, "tiny", "r1", load_pipeline("tiny", overrides=["pair.seed=7"]))
+    with pytest.raises(PopflowError, match="already has a 't_things' stage made with a different config"):
+        things(changed)
+    sneaky = stage("t_sneaky", writes=("declared",))(lambda ctx: Output({"undeclared": 1}))
+    with pytest.raises(RuntimeError, match=r"wrote tables it does not declare: \['undeclared'\]"):
+        sneaky(ctx)
+    assert ctx.lake.read_manifest("tiny", "r1", "t_sneaky") is None
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_no_stage_module_imports_another():
+    stage_modules = {s.work.__module__ for s in STAGES}
+    assert len(stage_modules) == len(STAGES)  # one module per stage
+    for module in stage_modules:
+        others = {m for m in imports(REPO / (module.replace(".", "/") + ".py")) if m in stage_modules - {module}}
+        assert not others, f"{module} imports the stage module(s) {others}"
+
+
+def test_the_core_package_imports_neither_tasks_nor_flows():
+    """popflow/ is the bottom layer; only the CLI sits on top of the flows (README, "The house")."""
+    for path in sorted((REPO / "popflow").glob("*.py")):
+        upward = {m for m in imports(path) if m.split(".")[0] in ("tasks", "flows")}
+        if path.name == "cli.py":
+            assert upward and all(m.startswith("flows") for m in upward)
+        else:
+            assert not upward, f"{path.name} imports {upward}"

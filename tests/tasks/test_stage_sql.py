@@ -1,0 +1,133 @@
+"""Each stage's SQL on the small lake (tests/fixtures/lake.py): a data dir with a quote and a space, prompt
+ids with quotes and double quotes, results worked out by hand from the fixture's rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flows.experiment import comparison_sql
+from popflow import sql
+from popflow.train_config import Method
+from tasks.annotate import annotated_pairs
+from tasks.evaluate import (
+    base_rewards_sql,
+    constraint_scores_sql,
+    eval_prompts_sql,
+    generation_metrics_sql,
+    heldout_metrics_sql,
+)
+from tasks.margins import pop_labels_of, train_pairs_sql
+from tasks.pair import write_pairs
+from tasks.ref_logps import pair_rows_sql
+from tasks.sample import prompts_to_sample
+from tasks.score import samples_to_score
+from tasks.train import heldout_rows_sql, training_rows
+from tests.fixtures.lake import E1, E2, P1, P2, A, B, C, small_lake
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    return small_lake(tmp_path)
+
+
+def test_sample_and_score_read_the_quoted_lake(ctx):
+    """sample: train prompts first, then eval, each in source order; score: every sample with its prompt."""
+    con = sql.connect()
+    assert "'" in ctx.data_dir and " " in ctx.data_dir
+    assert prompts_to_sample(ctx, con).column("prompt_id").to_pylist() == [P1, P2, E1, E2]
+    rows = samples_to_score(ctx, con).to_pylist()
+    assert len(rows) == 11 and rows[0]["prompt"] == f"question {rows[0]['prompt_id']}"
+    assert {(r["prompt_id"], r["sample_idx"]) for r in rows if r["prompt_id"] == P2} == {(P2, 0), (P2, 1), (P2, 2)}
+
+
+def test_pair_builds_pairs_for_quoted_ids(ctx, tmp_path):
+    """it's 1: rewards 1, 2, 3 -> mu 2, sigma sqrt(2/3), mu - 2 sigma = 0.37 -> sample 0; max -> sample 2.
+    say "hi" 2: rewards 5, 1, 3 -> mu 3, sigma 1.63, mu - 2 sigma = -0.27 -> sample 1; max -> sample 0."""
+    con = sql.connect()
+    sources = {"samples": ctx.table("samples"), "prompts": ctx.table("prompts"),
+               "rewards": ctx.table("sample_rewards")}
+    out = {t: str(tmp_path / "it's out" / t) for t in ("seven_points", "pairs")}
+    report = write_pairs(con, ", 'tiny' as pipeline", sources, ctx.config.pair, out)
+    got = con.sql(f"select prompt_id, chosen_idx, rejected_idx, chosen[1].content from "
+                  f"{sql.parquet(out['pairs'] + '/*.parquet')} where prompt_id in {sql.values([P1, P2])} "
+                  "and strategy = 'seven_point' order by prompt_id").fetchall()
+    assert got == [(P1, 2, 0, f"answer {P1} #2"), (P2, 0, 1, f"answer {P2} #0")]
+    assert report["seven_point"]["ok"] == 4  # the two eval prompts pair too
+
+
+def test_annotate_takes_the_gap_of_a_named_reward_model(tmp_path):
+    """ground_truth b: pair A = b(it's 1, 0) - b(it's 1, 1) = 1 - 2 = -1; pair B = b(say "hi" 2, 2) - b(.., 0)
+    = 5 - 0 = 5; the eval pair C and the max_min pair D are not annotated."""
+    ctx = small_lake(tmp_path, ("annotate.ground_truth=b",))
+    got = annotated_pairs(ctx, sql.connect()).to_pylist()
+    assert got == [{"pair_id": A, "prompt_id": P1, "gt": -1.0}, {"pair_id": B, "prompt_id": P2, "gt": 5.0}]
+
+
+def test_margins_number_pairs_and_labels_alike(ctx):
+    """Train pairs of the annotated strategy, ordered by pair_id: A = 0, B = 1; the iterative labels
+    (A vs B, A stronger) and (B vs A, A stronger) become (0, 1, true) and (1, 0, false)."""
+    con = sql.connect()
+    pairs = train_pairs_sql(ctx.table("pairs"), "seven_point")
+    assert con.sql(pairs).fetchall() == [(A, 1.0), (B, 0.5)]
+    labels = pop_labels_of(ctx, con, pairs, "iterative").to_pylist()
+    assert sorted((r["a"], r["b"], r["a_stronger"]) for r in labels) == [(0, 1, True), (1, 0, False)]
+
+
+def test_ref_logps_reads_the_annotated_strategy(ctx):
+    rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), "seven_point")).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(A, "train"), (C, "eval"), (B, "train")]  # by pair_id: i < o < s
+    assert rows[0][2] == [{"role": "user", "content": f"question {P1}"}]
+
+
+def test_training_rows_per_method(ctx):
+    """iterative train_pairs: A twice, B once. dpo_pop: margins 0.25 (A), 0.75 (B); dpo_fixed_margin:
+    gamma everywhere; distill_pessimistic (normalize none): per model chosen - rejected, models a then b:
+    A = (3 - 1, 1 - 2) = (2, -1), B = (2 - 0, 5 - 0) = (2, 5). The random sampling has A once, margin 0.5."""
+    con = sql.connect()
+
+    def rows(method, *cols):
+        return [tuple(r[c] for c in cols) for r in training_rows(ctx, con, method).to_pylist()]
+
+    assert rows(Method(loss="dpo_pop"), "pair_id", "margin", "target", "ref_chosen_logps") == [
+        (A, 0.25, 1.0, -10.0), (A, 0.25, 1.0, -10.0), (B, 0.75, 0.5, -5.0)]
+    assert rows(Method(loss="dpo_pop", sampling="random"), "pair_id", "margin") == [(A, 0.5)]
+    assert rows(Method(loss="dpo_fixed_margin", gamma=0.3), "margin") == [(0.3,)] * 3
+    assert rows(Method(loss="dpo_gt_margin", alpha=2.0), "margin") == [(2.0,), (2.0,), (1.0,)]
+    assert rows(Method(loss="distill_pessimistic"), "pair_id", "targets") == [
+        (A, [2.0, -1.0]), (A, [2.0, -1.0]), (B, [2.0, 5.0])]
+    held = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).fetchall()
+    assert [(r[0], r[-1]) for r in held] == [(C, 2.0)]
+
+
+def test_evaluate_metrics_by_hand(ctx):
+    """held-out (beta_h, gt): (1, 2), (-0.5, 1), (2, 3): accuracy 2/3; Pearson = cov / (sd sd) with
+    deviations (1/6, -4/3, 7/6) and (0, -1, 1): 2.5 / sqrt(19/6 * 2); Spearman 1 (same ranks).
+    generation vs the base (its first n = 2 samples of each eval prompt, 0.5, 0.2 | 0, 1): policy rewards
+    1, 0.2 | -1, 3 -> win, tie, loss, win -> win rate 2.5 / 4; mean reward 3.2 / 4 (base 1.7 / 4, win 0.5);
+    constraint rate (score >= 1 of model a): policy 1, 0.5, 1, 1 -> 3/4; base 1, 1, 0, 0.2 -> 2/4."""
+    con = sql.connect()
+    held = {(m, k): v for m, _, k, v in con.sql(heldout_metrics_sql(ctx.table("heldout_margins"))).fetchall()}
+    assert held[("m", "accuracy")] == pytest.approx(2 / 3)
+    assert held[("m", "pearson")] == pytest.approx(2.5 / math.sqrt(19 / 6 * 2))
+    assert held[("m", "spearman")] == pytest.approx(1.0)
+    ids = [r[0] for r in con.sql(eval_prompts_sql(ctx.table("prompts"), None)).fetchall()]
+    assert ids == [E1, E2]
+    assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1)).fetchall()[0][0] == E1
+    base = base_rewards_sql(ctx.table("sample_rewards"), ids, 2)
+    policy = f"(select method, seed, prompt_id, sample_idx, reward from {ctx.table('eval_samples')} " \
+             f"union all select * from {base})"
+    constraints = constraint_scores_sql(ctx.table("eval_rewards"), ctx.table("rewards"), "a", ids, 2)
+    got = {(m, k): v for m, _, k, v in con.sql(generation_metrics_sql(policy, base, constraints)).fetchall()}
+    assert got == pytest.approx({("m", "win_rate"): 2.5 / 4, ("m", "mean_reward"): 3.2 / 4,
+                                 ("m", "constraint_rate"): 0.75, ("base", "win_rate"): 0.5,
+                                 ("base", "mean_reward"): 1.7 / 4, ("base", "constraint_rate"): 0.5})
+
+
+def test_experiment_comparison(ctx):
+    """Two seeds of one metric, 0.5 and 0.7: mean 0.6, sample std sqrt(0.02)."""
+    ctx.lake.write_table("eval_metrics", "tiny", "r1", __import__("pyarrow").table(
+        {"method": ["m", "m"], "seed": [0, 1], "metric": ["accuracy"] * 2, "value": [0.5, 0.7]}))
+    got = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).fetchall()
+    assert got == [("m", "accuracy", pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)]
