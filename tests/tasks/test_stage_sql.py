@@ -12,8 +12,6 @@ from popflow import sql
 from popflow.train_config import Method
 from tasks.annotate import annotated_pairs
 from tasks.evaluate import (
-    base_rewards_sql,
-    constraint_scores_sql,
     eval_prompts_sql,
     generation_metrics_sql,
     heldout_metrics_sql,
@@ -115,14 +113,14 @@ def test_evaluate_metrics_by_hand(ctx):
     ids = [r[0] for r in con.sql(eval_prompts_sql(ctx.table("prompts"), None)).fetchall()]
     assert ids == [E1, E2]
     assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1)).fetchall()[0][0] == E1
-    base = base_rewards_sql(ctx.table("sample_rewards"), ids, 2)
-    policy = f"(select method, seed, prompt_id, sample_idx, reward from {ctx.table('eval_samples')} " \
-             f"union all select * from {base})"
-    constraints = constraint_scores_sql(ctx.table("eval_rewards"), ctx.table("rewards"), "a", ids, 2)
-    got = {(m, k): v for m, _, k, v in con.sql(generation_metrics_sql(policy, base, constraints)).fetchall()}
+    constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), "a")
+    metrics = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ids, 2, constraints)
+    got = {(m, k): v for m, _, k, v in con.sql(metrics).fetchall()}
     assert got == pytest.approx({("m", "win_rate"): 2.5 / 4, ("m", "mean_reward"): 3.2 / 4,
                                  ("m", "constraint_rate"): 0.75, ("base", "win_rate"): 0.5,
                                  ("base", "mean_reward"): 1.7 / 4, ("base", "constraint_rate"): 0.5})
+    plain = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ids, 2)
+    assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {"mean_reward", "win_rate"}  # no constraints model
 
 
 def test_experiment_comparison(ctx):
