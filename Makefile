@@ -61,6 +61,7 @@ bench: models
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval_lora.py
 	$(PY) bench/bench_vllm_cpu.py
+	$(PY) bench/bench_preflight.py
 
 # The GPU figures (bench/gpu_check.sh says how to carry it to a machine without network); on CPU, CPU figures.
 gpu-check: models

@@ -76,8 +76,11 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
 
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
-    result = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
-                                 config_path=config_path)
+    state = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
+                                config_path=config_path, return_state=True)
+    if state.is_failed():  # bad input: this flow ends with the pipeline's one-line failure
+        return state
+    result = state.result()
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],
                      load_pipeline(pipeline, config_path, sets))
     table = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).to_arrow_table()

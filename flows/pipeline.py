@@ -24,10 +24,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.preflight import preflight
 from popflow import logs
 from popflow.config import load_pipeline
+from popflow.config_base import check_name
 from popflow.errors import PopflowError
-from popflow.runs import end_run, new_run_id, preflight, prune_runs, resolve_data_dir, start_run
+from popflow.runs import end_run, new_run_id, prune_runs, resolve_data_dir, start_run
 from popflow.stage import RunContext, Stage, artifact_key, plan, upstream
 from tasks.annotate import annotate
 from tasks.evaluate import evaluate
@@ -94,9 +96,27 @@ def preference_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | list
     overrides: "key.path=value" strings, or a nested mapping of config sections ({"sample": {"n": 4}}).
     run_id: resume that run (a failed or killed one goes on from its last complete stage / shard).
     from_stage (with run_id) reruns that stage and the later ones on the run's existing data; the config may
-    differ only in those stages' sections (each kept stage's hash is checked)."""
+    differ only in those stages' sections (each kept stage's hash is checked).
+
+    Bad input (a PopflowError, here or in a stage) ends the run Failed with its one-line message, logged once
+    and without a traceback; the direct caller (the CLI) gets the PopflowError itself."""
+    from prefect.states import Failed
+
+    try:
+        return run_pipeline(pipeline, overrides, data_dir, run_id, config_path, from_stage)
+    except PopflowError as err:
+        get_run_logger().error("popflow: error: %s", err)
+        return Failed(message=str(err), data=err)
+
+
+def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | None, config_path: str | None,
+                 from_stage: str | None) -> dict:
+    """The flow's body (inside the flow run): check, plan, run each stage's task after the stages it reads."""
     logger = get_run_logger()
     logs.configure()
+    check_name(pipeline, "pipeline")
+    if run_id is not None:
+        check_name(run_id, "run_id")
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     preflight(cfg)
     if from_stage and not run_id:

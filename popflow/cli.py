@@ -69,10 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(args) -> int:
+def checked(args):
+    """The pipeline's config after every check that needs no model (names, config, sources, model paths,
+    reward functions): bad input stops here, before Prefect starts."""
+    from flows.preflight import preflight
     from popflow.config import load_pipeline
+    from popflow.config_base import check_name
 
-    load_pipeline(args.pipeline, args.config, args.overrides)  # fail fast, before Prefect starts
+    if getattr(args, "run_id", None):
+        check_name(args.run_id, "--run-id")
+    cfg = load_pipeline(args.pipeline, args.config, args.overrides)
+    preflight(cfg)
+    return cfg
+
+
+def cmd_run(args) -> int:
+    checked(args)
     from flows.pipeline import preference_pipeline
 
     result = preference_pipeline(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,
@@ -119,8 +131,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from flows.preflight import preflight
     from popflow.config import load_pipeline, pipeline_names
-    from popflow.runs import preflight
 
     for name in pipeline_names(args.config):
         preflight(load_pipeline(name, args.config))  # hub ids are not fetched: they load at run time
@@ -162,9 +174,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from popflow.config import load_pipeline
-
-    load_pipeline(args.pipeline, args.config, args.overrides)
+    checked(args)
     from flows.experiment import preference_experiment
 
     result = preference_experiment(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,

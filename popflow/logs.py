@@ -18,9 +18,23 @@ def verbose() -> bool:
     return os.environ.get("POPFLOW_VERBOSE", "") not in ("", "0")
 
 
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a failed task's state with exc_info even when no exception is being handled (a stage
+    that returns a Failed state for bad input), which prints a stray "NoneType: None"; drop that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
 def configure(verbose_flag: bool = False) -> None:
     """Set engine log levels for this process and the processes it starts (vLLM reads its level from the
     environment when imported, its engine processes when spawned)."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        prefect_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoEmptyTraceback) for f in prefect_logger.filters):
+            prefect_logger.addFilter(_NoEmptyTraceback())
     if verbose_flag:
         os.environ["POPFLOW_VERBOSE"] = "1"
     level = "INFO" if verbose() else "WARNING"

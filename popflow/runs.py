@@ -1,4 +1,4 @@
-"""A run's lifecycle: its id, its record (run.json), the checks done before any stage starts.
+"""A run's lifecycle: its id, its record (run.json), retention.
 
 Run ids carry their UTC start time and a random suffix (20261125T020000Z-3fa2c1), so nightly runs sort by
 date and two runs started in the same second never share a partition. Passing an existing run id resumes
@@ -13,7 +13,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from popflow import __version__, models
+from popflow import __version__
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.lake import Lake
@@ -36,20 +36,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
-
-
-def preflight(cfg: PipelineConfig) -> None:
-    """Catch what would fail late (a missing model directory, an unimportable reward function) up front."""
-    from popflow.plugins import load_function
-
-    if cfg.import_pairs:
-        return  # no model is loaded before annotation
-    models.check_ref(cfg.sample.policy, "sample.policy")
-    for spec in cfg.score.models:
-        if hasattr(spec, "model"):
-            models.check_ref(spec.model, f"score.models[{spec.name}].model")
-        if spec.kind == "python":
-            load_function(spec.function, f"score.models[{spec.name}].function")
 
 
 def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_config: bool = True) -> dict:

@@ -116,8 +116,13 @@ class Stage:
         from prefect import task
 
         @functools.wraps(self.work)
-        def run(ctx: RunContext) -> StageResult:
-            result = run_stage(self, ctx)
+        def run(ctx: RunContext):
+            from prefect.states import Failed
+
+            try:
+                result = run_stage(self, ctx)
+            except PopflowError as err:  # bad input: a Failed state with its one line, no traceback, no retry
+                return Failed(message=str(err), data=err)
             summarise(ctx, result)
             return result
 
@@ -168,6 +173,18 @@ def hash_sections(s: Stage, cfg: PipelineConfig) -> tuple[str, ...]:
         keys.update(current.sections)
         todo.extend(REGISTRY[r] for r in upstream(current, cfg))
     return tuple(sorted(k for k in keys if k.split(".")[0] == k or k.split(".")[0] not in keys))
+
+
+def run_logger() -> logging.Logger:
+    """Prefect's run logger inside a flow or task run; this module's logger when a stage is called directly
+    (a test, a notebook). Stage modules use it, so they import without Prefect."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def now() -> str:

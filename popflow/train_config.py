@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from popflow.config_base import Strict
+from popflow.config_base import NAME_PATTERN, Strict
 
 # popflow's own losses (tasks/losses.py): DPO with a per-pair margin (DPO-PoP and its baselines) and reward
 # model distillation (Fisch et al. 2405.19316).
@@ -36,7 +36,7 @@ class LoraOptions(Strict):
 class Method(Strict):
     loss: str = Field("dpo_pop", description=f"One of popflow's losses {POP_LOSSES} or a TRL loss type "
                       f"{TRL_LOSSES} (passed through to DPOConfig.loss_type).")
-    name: str | None = Field(None, pattern=r"^[a-z0-9_]+$", description="Label in train/eval tables; default: "
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="Label in train/eval tables; default: "
                              "the loss, plus _<sampling> for dpo_pop when the run annotates several samplings.")
     sampling: Literal["iterative", "random"] | None = Field(
         None, description="Which PoP annotation trains this method (its train_pairs and margins); default: the "

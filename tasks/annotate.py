@@ -24,12 +24,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import get_run_logger
 
 from popflow import sql
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 
 def group_layout(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -197,5 +196,5 @@ def annotate(ctx: RunContext) -> Output:
     labels, train = pa.concat_tables(labels), pa.concat_tables(train)
     ctx.lake.write_table("pop_labels", ctx.pipeline, ctx.run_id, with_run_columns(ctx, labels))
     ctx.lake.write_table("train_pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, train))
-    get_run_logger().info("PoP labels: %s", report)
+    run_logger().info("PoP labels: %s", report)
     return Output({"pop_labels": labels.num_rows, "train_pairs": train.num_rows}, report)

@@ -22,13 +22,20 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from popflow import models, precision, sql
-from popflow.engines import Engines, Params, Prompt, render_prompts, samples_table
+from popflow.engines import (
+    Engines,
+    Params,
+    Prompt,
+    context_length,
+    fit_prompts,
+    long_prompts,
+    render_prompts,
+    samples_table,
+)
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, artifact_key, stage, with_run_columns
+from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
@@ -135,24 +142,37 @@ def adapter_serving(setting: str, hw: precision.Hardware, max_tokens_per_policy:
     return "merge" if max_tokens_per_policy * extra_s > merge_s + startup_s * (1 - 1 / max(policies, 1)) else "lora"
 
 
-def generate_all(ctx: RunContext, policies: list[dict], prompts: pa.Table, serving: str) -> pa.Table:
-    """Samples of every trained policy on the held-out prompts, with stage 1's engine and settings; serving:
-    how vLLM serves an adapter (lora or merge)."""
-    cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
-    base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
+def eval_prompts(ctx: RunContext, con, base_path: str) -> tuple[pa.Table, list[Prompt], list[tuple[str, int]]]:
+    """The held-out prompts, rendered with the policy's chat template, without those too long for the
+    sampling settings (sample.long_prompts: skip; fail raises): (prompts table, rendered, too long)."""
     from transformers import AutoTokenizer
 
+    cfg = ctx.config.sample
+    prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts)).to_arrow_table()
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.trust_remote_code)
     ids = prompts.column("prompt_id").to_pylist()
-    texts = render_prompts(AutoTokenizer.from_pretrained(base.path), prompts.column("prompt").to_pylist(),
-                           cfg.system_prompt, cfg.policy)
+    texts = render_prompts(tokenizer, prompts.column("prompt").to_pylist(), cfg.system_prompt, cfg.policy)
     rendered = [Prompt(i, t) for i, t in zip(ids, texts, strict=True)]
+    context = context_length(base_path, cfg)
+    too_long = long_prompts(tokenizer, rendered, cfg.max_tokens, context)
+    rendered = fit_prompts(rendered, too_long, cfg, context, "evaluate")
+    kept = {p.id for p in rendered}
+    return prompts.filter(pa.array([i in kept for i in ids])), rendered, too_long
+
+
+def generate_all(ctx: RunContext, policies: list[dict], prompts: list[Prompt], serving: str) -> pa.Table:
+    """Samples of every trained policy on the held-out prompts (rendered), with stage 1's engine and settings;
+    serving: how vLLM serves an adapter (lora or merge)."""
+    cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
+    base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
+    ids = [p.id for p in prompts]
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
     tables = []
     with Engines(cfg, serving, rank, ctx.lake.data_dir / "models" / "tmp") as engines:
         for pol in policies:
             opened = engines.open(base.path, pol["path"]) if pol["adapter"] else engines.open(pol["path"])
             with opened as engine:
-                part = samples_table(ids, engine.generate(rendered, cfg.n, Params.of(cfg)), pol["method"],
+                part = samples_table(ids, engine.generate(prompts, cfg.n, Params.of(cfg)), pol["method"],
                                      cfg.engine, 0)
             n = part.num_rows
             tables.append(part.append_column("method", pa.array([pol["method"]] * n))
@@ -191,12 +211,13 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     """Generate and score every policy's samples (tables eval_samples, eval_rewards); return the metrics
     SQL (policies and the base policy) and a report."""
     lake, n = ctx.lake, ctx.config.evaluate.n
-    prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts)).to_arrow_table()
+    base = models.resolve(ctx.config.sample.policy, lake.data_dir, "sample.policy")
+    prompts, rendered, too_long = eval_prompts(ctx, con, base.path)
     if prompts.num_rows == 0 or not policies:
-        return None, {"eval_prompts": prompts.num_rows}
+        return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
     serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))
-    samples = generate_all(ctx, policies, prompts, serving)
+    samples = generate_all(ctx, policies, rendered, serving)
     lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
                      with_run_columns(ctx, score_samples(ctx, samples, prompts)))
     con.register("generated", samples)
@@ -209,6 +230,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
                                          prompts.column("prompt_id").to_pylist(), n, constraints)
     return (metrics_sql,
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
+             "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
              "eval_samples": samples.num_rows})
 
@@ -252,8 +274,10 @@ def evaluate(ctx: RunContext) -> Output:
                                       ("value", pa.float64())]))
     ctx.lake.write_table("eval_metrics", ctx.pipeline, ctx.run_id, with_run_columns(ctx, metrics))
     table = markdown_table(con, metrics)
+    from prefect.artifacts import create_markdown_artifact
+
     create_markdown_artifact(key=artifact_key(ctx.pipeline, "evaluation"), markdown=(
         f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
     (ctx.run_dir / "evaluation.md").write_text(table + "\n")
-    get_run_logger().info("evaluation (mean over seeds):\n%s", table)
+    run_logger().info("evaluation (mean over seeds):\n%s", table)
     return Output({**tables, "eval_metrics": metrics.num_rows}, report, precision=dtypes)

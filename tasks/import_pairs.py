@@ -16,12 +16,11 @@ import json
 import math
 
 import pyarrow as pa
-from prefect import get_run_logger
 
 from popflow.config import ImportPairsConfig
 from popflow.errors import PopflowError
 from popflow.sources import is_eval, read_records
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PAIRS_SCHEMA = pa.schema([
@@ -105,5 +104,5 @@ def import_pairs(ctx: RunContext) -> Output:
     report = {"source": cfg.source, "pairs": table.num_rows,
               "eval_pairs": table.column("split").to_pylist().count("eval"),
               "with_gt_margin": table.num_rows - table.column("gt_margin").null_count}
-    get_run_logger().info("imported pairs: %s", report)
+    run_logger().info("imported pairs: %s", report)
     return Output({"pairs": table.num_rows}, report)

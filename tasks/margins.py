@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger
 from scipy.optimize import minimize
 from scipy.stats import pearsonr, rankdata, spearmanr
 
 from popflow import sql
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 
 def bt_objective(s: np.ndarray, a: np.ndarray, b: np.ndarray, sign: np.ndarray, prior_var: float):
@@ -153,5 +152,5 @@ def infer_margins(ctx: RunContext) -> Output:
                                               ctx.run_id))
     table = pa.concat_tables(tables)
     ctx.lake.write_table("margins", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
-    get_run_logger().info("margins: %s", report)
+    run_logger().info("margins: %s", report)
     return Output({"margins": table.num_rows}, report)

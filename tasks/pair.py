@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import os
 
-from prefect import get_run_logger
-
 from popflow import sql
 from popflow.config import POINTS, PairConfig
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, stage
+from popflow.stage import Output, RunContext, run_logger, stage
 
 _SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
 
@@ -168,7 +166,7 @@ def pair(ctx: RunContext) -> Output:
     """Build seven_points and pairs for the run, then plot a few prompts' reward distributions."""
     from popflow.plots import plot_reward_distributions
 
-    logger, cfg, lake = get_run_logger(), ctx.config.pair, ctx.lake
+    logger, cfg, lake = run_logger(), ctx.config.pair, ctx.lake
     sources = {"samples": ctx.table("samples"), "prompts": ctx.table("prompts"),
                "rewards": ctx.table("sample_rewards")}
     out = {t: str(lake.staging(t, ctx.pipeline, ctx.run_id)) for t in ("seven_points", "pairs")}

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-from prefect import get_run_logger
 
 from popflow.config import PromptsConfig
 from popflow.errors import PopflowError
 from popflow.sources import is_eval, read_records
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards.constraints import validate_constraints
 
 SPLITS = ("train", "eval")
@@ -98,5 +97,5 @@ def ingest(ctx: RunContext) -> Output:
     splits = table.column("split").to_pylist()
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),
               "with_constraints": table.num_rows - table.column("constraints").null_count}
-    get_run_logger().info("prompts: %s", report)
+    run_logger().info("prompts: %s", report)
     return Output({"prompts": table.num_rows}, report)

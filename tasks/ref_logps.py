@@ -18,12 +18,11 @@ import tempfile
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import get_run_logger
 
 from popflow import models, precision, sql
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
@@ -117,5 +116,5 @@ def ref_logps(ctx: RunContext) -> Output:
     ctx.lake.write_table("ref_logps", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,
               "truncated_sequences": length_report(prepared, cfg.max_length), "max_length": cfg.max_length}
-    get_run_logger().info("reference log-probs: %s", report)
+    run_logger().info("reference log-probs: %s", report)
     return Output({"ref_logps": n}, report, {"reference": ref.identity()}, dtypes)

@@ -5,10 +5,13 @@ call (vLLM schedules the whole shard itself: no small batches) and is written to
 crash loses at most the shard in flight and a rerun of the run id generates only the missing shards. When
 every shard exists they are published together as the `samples` table.
 
-Seeds: with CUDA, every prompt gets its own seed derived from `sample.seed` and its prompt_id (a resumed
-shard is identical to the lost one). vLLM on CPU cannot seed single requests, so there the engine is seeded
-with `sample.seed` and a shard's tokens depend on the shards before it; the manifest records which. The
-engines themselves (vLLM, transformers) live in popflow/engines.py.
+Seeds: with vLLM (CUDA or CPU) every prompt gets its own seed derived from `sample.seed` and its prompt_id,
+so a resumed shard is identical to the lost one; the transformers engine is seeded once, and the manifest
+records which (`per_request_seed`). The engines themselves live in popflow/engines.py.
+
+Prompts too long for the context (rendered length + max_tokens > vllm.max_model_len or the model's own) are
+found with the tokenizer before the engine starts: `sample.long_prompts: skip` drops them (table
+`skipped_prompts`, counted in the report), `fail` stops naming the first.
 
     .venv/bin/popflow run tiny --set sample.engine=transformers
 """
@@ -19,12 +22,20 @@ import logging
 import time
 
 import pyarrow as pa
-from prefect import get_run_logger
 
 from popflow import models, precision, sql
-from popflow.engines import Engines, Params, Prompt, render_prompts, samples_table
+from popflow.engines import (
+    Engines,
+    Params,
+    Prompt,
+    context_length,
+    fit_prompts,
+    long_prompts,
+    render_prompts,
+    samples_table,
+)
 from popflow.errors import PopflowError
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +61,44 @@ def progress(done_prompts: int, total_prompts: int, tokens: int, seconds: float)
     return f"{done_prompts}/{total_prompts} prompts, {tokens} tokens at {rate:.1f} tokens/s, {left / 60:.1f} min left"
 
 
-@stage("sample", reads=("ingest",), sections=("sample",), writes=("samples",), retries=1,
+SKIPPED_SCHEMA = pa.schema([("prompt_id", pa.string()), ("tokens", pa.int32()), ("max_tokens", pa.int32()),
+                            ("context", pa.int32())])
+
+
+def skipped_table(too_long: list[tuple[str, int]], max_tokens: int, context: int | None) -> pa.Table:
+    return pa.Table.from_pylist([{"prompt_id": pid, "tokens": n, "max_tokens": max_tokens, "context": context}
+                                 for pid, n in too_long], schema=SKIPPED_SCHEMA)
+
+
+@stage("sample", reads=("ingest",), sections=("sample",), writes=("samples", "skipped_prompts"), retries=1,
        when=lambda cfg: not cfg.import_pairs)
 def sample(ctx: RunContext) -> Output:
-    """Generate the missing shards, then publish `samples`."""
-    logger, cfg, lake, con = get_run_logger(), ctx.config.sample, ctx.lake, sql.connect()
+    """Check every prompt fits, generate the missing shards, then publish `samples` (and `skipped_prompts`)."""
+    logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
     prompts = prompts_to_sample(ctx, con)
-    ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy.path, trust_remote_code=cfg.trust_remote_code)
+    ids = prompts.column("prompt_id").to_pylist()
+    rendered = [Prompt(i, t) for i, t in zip(ids, render_prompts(tokenizer, prompts.column("prompt").to_pylist(),
+                                                                  cfg.system_prompt, cfg.policy), strict=True)]
+    context = context_length(policy.path, cfg)
+    too_long = long_prompts(tokenizer, rendered, cfg.max_tokens, context)
+    rendered = fit_prompts(rendered, too_long, cfg, context, "sample")
+    if not rendered:
+        raise PopflowError(f"sample: none of the {len(ids)} prompts fits max_tokens={cfg.max_tokens} in a context "
+                           f"of {context}")
+    ids = [p.id for p in rendered]
+    lake.write_table("skipped_prompts", ctx.pipeline, ctx.run_id,
+                     with_run_columns(ctx, skipped_table(too_long, cfg.max_tokens, context)))
     have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
     todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size)) if f"shard-{k:05d}" not in have]
     logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
                 len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo), len(have))
     per_request_seed = None
     if todo:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(policy.path, trust_remote_code=cfg.trust_remote_code)
-        rendered = [Prompt(i, t) for i, t in zip(ids, render_prompts(tokenizer, texts, cfg.system_prompt,
-                                                                      cfg.policy), strict=True)]
         total, done, tokens, t0 = sum(e - s for _, s, e in todo), 0, 0, time.time()
         with Engines(cfg) as engines, engines.open(policy.path) as engine:
             per_request_seed = engine.per_request_seed
@@ -87,7 +116,8 @@ def sample(ctx: RunContext) -> Output:
     lake.publish("samples", ctx.pipeline, ctx.run_id)
     report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
               "shards": len(shards(len(ids), cfg.shard_size)), "resumed_shards": len(have),
-              "per_request_seed": per_request_seed,
+              "per_request_seed": per_request_seed, "skipped_prompts": len(too_long),
+              "skipped_ids": [pid for pid, _ in too_long[:20]], "context": context,
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                            "seed": cfg.seed, "system_prompt": cfg.system_prompt}}
-    return Output({"samples": rows}, report, {"policy": policy.identity()}, dtypes)
+    return Output({"samples": rows, "skipped_prompts": len(too_long)}, report, {"policy": policy.identity()}, dtypes)

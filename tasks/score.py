@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger
 
 from popflow import models, precision, sql
-from popflow.stage import Output, RunContext, stage, with_run_columns
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
@@ -48,7 +47,7 @@ def model_stats_sql(rewards: str) -> str:
        when=lambda cfg: not cfg.import_pairs)
 def score(ctx: RunContext) -> Output:
     """Score with each reward model (resuming per model), publish rewards and sample_rewards."""
-    logger, cfg, lake, con = get_run_logger(), ctx.config.score, ctx.lake, sql.connect()
+    logger, cfg, lake, con = run_logger(), ctx.config.score, ctx.lake, sql.connect()
     data = samples_to_score(ctx, con)
     ids, idx = data.column("prompt_id").to_pylist(), data.column("sample_idx").to_pylist()
     batch = ScoringBatch(

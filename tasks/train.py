@@ -30,14 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from popflow import models, precision, sql
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, artifact_key, stage, with_run_columns
+from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from popflow.train_config import Method
 from tasks.rewards.aggregate import normalised_sql
 
@@ -223,7 +221,7 @@ def policy_dir(ctx: RunContext, name: str, seed: int) -> Path:
        writes=("train_metrics", "heldout_margins", "policies"), when=lambda cfg: cfg.train is not None)
 def train(ctx: RunContext) -> Output:
     """Train every method x seed not yet done in this run; publish train_metrics, heldout_margins, policies."""
-    logger, cfg, lake, con = get_run_logger(), ctx.config.train, ctx.lake, sql.connect()
+    logger, cfg, lake, con = run_logger(), ctx.config.train, ctx.lake, sql.connect()
     dtypes = precision.announce({"train.dtype": cfg.dtype})
     check_reference(ctx, con)
     heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).to_arrow_table()
@@ -254,6 +252,8 @@ def train(ctx: RunContext) -> Output:
             select method, seed, steps, examples, train_seconds, tokens_per_s, final_loss from {ctx.table('policies')}
         )
         select * from final order by method, seed""").to_arrow_table()
+    from prefect.artifacts import create_table_artifact
+
     create_table_artifact(key=artifact_key(ctx.pipeline, "policies"), table=summary.to_pylist(),
                           description=f"{ctx.pipeline} run {ctx.run_id}: trained policies")
     report = {"methods": [method_name(ctx, m) for m in cfg.methods], "seeds": cfg.seeds,

@@ -33,6 +33,15 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarra
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class BadScore(Exception):
+    """A reward kind's complaint about one response, by its position in the batch; `score_with` names the
+    sample (prompt_id, sample_idx) in the error."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(problem)
+        self.index, self.problem = index, problem
+
+
 def check_finite(values: np.ndarray, name: str, prompt_ids: list[str], sample_idx: list[int]) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
@@ -53,6 +62,11 @@ def rewards_part(name: str, kind: str, prompt_ids: list[str], sample_idx: list[i
 
 def score_with(spec, batch: ScoringBatch, data_dir, prompt_ids: list[str], sample_idx: list[int]) -> pa.Table:
     """One reward model's scores of a batch, checked finite, as rewards rows."""
-    values = importlib.import_module(f"tasks.rewards.{spec.kind}").score(spec, batch, data_dir)
+    try:
+        values = importlib.import_module(f"tasks.rewards.{spec.kind}").score(spec, batch, data_dir)
+    except BadScore as bad:
+        i = bad.index
+        raise PopflowError(f"reward model {spec.name!r}: {bad.problem} for prompt_id={prompt_ids[i]!r} "
+                           f"sample_idx={sample_idx[i]}; nothing was written") from None
     check_finite(values, spec.name, prompt_ids, sample_idx)
     return rewards_part(spec.name, spec.kind, prompt_ids, sample_idx, values)

@@ -34,6 +34,11 @@ def test_valid_parameters_pass(schema, params):
     ({"pipeline": "tiny", "overrides": {"score": {"models": [{"name": "x", "kind": "hf"}]}}},
      "field 'overrides.score.models[0]'"),  # an hf reward without its model
     ({"pipeline": "tiny", "overrides": ["sampel.n=3"]}, "does not match"),
+    # names become paths: a run id or a reward model name that is not a name is refused before any work
+    ({"pipeline": "tiny", "run_id": "../../escape"}, "field 'run_id'"),
+    ({"pipeline": "tiny", "run_id": ".hidden"}, "field 'run_id'"),
+    ({"pipeline": "tiny", "overrides": {"score": {"models": [{"name": "../x", "kind": "constraints"}]}}},
+     "field 'overrides.score.models[0]'"),
 ])
 def test_bad_parameters_are_refused_naming_the_field(schema, params, message):
     """Every message below is what `prefect deployment run --param ...` prints when the server refuses."""

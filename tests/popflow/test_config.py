@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
+from flows.preflight import preflight
 from popflow.config import DEFAULT_CONFIG, load_pipeline, pipeline_names
 from popflow.errors import PopflowError
-from popflow.runs import preflight
 
 
 def write(tmp_path, text: str):

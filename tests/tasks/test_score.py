@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from popflow import models
-from popflow.config import ScoreConfig
+from popflow.config import PythonReward, ScoreConfig
 from popflow.errors import PopflowError
 from popflow.plugins import load_function
 from popflow.sql import parquet
-from tasks.rewards import ScoringBatch, check_finite, hf, python, relevance
+from tasks.rewards import ScoringBatch, check_finite, hf, python, relevance, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -54,12 +54,33 @@ def test_python_reward_kind():
     spec = type("S", (), {"name": "len", "function": "tests.fixtures.rewards:length_reward"})
     assert python.score(spec, batch).tolist() == [2.0, 4.0]
     spec.function = "tests.fixtures.rewards:wrong_length"
-    with pytest.raises(PopflowError, match=r"returned shape \(1,\), expected \(2,\)"):
+    with pytest.raises(PopflowError, match=r"reward model 'len': tests.fixtures.rewards:wrong_length returned 1 "
+                                           r"value\(s\) for 2 responses"):
         python.score(spec, batch)
     with pytest.raises(PopflowError, match="has no function 'nope'"):
         load_function("tests.fixtures.rewards:nope", "k")
     with pytest.raises(PopflowError, match="cannot import module 'no_such_mod'"):
         load_function("no_such_mod:f", "k")
+
+
+def test_python_reward_errors_name_the_model_and_the_sample():
+    """Through score_with, as the score stage calls it: a string among the values names its sample (the
+    second: prompt_id 'it''s', sample_idx 3); an exception names the model and the exception; numpy numbers
+    and ints are numbers."""
+    batch = ScoringBatch(["p", "q"], ["ab", "abcd"], [None, None])
+
+    def spec(function):
+        return PythonReward(kind="python", name="mine", function=f"tests.fixtures.rewards:{function}")
+
+    with pytest.raises(PopflowError, match=r"reward model 'mine': tests.fixtures.rewards:string_reward returned "
+                                           r"'good' \(str\), not a number for prompt_id=\"it's\" sample_idx=3"):
+        score_with(spec("string_reward"), batch, None, ["p", "it's"], [0, 3])
+    with pytest.raises(PopflowError, match=r"reward model 'mine': tests.fixtures.rewards:raising_reward raised "
+                                           r"KeyError: 'score_me'"):
+        score_with(spec("raising_reward"), batch, None, ["p", "q"], [0, 1])
+    assert python.check_values([np.float32(0.5), 2], 2, "mine", "f").tolist() == [0.5, 2.0]
+    with pytest.raises(PopflowError, match="returned NoneType, not a list of 2 numbers"):
+        python.check_values(None, 2, "mine", "f")
 
 
 def test_hf_reward_batched_equals_one_at_a_time():

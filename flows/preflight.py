@@ -1,0 +1,44 @@
+"""What can be checked without a model, before Prefect starts: `popflow run` calls it first, so bad input
+fails in about a second with one line (exit 2); the flow calls it again for deployment runs.
+
+    sources          every prompt of prompts.source (ids unique, splits, constraints) or every pair of
+                     import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub)
+    models           every model reference: built-ins known, local paths exist and hold config.json
+                     (hub ids load at run time)
+    reward functions every `python` reward's module:function imports and is callable
+
+    .venv/bin/popflow validate            # preflight of every pipeline in pipelines.yaml
+
+It reuses the stages' own validators (tasks/prompts.py, tasks/import_pairs.py), so a check here and in the
+stage never disagree.
+"""
+
+from __future__ import annotations
+
+from popflow import models
+from popflow.config import PipelineConfig
+from popflow.plugins import load_function
+from popflow.sources import read_records
+from tasks.import_pairs import build_imported_pairs
+from tasks.prompts import load_prompts
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Raise a PopflowError naming the first bad input of this config (see the module docstring)."""
+    if cfg.import_pairs:
+        if not cfg.import_pairs.source.startswith("hf:"):
+            records, unit = read_records(cfg.import_pairs, "import_pairs.source")
+            build_imported_pairs(records, cfg.import_pairs, unit)
+    else:
+        if not cfg.prompts.source.startswith("hf:"):
+            load_prompts(cfg.prompts)
+        models.check_ref(cfg.sample.policy, "sample.policy")
+        for spec in cfg.score.models:
+            if hasattr(spec, "model"):
+                models.check_ref(spec.model, f"score.models[{spec.name}].model")
+            if spec.kind == "python":
+                load_function(spec.function, f"score.models[{spec.name}].function")
+    if cfg.train:
+        models.check_ref(cfg.train_policy(), "train.policy")
+        models.check_ref(cfg.reference_policy(), "train.reference")
+
