@@ -219,8 +219,14 @@ def run_stage(s: Stage, ctx: RunContext) -> StageResult:
 
 def transient(task, task_run, state) -> bool:
     """Prefect's retry condition for stages: retry what may pass (a model or an engine that failed to load,
-    a worker that ran out of memory), never bad input, which would only fail again."""
-    return not isinstance(state.data, PopflowError)
+    a worker that ran out of memory), never bad input, which would only fail again. A stage reports bad
+    input by returning a Failed state (Stage.task), which Prefect hands over wrapped in another."""
+    from prefect.client.schemas.objects import State
+
+    failure = state.data
+    if isinstance(failure, State):
+        failure = failure.data
+    return not isinstance(failure, PopflowError)
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:

@@ -11,6 +11,13 @@ import pytest
 from tests.conftest import REPO
 
 
+def error_line(err: str) -> str:
+    """The CLI's own line (Prefect's server logs may follow it); there is exactly one."""
+    lines = [line for line in err.splitlines() if line.startswith("popflow: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def refused_before_prefect(cli, *args: str, message: str) -> None:
     """Exit 2 with exactly one line on stderr, no lake and no Prefect database (the server never started)."""
     err = cli("run", "tiny", *args, expect=2).stderr
@@ -49,7 +56,7 @@ def test_a_bad_reward_function_fails_once_in_one_line(cli):
     traceback, the score task not retried (it retries transient errors only), sampling kept for a resume."""
     models = "score.models=[{name: mine, kind: python, function: 'tests.fixtures.rewards:string_reward'}]"
     err = cli("run", "tiny", "--set", "sample.engine=transformers", "--set", models, expect=2).stderr
-    assert err.strip().splitlines()[-1].startswith(
+    assert error_line(err).startswith(
         "popflow: error: reward model 'mine': tests.fixtures.rewards:string_reward returned 'good' (str), "
         "not a number for prompt_id=")
     assert "Traceback" not in err and "NoneType: None" not in err
@@ -85,6 +92,5 @@ def test_long_prompts_are_skipped_and_counted_or_fail_by_name(cli, tmp_path):
     assert cli.query(f"select status from runs where run_id = '{run_id}'") == [("completed",)]
 
     err = cli("run", "tiny", "--set", "sample.long_prompts=fail", "--set", "train=null", *source, expect=2).stderr
-    assert err.strip().splitlines()[-1].startswith(
-        "popflow: error: sample: prompt_id 'long train' is ")
+    assert error_line(err).startswith("popflow: error: sample: prompt_id 'long train' is ")
     assert "which leaves no room for sample.max_tokens=12 in the context of 512" in err

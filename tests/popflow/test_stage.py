@@ -124,3 +124,13 @@ def test_the_core_package_imports_neither_tasks_nor_flows():
             assert upward and all(m.startswith("flows") for m in upward)
         else:
             assert not upward, f"{path.name} imports {upward}"
+
+
+def test_bad_input_is_never_retried():
+    """Prefect wraps what failed in a Failed state: the stage's own Failed state (bad input, reported by
+    Stage.task) or an exception; only the transient kind is retried."""
+    from prefect.states import Failed
+
+    assert not registry.transient(None, None, Failed(data=Failed(data=PopflowError("bad row"))))
+    assert not registry.transient(None, None, Failed(data=PopflowError("bad row")))
+    assert registry.transient(None, None, Failed(data=RuntimeError("engine core died")))
