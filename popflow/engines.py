@@ -125,6 +125,21 @@ def fit_prompts(prompts: list[Prompt], too_long: list[tuple[str, int]], cfg, con
     return [p for p in prompts if p.id not in drop]
 
 
+def prepare_prompts(path: str, ids: list[str], texts: list[str], cfg: SampleConfig, key: str
+                    ) -> tuple[list[Prompt], list[tuple[str, int]], int | None]:
+    """Instructions rendered with the policy's chat template, without those too long for cfg.max_tokens in the
+    context (cfg.long_prompts: skip; fail raises naming the first): (kept prompts, too long as (prompt_id,
+    tokens), the context). `key` names the stage in messages."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    rendered = render_prompts(tokenizer, texts, cfg.system_prompt, cfg.policy)
+    prompts = [Prompt(i, t) for i, t in zip(ids, rendered, strict=True)]
+    context = context_length(path, cfg)
+    too_long = long_prompts(tokenizer, prompts, cfg.max_tokens, context)
+    return fit_prompts(prompts, too_long, cfg, context, key), too_long, context
+
+
 def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: bool = False) -> str:
     """Merge a LoRA adapter into a copy of its base model's weights, saved (with the tokenizer) under `out`:
     a plain model any engine serves without LoRA support. The sum is taken in float32 and stored in the base's

@@ -24,16 +24,7 @@ import json
 import pyarrow as pa
 
 from popflow import models, precision, sql
-from popflow.engines import (
-    Engines,
-    Params,
-    Prompt,
-    context_length,
-    fit_prompts,
-    long_prompts,
-    render_prompts,
-    samples_table,
-)
+from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
@@ -145,17 +136,10 @@ def adapter_serving(setting: str, hw: precision.Hardware, max_tokens_per_policy:
 def eval_prompts(ctx: RunContext, con, base_path: str) -> tuple[pa.Table, list[Prompt], list[tuple[str, int]]]:
     """The held-out prompts, rendered with the policy's chat template, without those too long for the
     sampling settings (sample.long_prompts: skip; fail raises): (prompts table, rendered, too long)."""
-    from transformers import AutoTokenizer
-
     cfg = ctx.config.sample
     prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts)).to_arrow_table()
-    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.trust_remote_code)
     ids = prompts.column("prompt_id").to_pylist()
-    texts = render_prompts(tokenizer, prompts.column("prompt").to_pylist(), cfg.system_prompt, cfg.policy)
-    rendered = [Prompt(i, t) for i, t in zip(ids, texts, strict=True)]
-    context = context_length(base_path, cfg)
-    too_long = long_prompts(tokenizer, rendered, cfg.max_tokens, context)
-    rendered = fit_prompts(rendered, too_long, cfg, context, "evaluate")
+    rendered, too_long, _ = prepare_prompts(base_path, ids, prompts.column("prompt").to_pylist(), cfg, "evaluate")
     kept = {p.id for p in rendered}
     return prompts.filter(pa.array([i in kept for i in ids])), rendered, too_long
 

@@ -24,16 +24,7 @@ import time
 import pyarrow as pa
 
 from popflow import models, precision, sql
-from popflow.engines import (
-    Engines,
-    Params,
-    Prompt,
-    context_length,
-    fit_prompts,
-    long_prompts,
-    render_prompts,
-    samples_table,
-)
+from popflow.engines import Engines, Params, prepare_prompts, samples_table
 from popflow.errors import PopflowError
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
@@ -78,15 +69,9 @@ def sample(ctx: RunContext) -> Output:
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
     prompts = prompts_to_sample(ctx, con)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy.path, trust_remote_code=cfg.trust_remote_code)
     ids = prompts.column("prompt_id").to_pylist()
-    rendered = [Prompt(i, t) for i, t in zip(ids, render_prompts(tokenizer, prompts.column("prompt").to_pylist(),
-                                                                  cfg.system_prompt, cfg.policy), strict=True)]
-    context = context_length(policy.path, cfg)
-    too_long = long_prompts(tokenizer, rendered, cfg.max_tokens, context)
-    rendered = fit_prompts(rendered, too_long, cfg, context, "sample")
+    rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,
+                                                  "sample")
     if not rendered:
         raise PopflowError(f"sample: none of the {len(ids)} prompts fits max_tokens={cfg.max_tokens} in a context "
                            f"of {context}")
