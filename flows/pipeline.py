@@ -114,8 +114,7 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
     """The flow's body (inside the flow run): check, plan, run each stage's task after the stages it reads."""
     logger = get_run_logger()
     logs.configure()
-    check_name(pipeline, "pipeline")
-    if run_id is not None:
+    if run_id is not None:  # (load_pipeline checks the pipeline's name)
         check_name(run_id, "run_id")
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     preflight(cfg)

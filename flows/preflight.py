@@ -18,8 +18,7 @@ from __future__ import annotations
 from popflow import models
 from popflow.config import PipelineConfig
 from popflow.plugins import load_function
-from popflow.sources import read_records
-from tasks.import_pairs import build_imported_pairs
+from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
 
 
@@ -27,8 +26,7 @@ def preflight(cfg: PipelineConfig) -> None:
     """Raise a PopflowError naming the first bad input of this config (see the module docstring)."""
     if cfg.import_pairs:
         if not cfg.import_pairs.source.startswith("hf:"):
-            records, unit = read_records(cfg.import_pairs, "import_pairs.source")
-            build_imported_pairs(records, cfg.import_pairs, unit)
+            load_imported_pairs(cfg.import_pairs)
     else:
         if not cfg.prompts.source.startswith("hf:"):
             load_prompts(cfg.prompts)

@@ -178,14 +178,13 @@ class VllmEngine:
     def generate(self, prompts: list[Prompt], n: int, params: Params, lora=None) -> list[list[Completion]]:
         """lora: a vLLM LoRARequest (the engine needs max_lora_rank); `Engines.open` passes it."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         requests = [
             SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
                            seed=derive_seed(params.seed, p.id))
             for p in prompts
         ]
-        from vllm.exceptions import VLLMClientError
-
         # vLLM's bar counts finished requests, which all finish together on CPU: the stage logs progress per shard
         try:
             outputs = self.llm.generate([p.text for p in prompts], requests, use_tqdm=logs.verbose(),

@@ -94,12 +94,17 @@ def build_imported_pairs(records: list[dict], cfg: ImportPairsConfig, unit: str)
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
 
+def load_imported_pairs(cfg: ImportPairsConfig) -> pa.Table:
+    """Read and validate the whole source into the pairs table (the stage and the preflight call this)."""
+    records, unit = read_records(cfg, "import_pairs.source")
+    return build_imported_pairs(records, cfg, unit)
+
+
 @stage("import_pairs", sections=("import_pairs",), writes=("pairs",), when=lambda cfg: bool(cfg.import_pairs))
 def import_pairs(ctx: RunContext) -> Output:
     """Read, validate and write the imported pairs as this run's `pairs` table."""
     cfg = ctx.config.import_pairs
-    records, unit = read_records(cfg, "import_pairs.source")
-    table = build_imported_pairs(records, cfg, unit)
+    table = load_imported_pairs(cfg)
     ctx.lake.write_table("pairs", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     report = {"source": cfg.source, "pairs": table.num_rows,
               "eval_pairs": table.column("split").to_pylist().count("eval"),

@@ -7,6 +7,7 @@ so each test does not rebuild them; everything else (lake, Prefect's database) l
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,18 @@ def cli_env(tmp_path: Path) -> dict:
     )
     env.pop("POPFLOW_DATA_DIR", None)
     return env
+
+
+def run_script(tmp_path: Path, script: str) -> dict:
+    """Run `script` (it prints one line `RESULT <json>`) in a fresh interpreter with the CLI's environment, as
+    vLLM engines want their own process; its RESULT, or a failure with the end of its stderr."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], env=cli_env(tmp_path), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    return json.loads(line[0][len("RESULT "):])
 
 
 class Cli:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, run_script
 
 
 @pytest.mark.slow
@@ -39,11 +36,6 @@ def test_vllm_cpu_samples_depend_on_seed_and_prompt_only(tmp_path):
                 out["fresh_engine"] = [x.text for x in engine.generate([c, a], 2, Params(0.8, 1.0, 12, 0))[1]]
             print("RESULT " + json.dumps(out))
     """)
-    (tmp_path / "seeds.py").write_text(script)
-    proc = subprocess.run([sys.executable, str(tmp_path / "seeds.py")], env=cli_env(tmp_path), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    out = json.loads(line[0][len("RESULT "):])
+    out = run_script(tmp_path, script)
     assert out["alone"] == out["batched"] == out["fresh_engine"]
     assert out["other_seed"] != out["alone"] and out["alone"][0] != out["alone"][1]

@@ -3,14 +3,11 @@ one engine, or merged into a copy of the base weights. Both must be the same pol
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 from popflow.precision import Hardware
 from tasks.evaluate import adapter_serving
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, run_script
 
 AVX2 = Hardware("cpu", frozenset({"avx2", "fma"}))
 AVX512_BF16 = Hardware("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -91,12 +88,7 @@ def test_a_merged_adapter_scores_text_as_the_served_adapter_does(tmp_path):
             out["merged_files"] = sorted(p.name for p in Path(merged).iterdir())
             print("RESULT " + json.dumps(out))
     """)
-    (tmp_path / "compare.py").write_text(script)
-    proc = subprocess.run([sys.executable, str(tmp_path / "compare.py")], env=cli_env(tmp_path), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    out = json.loads(line[0][len("RESULT "):])
+    out = run_script(tmp_path, script)
 
     def mean_gap(x, y):
         pairs = [(a, b) for xs, ys in zip(x, y, strict=True) for a, b in zip(xs, ys, strict=True)]
