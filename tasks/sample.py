@@ -5,9 +5,9 @@ call (vLLM schedules the whole shard itself: no small batches) and is written to
 crash loses at most the shard in flight and a rerun of the run id generates only the missing shards. When
 every shard exists they are published together as the `samples` table.
 
-Seeds: with vLLM (CUDA or CPU) every prompt gets its own seed derived from `sample.seed` and its prompt_id,
-so a resumed shard is identical to the lost one; the transformers engine is seeded once, and the manifest
-records which (`per_request_seed`). The engines themselves live in popflow/engines.py.
+Seeds: with vLLM on CUDA every prompt gets its own seed derived from `sample.seed` and its prompt_id, so a
+resumed shard is identical to the lost one; on CPU (and with transformers) the engine is seeded once, and
+the manifest records which (`per_request_seed`; popflow/engines.py says why). The engines live there too.
 
 Prompts too long for the context (rendered length + max_tokens > vllm.max_model_len or the model's own) are
 found with the tokenizer before the engine starts: `sample.long_prompts: skip` drops them (table
