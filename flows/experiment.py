@@ -29,7 +29,8 @@ METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constr
 
 
 def experiment_overrides(cfg) -> list[str]:
-    """--set assignments that turn a pipeline run into the experiment's run."""
+    """--set assignments that turn a pipeline run into the experiment's run (never a loop round: an experiment
+    compares methods on one run's pairs and promotes nothing)."""
     exp = cfg.experiment
     samplings = list(cfg.annotate.sampling)
     for m in exp.methods:
@@ -37,7 +38,7 @@ def experiment_overrides(cfg) -> list[str]:
             samplings.append(m.sampling)
     methods = [m.model_dump(exclude_none=True) for m in exp.methods]
     return [f"train.methods={json.dumps(methods)}", f"train.seeds={json.dumps(exp.seeds)}",
-            f"annotate.sampling={json.dumps(samplings)}", *exp.set]
+            f"annotate.sampling={json.dumps(samplings)}", "loop=null", *exp.set]
 
 
 def comparison_sql(metrics: str) -> str:

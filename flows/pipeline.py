@@ -1,8 +1,8 @@
 """The preference pipeline flow, one Prefect task per stage:
 
-    ingest -> sample -> score -> pair -> annotate -> margins -> ref_logps -> train -> evaluate
+    ingest -> sample -> score -> pair -> annotate -> margins -> ref_logps -> train -> evaluate [-> promote]
     import_pairs ------------------> annotate -> margins -> ...   (when the pipeline sets import_pairs)
-                                                  (train: null stops after margins)
+                                                  (train: null stops after margins; promote: loop pipelines)
 
     .venv/bin/popflow run tiny                                   # what the CLI calls
     .venv/bin/popflow run tiny --run-id ID --from-stage annotate --set annotate.k=4   # redo from a stage
@@ -13,6 +13,11 @@ stages it reads from (`wait_for`), so the Prefect UI shows the stage graph. The 
 skips complete stages, times them, writes their manifests and artifacts. Tasks receive a RunContext and
 return StageResults (table row counts and a report): no data frames pass through Prefect. Rerunning with
 the same --run-id resumes after the last complete stage (and, inside sampling, after the last shard).
+
+A pipeline with `loop:` is one round of an on-policy loop per run: the run pins the policy it samples (the
+pipeline's latest promoted one: popflow/lineage.py) when it starts, `promote` closes the round, and a run
+started without --run-id first resumes the pipeline's unfinished round, so a nightly schedule walks the
+chain one round a night without ever doubling a round. flows/loop.py runs several rounds in one flow.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from popflow import logs
 from popflow.config import load_pipeline
 from popflow.config_base import check_name
 from popflow.errors import PopflowError
+from popflow.lake import Lake
+from popflow.lineage import pin, unfinished_round
 from popflow.runs import end_run, new_run_id, prune_runs, resolve_data_dir, start_run
 from popflow.stage import RunContext, Stage, artifact_key, plan, upstream
 from tasks.annotate import annotate
@@ -36,6 +43,7 @@ from tasks.evaluate import evaluate
 from tasks.import_pairs import import_pairs
 from tasks.margins import infer_margins
 from tasks.pair import pair
+from tasks.promote import promote
 from tasks.prompts import ingest
 from tasks.ref_logps import ref_logps
 from tasks.sample import sample
@@ -43,7 +51,7 @@ from tasks.score import score
 from tasks.train import train
 
 # Every stage, in the order they run; a pipeline's config decides which of them it runs (Stage.when).
-STAGES = (ingest, sample, score, pair, import_pairs, annotate, infer_margins, ref_logps, train, evaluate)
+STAGES = (ingest, sample, score, pair, import_pairs, annotate, infer_margins, ref_logps, train, evaluate, promote)
 
 
 def reset_from(ctx: RunContext, stages: list[Stage], from_stage: str) -> None:
@@ -117,15 +125,25 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
     if run_id is not None:  # (load_pipeline checks the pipeline's name)
         check_name(run_id, "run_id")
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
-    preflight(cfg)
+    preflight(cfg, config_path)
     if from_stage and not run_id:
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
-    ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, run_id or new_run_id(), cfg)
+    lake = Lake(resolve_data_dir(data_dir))
+    if run_id is None and cfg.loop is not None:  # a loop round killed or failed earlier: finish it first
+        run_id = unfinished_round(lake, pipeline, cfg)
+        if run_id:
+            logger.info("loop: resuming the unfinished round of run %s", run_id)
+    run_id = run_id or new_run_id()
+    run_cfg, pins = pin(cfg, pipeline, lake, lake.read_run(pipeline, run_id), config_path)
+    ctx = RunContext(str(lake.data_dir), pipeline, run_id, run_cfg)
     stages_run = plan(STAGES, cfg)
     with ctx.lake.run_lock(pipeline, ctx.run_id):
         if from_stage:
             reset_from(ctx, stages_run, from_stage)
-        start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage)
+        start_run(ctx.lake, pipeline, ctx.run_id, cfg, same_config=not from_stage, pins=pins)
+        if pins.get("loop"):
+            logger.info("loop round %d: sampling %s, reference %s", pins["loop"]["round"],
+                        pins["sample.policy"]["path"], pins["train.reference"]["path"])
         logger.info("run %s of %s (config %s) into %s", ctx.run_id, pipeline, cfg.hash(), ctx.lake.root)
         stages: dict = {}
         states: dict = {}

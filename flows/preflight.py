@@ -4,7 +4,8 @@ fails in about a second with one line (exit 2); the flow calls it again for depl
     sources          every prompt of prompts.source (ids unique, splits, constraints) or every pair of
                      import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub)
     models           every model reference: built-ins known, local paths exist and hold config.json
-                     (hub ids load at run time)
+                     (hub ids load at run time), `promoted:<pipeline>` names a pipeline of the file (its
+                     promoted files are checked when the run pins it: popflow/lineage.py)
     reward functions every `python` reward's module:function imports and is callable
 
     .venv/bin/popflow validate            # preflight of every pipeline in pipelines.yaml
@@ -15,15 +16,33 @@ stage never disagree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from popflow import models
-from popflow.config import PipelineConfig
+from popflow.config import PipelineConfig, pipeline_names
+from popflow.errors import PopflowError
 from popflow.plugins import load_function
 from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Raise a PopflowError naming the first bad input of this config (see the module docstring)."""
+def check_promoted_refs(cfg: PipelineConfig, config_path: str | Path | None) -> None:
+    """Every `promoted:<pipeline>` reference names a pipeline of the config file."""
+    refs = {"sample.policy": cfg.sample.policy}
+    if cfg.train:
+        refs |= {"train.policy": cfg.train.policy, "train.reference": cfg.train.reference}
+    for key, ref in refs.items():
+        if ref and ref.startswith(models.PROMOTED):
+            known = pipeline_names(config_path)
+            if ref.removeprefix(models.PROMOTED) not in known:
+                raise PopflowError(f"{key} {ref!r}: no pipeline named {ref.removeprefix(models.PROMOTED)!r} in "
+                                   f"{config_path or 'pipelines.yaml'}; available: {', '.join(known)}")
+
+
+def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> None:
+    """Raise a PopflowError naming the first bad input of this config (see the module docstring); promoted
+    references are looked up in `config_path` (default: pipelines.yaml)."""
+    check_promoted_refs(cfg, config_path)
     if cfg.import_pairs:
         if not cfg.import_pairs.source.startswith("hf:"):
             load_imported_pairs(cfg.import_pairs)

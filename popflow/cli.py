@@ -2,6 +2,9 @@
 
     popflow run PIPELINE [--config FILE] [--set key.path=value ...] [--data-dir DIR] [--run-id ID]
                          [--from-stage STAGE] [--verbose]
+    popflow loop PIPELINE --rounds N [--config FILE] [--set ...] [--data-dir DIR]
+                                             an on-policy loop until the chain has N rounds (resumable)
+    popflow policies [PIPELINE] [--data-dir DIR]   a loop's lineage: every round's candidate and verdict
     popflow sql "SELECT ..." [--data-dir DIR] [--csv]
     popflow runs [--data-dir DIR]
     popflow validate [--config FILE]         validate every pipeline in the file
@@ -50,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="train the pipeline's experiment methods x seeds; comparison table")
     exp.add_argument("--run-id", help="resume this experiment run id")
 
+    loop = sub.add_parser("loop", parents=[one, config, data, loud],
+                          help="run an on-policy loop pipeline until its chain has --rounds rounds")
+    loop.add_argument("--rounds", type=int, required=True, help="the number of complete rounds to reach (a rerun "
+                      "resumes an unfinished round and never repeats one)")
+    policies = sub.add_parser("policies", parents=[data], help="the lineage of loop pipelines' policies")
+    policies.add_argument("pipeline", nargs="?", help="one pipeline (default: all)")
+
     sql = sub.add_parser("sql", parents=[data], help="query the lake's catalog with DuckDB SQL")
     sql.add_argument("query")
     sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
@@ -79,7 +89,7 @@ def checked(args):
     if getattr(args, "run_id", None):
         check_name(args.run_id, "--run-id")
     cfg = load_pipeline(args.pipeline, args.config, args.overrides)
-    preflight(cfg)
+    preflight(cfg, args.config)
     return cfg
 
 
@@ -130,12 +140,50 @@ def cmd_runs(args) -> int:
     return cmd_sql(args)
 
 
+def cmd_loop(args) -> int:
+    cfg = checked(args)
+    if cfg.loop is None:
+        raise PopflowError(f"pipeline {args.pipeline!r} has no loop: section (add `loop: {{}}` for the defaults)")
+    from flows.loop import preference_loop
+
+    result = preference_loop(pipeline=args.pipeline, rounds=args.rounds, overrides=args.overrides,
+                             data_dir=args.data_dir, config_path=args.config)
+    print(f"loop {args.pipeline}: {len(result['rounds'])} rounds")
+    for r in result["rounds"]:
+        win = "" if r["win_rate"] is None else f"win rate {r['win_rate']:.3f} (bound {r['win_lower']:.3f})"
+        print(f"  round {r['round']} run {r['run_id']}  {win}  {'promoted' if r['promoted'] else 'not promoted'}: "
+              f"{r['reason']}")
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from popflow.config_base import check_name
+    from popflow.sql import lit
+
+    where = f"where pipeline = {lit(check_name(args.pipeline, 'pipeline'))}" if args.pipeline else ""
+    args.query = ("select pipeline, round, run_id, method || '-s' || seed as candidate, "
+                  "case when parent_round = 0 then 'base' else 'round ' || parent_round end as sampled, "
+                  "reference_kind as reference, pairs, "
+                  "round(win_rate, 3) as win_rate, round(win_lower, 3) as win_lower, "
+                  "round(heldout_accuracy, 3) as heldout_acc, promoted, reason "
+                  "from lineage l semi join stages s on s.pipeline = l.pipeline and s.run_id = l.run_id "
+                  f"and s.stage = 'promote' {where} order by pipeline, round")  # complete rounds only
+    args.csv = False
+    from popflow.lake import Lake
+    from popflow.runs import resolve_data_dir
+
+    if "lineage" not in Lake(resolve_data_dir(args.data_dir)).tables():
+        print("no loop rounds yet (a pipeline with a loop: section records one per run)")
+        return 0
+    return cmd_sql(args)
+
+
 def cmd_validate(args) -> int:
     from flows.preflight import preflight
     from popflow.config import load_pipeline, pipeline_names
 
     for name in pipeline_names(args.config):
-        preflight(load_pipeline(name, args.config))  # hub ids are not fetched: they load at run time
+        preflight(load_pipeline(name, args.config), args.config)  # hub ids are not fetched: they load at run time
         print(f"{name}: ok")
     return 0
 
@@ -184,7 +232,8 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "sql": cmd_sql, "runs": cmd_runs,
+COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "loop": cmd_loop, "policies": cmd_policies,
+            "sql": cmd_sql, "runs": cmd_runs,
             "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
             "deploy": cmd_deploy, "doctor": cmd_doctor}
 

@@ -20,7 +20,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from popflow.config_base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
 from popflow.errors import PopflowError
-from popflow.models import MINILM, SMOLLM2
+from popflow.loop_config import LoopConfig
+from popflow.models import MINILM, PROMOTED, SMOLLM2
 from popflow.service_config import RetentionConfig, ScheduleConfig
 from popflow.train_config import EvaluateConfig, ExperimentConfig, TrainConfig
 
@@ -272,6 +273,9 @@ class PipelineConfig(Strict):
     train: TrainConfig | None = Field(default_factory=TrainConfig, description="Stage 6: DPO-PoP and baselines "
                                       "on TRL; null stops the pipeline after margins.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: held-out metrics.")
+    loop: LoopConfig | None = Field(None, description="The on-policy loop: each run is a round that samples the "
+                                    "latest promoted policy and may promote its own (popflow/loop_config.py); null: "
+                                    "off.")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig,
                                          description="`popflow experiment`: methods x seeds on one run's pairs.")
     schedule: ScheduleConfig | None = Field(default_factory=ScheduleConfig, description="When `popflow serve` "
@@ -290,6 +294,49 @@ class PipelineConfig(Strict):
                     raise ValueError(f"train.methods[{i}].sampling {m.sampling!r}: not annotated (annotate.sampling "
                                      f"is {self.annotate.sampling})")
         return self
+
+    @model_validator(mode="after")
+    def _loop_fits_pipeline(self) -> PipelineConfig:
+        """A loop samples, trains, evaluates by generation and sets the policy and reference itself."""
+        if self.loop is None:
+            return self
+        problems = [
+            (self.import_pairs is not None, "import_pairs: a loop samples its own pairs (remove import_pairs)"),
+            (self.train is None, "train: null: a loop trains a candidate every round"),
+            (not self.evaluate.generate, "evaluate.generate: false: the gate compares generations"),
+            (self.train is not None and self.train.policy is not None,
+             "train.policy: a loop trains the policy it samples (remove train.policy)"),
+            (self.train is not None and self.train.reference is not None,
+             "train.reference: a loop sets it from loop.reference (initial or previous)"),
+            (self.sample.policy.startswith(PROMOTED), "sample.policy: a loop's sample.policy is its chain's base; "
+             "each round after the first samples the loop's own promoted policy"),
+        ]
+        if self.loop.pairs == "all":
+            problems += [
+                (self.annotate.ground_truth != "aggregate", "annotate.ground_truth: with loop.pairs: all, earlier "
+                 "rounds' pairs carry only their aggregate gap (use aggregate)"),
+                (any(m.loss == "distill_pessimistic" for m in (self.train.methods if self.train else [])),
+                 "train.methods: distill_pessimistic needs per-model rewards, which earlier rounds' pairs (loop.pairs: "
+                 "all) do not carry here"),
+            ]
+        names = [self.method_name(m) for m in (self.train.methods if self.train else [])]
+        problems.append((self.loop.method is not None and self.loop.method not in names,
+                         f"loop.method {self.loop.method!r}: not a train method ({', '.join(names)})"))
+        for bad, message in problems:
+            if bad:
+                raise ValueError(f"loop: {message}")
+        return self
+
+    def method_name(self, method) -> str:
+        """A train method's label in the train and eval tables: its name, else its loss (plus _<sampling> when
+        it trains on another annotation than the first)."""
+        sampling = method.sampling or self.annotate.sampling[0]
+        suffix = f"_{sampling}" if len(self.annotate.sampling) > 1 and sampling != self.annotate.sampling[0] else ""
+        return method.name or f"{method.loss}{suffix}"
+
+    def candidate_method(self) -> str:
+        """The train method whose first seed is a loop round's candidate."""
+        return self.loop.method or self.method_name(self.train.methods[0])
 
     def dtypes(self) -> dict[str, str]:
         """Every `dtype` key of the pipeline and what it asks for (popflow doctor shows how each resolves)."""

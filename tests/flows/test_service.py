@@ -206,3 +206,28 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, tmp_path):
     con = duckdb.connect(str(data / "lake" / "catalog.duckdb"), read_only=True)
     assert con.sql("select status, count(*) from runs group by 1").fetchall() == [("completed", 1)]
     assert con.sql("select count(*) from eval_metrics").fetchall()[0][0] > 0
+
+
+@pytest.mark.slow
+def test_a_served_loop_pipeline_does_one_round_per_run(server, tmp_path):
+    """tiny_loop served: the first deployment run (as the nightly schedule would start it) is round 1 and
+    promotes (gate always passes here); the second is round 2 and samples round 1's promoted policy."""
+    api, env = server
+    data = tmp_path / "data"
+    serve = start([sys.executable, "-m", "popflow.cli", "serve", "tiny_loop", "--data-dir", str(data)], env,
+                  tmp_path / "serve.log")
+    name = "preference-pipeline/tiny_loop"
+    params = 'overrides={"sample": {"engine": "transformers"}, "loop": {"gate": {"min_win_rate": 0}}}'
+    try:
+        wait_for(lambda: httpx.get(f"{api}/deployments/name/{name}", timeout=5).status_code == 200,
+                 "deployment registered", serve, tmp_path / "serve.log")
+        for _ in range(2):
+            run = prefect(env, "deployment", "run", name, "--param", params, "--watch")
+            assert run.returncode == 0, (run.stdout + run.stderr)[-3000:] + (tmp_path / "serve.log").read_text()[-6000:]
+    finally:
+        stop(serve)
+    con = duckdb.connect(str(data / "lake" / "catalog.duckdb"), read_only=True)
+    rounds = con.sql("select round, run_id, promoted, promoted_path from lineage order by round").fetchall()
+    assert [(r[0], r[2]) for r in rounds] == [(1, True), (2, True)]
+    sampled = con.sql(f"select distinct policy from samples where run_id = '{rounds[1][1]}'").fetchall()
+    assert sampled == [(rounds[0][3],)]

@@ -23,7 +23,8 @@ def test_every_shipped_pipeline_validates(name):
     preflight(cfg)  # built-in refs known, local paths exist, python rewards import
     assert cfg.sample.n >= 2
     first_comment = DEFAULT_CONFIG.read_text().split(f"\n{name}:\n", 1)[1].lstrip().splitlines()[0]
-    assert first_comment.startswith("#") and ("popflow run" in first_comment or "make demo" in first_comment)
+    assert first_comment.startswith("#") and any(cmd in first_comment for cmd in ("popflow run", "popflow loop",
+                                                                               "make demo"))
 
 
 def test_shipped_set_includes_the_three_required():

@@ -1,0 +1,60 @@
+"""The on-policy loop flow: rounds of a loop pipeline, each round one run of the pipeline flow (a subflow).
+
+    .venv/bin/popflow loop tiny_loop --rounds 3        # bring tiny_loop's chain to 3 complete rounds
+    .venv/bin/popflow policies tiny_loop               # what each round trained, and what was promoted
+
+`--rounds N` is the length the chain should reach, not a number of extra rounds: rerunning the command after
+a kill resumes the unfinished round (from its last complete stage, or sampling shard) and stops at N, so no
+round is ever done twice; `--rounds 5` later goes on to round 5. Each round pins the policy it samples when
+it starts (popflow/lineage.py): the latest promoted one, which a failed gate leaves unchanged.
+
+A served pipeline with `loop:` does one round per scheduled run instead (flows/pipeline.py resumes an
+unfinished round first), so `popflow serve` walks the chain one round a night.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Failed
+
+from flows.pipeline import preference_pipeline
+from popflow.config import load_pipeline
+from popflow.errors import PopflowError
+from popflow.lake import Lake
+from popflow.lineage import complete_rounds
+from popflow.runs import resolve_data_dir
+
+
+@flow(name="preference-loop")
+def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list[str] | None = None,
+                    data_dir: str | None = None, config_path: str | None = None) -> dict:
+    """Run rounds of a loop pipeline until its chain has `rounds` complete rounds; returns each round's run
+    id and gate verdict. Bad input ends it Failed with the round's one-line message."""
+    from flows.pipeline import as_assignments
+
+    logger = get_run_logger()
+    try:
+        cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
+        if cfg.loop is None:
+            raise PopflowError(f"pipeline {pipeline!r} has no loop: section (set loop: {{}} for the defaults)")
+        if rounds < 1:
+            raise PopflowError(f"--rounds {rounds}: at least 1")
+        lake = Lake(resolve_data_dir(data_dir))
+        while len(complete_rounds(lake, pipeline)) < rounds:
+            done = len(complete_rounds(lake, pipeline))
+            logger.info("loop %s: round %d of %d", pipeline, done + 1, rounds)
+            state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
+                                        config_path=config_path, return_state=True)
+            if state.is_failed():
+                return Failed(message=state.message, data=state.result(raise_on_failure=False))
+            if len(complete_rounds(lake, pipeline)) <= done:  # a programming error: the round did not count
+                raise RuntimeError(f"loop {pipeline}: run {state.result()['run_id']} completed without a round")
+    except PopflowError as err:
+        logger.error("popflow: error: %s", err)
+        return Failed(message=str(err), data=err)
+    chain = complete_rounds(lake, pipeline)
+    logger.info("loop %s: %d rounds, %d promoted", pipeline, len(chain), sum(r["promoted"] for r in chain))
+    return {"pipeline": pipeline, "rounds": [{k: r[k] for k in ("round", "run_id", "promoted", "win_rate", "win_lower",
+                                                                 "reason", "promoted_path")} for r in chain]}

@@ -1,0 +1,156 @@
+"""Policy lineage of the on-policy loop, and pinning `promoted:` references when a run starts.
+
+Every round of a loop pipeline ends in the `promote` stage (tasks/promote.py), which writes one row to the
+`lineage` table: the candidate policy, its parent (the policy the round sampled and started from), its
+reference, the runs whose pairs trained it, the gate's figures and verdict. A round counts once its promote
+stage is complete (its manifest exists). The head of a pipeline's chain is its latest promoted policy,
+stored merged (a plain model directory) under DATA_DIR/models/promoted/<pipeline>/<run_id>/.
+
+A run pins what its policies are when it first starts, in its run record (`pins`), and a resumed run reuses
+the pins, so a later promotion never changes a run half-way:
+- a loop pipeline samples (and trains from) its own head, or `sample.policy` (the chain's base) before any
+  promotion; its reference is the base (`loop.reference: initial`) or that same head (`previous`);
+- `promoted:<pipeline>` in sample.policy, train.policy or train.reference resolves to that pipeline's head,
+  else to its sample.policy.
+A head whose files have gone (retention, a moved data dir, a hand-deleted folder) is an error naming the
+policy and the run that made it: never a silent fallback to the base.
+
+    .venv/bin/popflow policies tiny_loop          # the lineage table
+    .venv/bin/popflow sql "select * from policy_chain"   # the promoted chain of every pipeline
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from popflow.config import PipelineConfig, load_pipeline
+from popflow.errors import PopflowError
+from popflow.lake import Lake
+from popflow.models import PROMOTED, fingerprint
+
+
+def complete_rounds(lake: Lake, pipeline: str) -> list[dict]:
+    """The lineage rows of the pipeline's complete rounds (promote manifest written), oldest round first."""
+    rows: list[dict] = []
+    for run_dir in (lake.root / "_runs" / f"pipeline={pipeline}").glob("run=*"):
+        if (run_dir / "stages" / "promote.json").is_file():
+            part = lake.partition("lineage", pipeline, run_dir.name.removeprefix("run="))
+            for path in sorted(part.glob("*.parquet")):
+                rows += pq.read_table(path).to_pylist()
+    return sorted(rows, key=lambda r: (r["round"], r["run_id"]))
+
+
+def head(rows: list[dict]) -> dict | None:
+    """The latest promoted row of a chain (complete_rounds), or None before any promotion."""
+    promoted = [r for r in rows if r["promoted"]]
+    return promoted[-1] if promoted else None
+
+
+def describe(row: dict) -> str:
+    return (f"the promoted policy of {row['pipeline']!r} round {row['round']} ({row['method']}-s{row['seed']}, "
+            f"made by run {row['run_id']})")
+
+
+def check_promoted(row: dict) -> None:
+    """A promoted policy's files must be where its lineage row says, unchanged."""
+    path = Path(row["promoted_path"])
+    if not (path / "config.json").is_file():
+        raise PopflowError(f"{describe(row)} is gone: {path} does not hold a model (deleted, or the data dir "
+                           "moved); restore it, or start the chain again with a new pipeline name")
+    if fingerprint(path) != row["promoted_fingerprint"]:
+        raise PopflowError(f"{describe(row)} has changed on disk: {path} no longer matches its recorded "
+                           f"fingerprint {row['promoted_fingerprint']}")
+
+
+def as_pin(ref: str, row: dict | None) -> dict:
+    """What a reference resolved to: the model path a stage loads, and the promoted policy it is, if one."""
+    if row is None:
+        return {"ref": ref, "path": ref, "round": 0, "run_id": None, "method": None, "seed": None,
+                "fingerprint": None, "content_hash": None}
+    return {"ref": ref, "path": row["promoted_path"], "round": row["round"], "run_id": row["run_id"],
+            "method": row["method"], "seed": row["seed"], "fingerprint": row["promoted_fingerprint"],
+            "content_hash": row["content_hash"], "pipeline": row["pipeline"]}
+
+
+def resolve_promoted(ref: str, lake: Lake, config_path: str | Path | None, key: str) -> dict:
+    """Pin one reference: `promoted:<pipeline>` -> that pipeline's head (checked), else its sample.policy."""
+    if not ref.startswith(PROMOTED):
+        return as_pin(ref, None)
+    name = ref.removeprefix(PROMOTED)
+    try:
+        other = load_pipeline(name, config_path)
+    except PopflowError as err:
+        raise PopflowError(f"{key} {ref!r}: {err}") from None
+    row = head(complete_rounds(lake, name))
+    if row is None:
+        if other.sample.policy.startswith(PROMOTED):
+            raise PopflowError(f"{key} {ref!r}: pipeline {name!r} has promoted nothing yet and its own sample.policy "
+                               f"is {other.sample.policy!r}; name a model as its base")
+        return {**as_pin(other.sample.policy, None), "ref": ref}
+    check_promoted(row)
+    return as_pin(ref, row)
+
+
+def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | Path | None) -> dict:
+    """The pins of a run starting now (see the module docstring)."""
+    pins: dict = {}
+    if cfg.loop is not None:
+        rows = complete_rounds(lake, pipeline)
+        base = resolve_promoted(cfg.sample.policy, lake, config_path, "sample.policy")
+        current = head(rows)
+        if current is not None:
+            check_promoted(current)
+        current_pin = as_pin(f"{PROMOTED}{pipeline}", current) if current else base
+        pins["loop"] = {"round": max((r["round"] for r in rows), default=0) + 1,
+                        "base": base, "parent": current_pin,
+                        "reference_kind": cfg.loop.reference,
+                        "pair_runs": [[r["round"], r["run_id"]] for r in rows] if cfg.loop.pairs == "all" else []}
+        pins["sample.policy"] = current_pin
+        pins["train.reference"] = base if cfg.loop.reference == "initial" else current_pin
+        return pins
+    pins["sample.policy"] = resolve_promoted(cfg.sample.policy, lake, config_path, "sample.policy")
+    if cfg.train:
+        for key, ref in (("train.policy", cfg.train.policy), ("train.reference", cfg.train.reference)):
+            if ref and ref.startswith(PROMOTED):
+                pins[key] = resolve_promoted(ref, lake, config_path, key)
+    return pins
+
+
+def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
+        config_path: str | Path | None) -> tuple[PipelineConfig, dict]:
+    """The config a run's stages see (promoted references replaced by model paths) and its pins: the run
+    record's own when the run is resumed (their promoted files checked again), else pinned now."""
+    pins = (record or {}).get("pins")
+    if pins is None:
+        pins = new_pins(cfg, pipeline, lake, config_path)
+    else:
+        for value in (v for k, v in pins.items() if k != "loop"):
+            if value.get("fingerprint"):
+                check_promoted({"pipeline": value["pipeline"], "round": value["round"], "method": value["method"],
+                                "seed": value["seed"], "run_id": value["run_id"], "promoted_path": value["path"],
+                                "promoted_fingerprint": value["fingerprint"]})
+    sample = cfg.sample.model_copy(update={"policy": pins["sample.policy"]["path"]})
+    update: dict = {"sample": sample}
+    if cfg.train:
+        train = {k.split(".")[1]: v["path"] for k, v in pins.items() if k.startswith("train.")}
+        update["train"] = cfg.train.model_copy(update=train)
+    return cfg.model_copy(update=update), pins
+
+
+def unfinished_round(lake: Lake, pipeline: str, cfg: PipelineConfig) -> str | None:
+    """The run id of the pipeline's latest loop round when it never finished (killed or failed) and has the
+    same config: a new round resumes it instead of starting a second round of the same number."""
+    rounds = [r for r in lake.read_runs(pipeline) if (r.get("pins") or {}).get("loop")]
+    if not rounds:
+        return None
+    last = rounds[-1]
+    done = lake.manifest_path(pipeline, last["run_id"], "promote").is_file()
+    return last["run_id"] if not done and last.get("config_hash") == cfg.hash() else None
+
+
+def head_run(lake: Lake, pipeline: str) -> str | None:
+    """The run that made the pipeline's head (retention never deletes it)."""
+    row = head(complete_rounds(lake, pipeline))
+    return row["run_id"] if row else None

@@ -1,0 +1,195 @@
+"""Stage 8 (loop pipelines), promote: the round's gate, its lineage row, and the promoted policy.
+
+The round's candidate is the first seed of `loop.method` (default the first train method). It is compared
+with the policy the round sampled (the current one): on every held-out prompt and sample index, the
+candidate's evaluate sample against stage 1's sample, both scored by the run's reward models (a win 1, a tie
+1/2), exactly evaluate's win_rate. popflow/gate.py turns these into a win rate with a confidence bound and
+a verdict. A promoted candidate is stored merged (its LoRA adapter folded into the weights it was trained
+from) under DATA_DIR/models/promoted/<pipeline>/<run_id>/, so vLLM samples the next round at full speed,
+with a content hash (sha256 of every file). Tables:
+
+    lineage         one row per round: candidate, parent, reference, pairs, gate figures, verdict, promoted copy
+    round_rewards   the round's sample rewards per reward model (raw scale: mean, std, quartiles)
+
+and, in the run folder, loop_rounds.png (reward distribution and win rate per round) and loop_rounds.md.
+
+    .venv/bin/popflow loop tiny_loop --rounds 2
+    .venv/bin/popflow policies tiny_loop
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+
+from popflow import models, sql
+from popflow.engines import merge_adapter
+from popflow.gate import decide
+from popflow.lineage import complete_rounds
+from popflow.sql import lit
+from popflow.stage import Output, RunContext, artifact_key, now, run_logger, stage, with_run_columns
+
+
+def outcomes_sql(eval_samples: str, sample_rewards: str, method: str, seed: int) -> str:
+    """(prompt_id, outcome) of the candidate's held-out samples against the current policy's (stage 1's) sample
+    of the same prompt and index: 1 win, 0.5 tie, 0 loss."""
+    return f"""
+    with candidate as (
+        select prompt_id, sample_idx, reward from {eval_samples}
+        where method = {lit(method)} and seed = {lit(seed)}
+    ),
+    current_policy as (
+        select prompt_id, sample_idx, reward from {sample_rewards}
+    ),
+    final as (
+        select c.prompt_id, c.sample_idx,
+               (case when c.reward > p.reward then 1.0 when c.reward = p.reward then 0.5 else 0.0 end)::double
+                   as outcome
+        from candidate c join current_policy p using (prompt_id, sample_idx)
+    )
+    select prompt_id, outcome from final order by prompt_id, sample_idx
+    """
+
+
+def round_rewards_sql(rewards: str) -> str:
+    """Per reward model, the raw scores of the round's samples (the current policy's): n, mean, std, quartiles."""
+    return f"""
+    with final as (
+        select reward_model, count(*) as n, avg(score) as mean, stddev_pop(score) as std,
+               quantile_cont(score, 0.25) as q25, median(score) as median, quantile_cont(score, 0.75) as q75
+        from {rewards} group by reward_model
+    )
+    select * from final order by reward_model
+    """
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of every file of a model directory (relative name and bytes), in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def store_promoted(ctx: RunContext, candidate: dict) -> Path:
+    """The candidate as a plain model directory under models/promoted/<pipeline>/<run_id>/ (a LoRA adapter
+    merged into the weights it was trained from), written to a temporary folder and renamed."""
+    out = ctx.lake.data_dir / "models" / "promoted" / ctx.pipeline / ctx.run_id
+    if (out / "config.json").is_file():  # a resumed stage: the rename happened
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if candidate["adapter"]:
+        start = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
+        merge_adapter(start.path, candidate["path"], tmp, ctx.config.sample.trust_remote_code)
+    else:
+        shutil.copytree(candidate["path"], tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def rounds_markdown(rows: list[dict], rewards: dict[str, list[dict]]) -> str:
+    """One line per round: its policy, reward spread of its samples, the gate's figures and verdict."""
+    lines = ["| round | run | sampled | candidate | sample reward (mean ± std) | win rate vs sampled [bound] "
+             "| held-out acc. | promoted |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = "; ".join(f"{s['reward_model']} {s['mean']:.3f} ± {s['std']:.3f}"
+                           for s in rewards.get(r["run_id"], []))
+        win = "" if r["win_rate"] is None else f"{r['win_rate']:.3f} [{r['win_lower']:.3f}, {r['win_upper']:.3f}]"
+        acc = "" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.3f}"
+        parent = f"round {r['parent_round']}" if r["parent_round"] else "base"
+        lines.append(f"| {r['round']} | {r['run_id']} | {parent} | {r['method']}-s{r['seed']} | {spread} | {win} | "
+                     f"{acc} | {'yes' if r['promoted'] else 'no: ' + r['reason']} |")
+    return "\n".join(lines)
+
+
+def chain_view(ctx: RunContext, con, row: dict) -> tuple[list[dict], dict[str, list[dict]], dict[int, dict]]:
+    """Every round so far (this one included), their reward stats, and their raw scores per reward model
+    (runs that retention removed are left out of the picture)."""
+    rows = [r for r in complete_rounds(ctx.lake, ctx.pipeline) if r["run_id"] != ctx.run_id] + [row]
+    stats, scores = {}, {}
+    for r in rows:
+        part = ctx.lake.partition("rewards", ctx.pipeline, r["run_id"])
+        if not any(part.glob("*.parquet")):
+            continue
+        rel = sql.parquet(part / "*.parquet")
+        stats[r["run_id"]] = con.sql(round_rewards_sql(rel)).to_arrow_table().to_pylist()
+        by_model: dict[str, list[float]] = {}
+        for model, score in con.sql(f"select reward_model, score from {rel} order by all").fetchall():
+            by_model.setdefault(model, []).append(score)
+        scores[r["round"]] = by_model
+    return rows, stats, scores
+
+
+@stage("promote", reads=("evaluate", "train"), sections=("loop",), writes=("lineage", "round_rewards"),
+       when=lambda cfg: cfg.loop is not None)
+def promote(ctx: RunContext) -> Output:
+    """Gate the round's candidate, store it merged when promoted, write its lineage row and the round plot."""
+    from popflow.plots import plot_rounds
+
+    logger, loop, con = run_logger(), ctx.config.loop, sql.connect()
+    pins = ctx.lake.read_run(ctx.pipeline, ctx.run_id)["pins"]
+    method, seed = ctx.config.candidate_method(), ctx.config.train.seeds[0]
+    candidate = con.sql(f"select path, adapter from {ctx.table('policies')} where method = {lit(method)} "
+                        f"and seed = {lit(seed)}").to_arrow_table().to_pylist()[0]
+    outcomes = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), method, seed)).fetchall()
+    accuracy = con.sql(f"select avg(value) from {ctx.table('eval_metrics')} where method = {lit(method)} and "
+                       f"seed = {lit(seed)} and metric = 'accuracy'").fetchall()[0][0]
+    verdict = decide(outcomes, accuracy, loop.gate)
+    stored = store_promoted(ctx, candidate) if verdict["promoted"] else None
+    train_pairs = con.sql(f"select count(*) from {ctx.table('train_pairs')}").fetchall()[0][0]
+    parent, reference, info = pins["sample.policy"], pins["train.reference"], pins["loop"]
+    row = {"round": info["round"], "method": method, "seed": seed, "policy_path": candidate["path"],
+           "adapter": bool(candidate["adapter"]), "parent_ref": parent["ref"], "parent_path": parent["path"],
+           "parent_round": parent["round"], "parent_run_id": parent["run_id"],
+           "reference_kind": info["reference_kind"], "reference_path": reference["path"],
+           "reference_round": reference["round"], "pairs": loop.pairs,
+           "pair_runs": [ctx.run_id] + [run for _, run in info["pair_runs"]], "train_pairs": train_pairs,
+           **{k: verdict[k] for k in ("comparisons", "prompts", "win_rate", "win_lower", "win_upper", "bound",
+                                      "confidence", "heldout_accuracy", "promoted", "reason")},
+           "promoted_path": str(stored) if stored else None,
+           "promoted_fingerprint": models.fingerprint(stored) if stored else None,
+           "content_hash": content_hash(stored) if stored else None, "created_at": now()}
+    lineage = with_run_columns(ctx, pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA))
+    ctx.lake.write_table("lineage", ctx.pipeline, ctx.run_id, lineage)
+    rewards = con.sql(round_rewards_sql(ctx.table("rewards"))).to_arrow_table()
+    rewards = rewards.add_column(0, "round", pa.array([info["round"]] * rewards.num_rows, pa.int64()))
+    ctx.lake.write_table("round_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
+    row |= {"pipeline": ctx.pipeline, "run_id": ctx.run_id}
+    rows, stats, scores = chain_view(ctx, con, row)
+    table = rounds_markdown(rows, stats)
+    (ctx.run_dir / "loop_rounds.md").write_text(table + "\n")
+    plot = plot_rounds(rows, scores, ctx.run_dir / "loop_rounds.png", f"{ctx.pipeline}: on-policy loop")
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=artifact_key(ctx.pipeline, "loop"), markdown=(
+        f"# {ctx.pipeline}: on-policy loop after round {info['round']}\n\n{table}\n\nPlot: `{plot}`\n"),
+        description="one row per round (lineage, round_rewards)")
+    logger.info("loop round %d: %s %s (%s)\n%s", info["round"], f"{method}-s{seed}",
+                "promoted" if verdict["promoted"] else "not promoted", verdict["reason"], table)
+    report = {k: verdict[k] for k in ("win_rate", "win_lower", "promoted", "reason")} | {
+        "round": info["round"], "plot": str(plot), "promoted_path": row["promoted_path"]}
+    return Output({"lineage": 1, "round_rewards": rewards.num_rows}, report,
+                  {"promoted": {"path": row["promoted_path"], "fingerprint": row["promoted_fingerprint"],
+                                "content_hash": row["content_hash"]}} if stored else {})
+
+
+LINEAGE_SCHEMA = pa.schema([
+    ("round", pa.int64()), ("method", pa.string()), ("seed", pa.int64()), ("policy_path", pa.string()),
+    ("adapter", pa.bool_()), ("parent_ref", pa.string()), ("parent_path", pa.string()),
+    ("parent_round", pa.int64()), ("parent_run_id", pa.string()), ("reference_kind", pa.string()),
+    ("reference_path", pa.string()), ("reference_round", pa.int64()), ("pairs", pa.string()),
+    ("pair_runs", pa.list_(pa.string())), ("train_pairs", pa.int64()), ("comparisons", pa.int64()),
+    ("prompts", pa.int64()), ("win_rate", pa.float64()), ("win_lower", pa.float64()), ("win_upper", pa.float64()),
+    ("bound", pa.string()), ("confidence", pa.float64()), ("heldout_accuracy", pa.float64()),
+    ("promoted", pa.bool_()), ("reason", pa.string()), ("promoted_path", pa.string()),
+    ("promoted_fingerprint", pa.string()), ("content_hash", pa.string()), ("created_at", pa.string()),
+])

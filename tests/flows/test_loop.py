@@ -1,0 +1,107 @@
+"""The on-policy loop end to end: `popflow loop` on tiny_loop, real engines, Prefect, TRL and the lake.
+
+tiny_loop samples 6 train + 3 eval prompts x n = 4 per round and compares the candidate on the 3 eval prompts
+x evaluate.n = 2, so its gate sees 6 comparisons. `loop.gate.min_win_rate` 0 promotes every candidate and 1
+none (a Wilson lower bound stays below 1), which makes both paths deterministic on random tiny weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from popflow.models import fingerprint
+from tasks.promote import content_hash
+
+PROMPTS, N = 6 + 3, 4
+ALWAYS = ("--set", "loop.gate.min_win_rate=0")
+NEVER = ("--set", "loop.gate.min_win_rate=1")
+TRANSFORMERS = ("--set", "sample.engine=transformers")
+
+
+def lineage(cli) -> list[dict]:
+    cols = ("round", "run_id", "parent_round", "parent_path", "reference_kind", "reference_path", "promoted",
+            "promoted_path", "promoted_fingerprint", "content_hash", "comparisons")
+    rows = cli.query(f"select {', '.join(cols)} from lineage order by round")
+    return [dict(zip(cols, r, strict=True)) for r in rows]
+
+
+def sampled_policy(cli, run_id: str) -> list[str]:
+    return [r[0] for r in cli.query(f"select distinct policy from samples where run_id = '{run_id}'")]
+
+
+@pytest.mark.slow
+def test_two_rounds_round_two_samples_round_one_with_vllm(cli):
+    """Round 1 promotes (gate always passes) a merged copy of its LoRA candidate; round 2's vLLM samples carry
+    that copy's path and fingerprint, and (reference previous) its reference log-probs come from it too.
+    Asking for 2 rounds again finds the chain complete and runs nothing."""
+    out = cli("loop", "tiny_loop", "--rounds", "2", *ALWAYS, "--set", "loop.reference=previous").stdout
+    assert "loop tiny_loop: 2 rounds" in out
+    first, second = lineage(cli)
+    assert (first["round"], second["round"], first["parent_round"], second["parent_round"]) == (1, 2, 0, 1)
+    assert first["promoted"] and second["promoted"] and first["comparisons"] == 3 * 2
+    promoted = Path(first["promoted_path"])
+    assert (promoted / "config.json").is_file() and not (promoted / "adapter_config.json").exists()  # merged
+    assert fingerprint(promoted) == first["promoted_fingerprint"] and content_hash(promoted) == first["content_hash"]
+    assert sampled_policy(cli, first["run_id"]) == ["builtin:tiny-llama"]
+    assert sampled_policy(cli, second["run_id"]) == [str(promoted)]
+    assert second["parent_path"] == str(promoted) == second["reference_path"]
+    assert (first["reference_kind"], second["reference_kind"]) == ("previous", "previous")
+    manifest = json.loads((cli.data_dir / f"lake/_runs/pipeline=tiny_loop/run={second['run_id']}/stages/"
+                           "sample.json").read_text())
+    assert manifest["models"]["policy"]["fingerprint"] == first["promoted_fingerprint"]
+    assert manifest["report"]["engine"] == "vllm"
+    refs = cli.query(f"select distinct reference, ref_fingerprint from ref_logps where run_id = '{second['run_id']}'")
+    assert refs == [(str(promoted), first["promoted_fingerprint"])]
+    assert cli.query("select round from policy_chain order by round") == [(1,), (2,)]
+    record = json.loads((cli.data_dir / f"lake/_runs/pipeline=tiny_loop/run={second['run_id']}/run.json").read_text())
+    assert record["pins"]["sample.policy"]["content_hash"] == first["content_hash"]
+    assert (cli.data_dir / f"lake/_runs/pipeline=tiny_loop/run={second['run_id']}/loop_rounds.png").stat().st_size
+    again = cli("loop", "tiny_loop", "--rounds", "2", *ALWAYS, "--set", "loop.reference=previous").stdout
+    assert "loop tiny_loop: 2 rounds" in again
+    assert cli.query("select count(*) from runs") == [(2,)]
+    policies = cli("policies", "tiny_loop").stdout
+    assert "round 1" in policies and "previous" in policies
+
+
+@pytest.mark.slow
+def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
+    """The gate always fails: nothing is promoted and round 2 samples the base again, against the initial
+    reference. Round 2 is SIGKILLed (CLI, Prefect and the sampler together) once a shard is staged; the same
+    command resumes that run from its staged shards: one run and one lineage row per round, exact counts."""
+    cli("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--rounds", "1")
+    # round 2 (a round may change the config: the chain only links policies): 19 one-prompt shards
+    args = ("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "prompts.limit=16", "--set", "sample.shard_size=1",
+            "--set", "sample.max_tokens=48")
+    staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny_loop"
+    proc = cli.popen(*args, "--rounds", "2")
+    deadline = time.time() + 600
+    while not list(staging.glob("run=*/shard-*.parquet")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    staged = list(staging.glob("run=*/shard-*.parquet"))
+    prompts = 16 + 3
+    assert 1 <= len(staged) < prompts, "the kill did not land during round 2's sampling"
+    killed_run = staged[0].parent.name.removeprefix("run=")
+
+    out = cli(*args, "--rounds", "2").stdout
+    assert "loop tiny_loop: 2 rounds" in out
+    rows = lineage(cli)
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["run_id"] == killed_run
+    assert cli.query("select count(*) from runs") == [(2,)]
+    assert not any(r["promoted"] for r in rows) and cli.query("select count(*) from policy_chain") == [(0,)]
+    assert sampled_policy(cli, killed_run) == ["builtin:tiny-llama"]
+    assert [r["reference_path"] for r in rows] == ["builtin:tiny-llama"] * 2
+    assert [r["reference_kind"] for r in rows] == ["initial"] * 2
+    assert cli.query(f"select count(*), count(distinct (prompt_id, sample_idx)) from samples "
+                     f"where run_id = '{killed_run}'") == [(prompts * N, prompts * N)]
+    manifest = json.loads((cli.data_dir / f"lake/_runs/pipeline=tiny_loop/run={killed_run}/stages/sample.json"
+                           ).read_text())
+    assert manifest["report"]["resumed_shards"] == len(staged)
+    assert not (cli.data_dir / "models" / "promoted").exists()

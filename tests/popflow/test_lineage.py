@@ -1,0 +1,148 @@
+"""Policy lineage and pinning (popflow/lineage.py) on a lake built by hand: no model, no Prefect.
+
+A "promoted policy" here is a folder with a config.json and a weights file: what the fingerprint reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from popflow.config import load_pipeline
+from popflow.errors import PopflowError
+from popflow.lake import Lake
+from popflow.lineage import complete_rounds, head, head_run, pin, unfinished_round
+from popflow.models import fingerprint
+from popflow.runs import runs_to_prune, start_run
+from tasks.promote import LINEAGE_SCHEMA, content_hash
+
+
+def add_round(lake: Lake, pipeline: str, round_no: int, run_id: str, promoted: bool, complete: bool = True) -> dict:
+    """One round's lineage row (and its promoted folder), as the promote stage leaves them."""
+    path = lake.data_dir / "models" / "promoted" / pipeline / run_id
+    if promoted:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"round": round_no}))
+        (path / "model.safetensors").write_bytes(bytes([round_no]) * 64)
+    row = {name: None for name in LINEAGE_SCHEMA.names} | {
+        "round": round_no, "method": "dpo_pop", "seed": 0, "promoted": promoted, "reason": "test",
+        "parent_round": round_no - 1, "promoted_path": str(path) if promoted else None,
+        "promoted_fingerprint": fingerprint(path) if promoted else None,
+        "content_hash": content_hash(path) if promoted else None}
+    table = pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA)
+    table = table.append_column("pipeline", pa.array([pipeline])).append_column("run_id", pa.array([run_id]))
+    lake.write_table("lineage", pipeline, run_id, table)
+    if complete:
+        lake.write_manifest(pipeline, run_id, "promote", {"stage": "promote"})
+    return row | {"pipeline": pipeline, "run_id": run_id}
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    return Lake(tmp_path / "data")
+
+
+def loop_cfg(*sets: str):
+    return load_pipeline("tiny_loop", overrides=list(sets))
+
+
+def test_a_new_chain_samples_its_base_and_counts_complete_rounds_only(lake):
+    """No round yet: round 1 samples sample.policy; a round whose promote stage never finished does not count."""
+    cfg, pins = pin(loop_cfg(), "tiny_loop", lake, None, None)
+    assert cfg.sample.policy == "builtin:tiny-llama" == pins["train.reference"]["path"]
+    assert pins["loop"]["round"] == 1 and pins["sample.policy"]["round"] == 0
+    add_round(lake, "tiny_loop", 1, "r1", promoted=True, complete=False)
+    assert complete_rounds(lake, "tiny_loop") == [] and pin(loop_cfg(), "tiny_loop", lake, None, None)[1][
+        "loop"]["round"] == 1
+
+
+def test_round_k_samples_the_head_with_the_chosen_reference(lake):
+    """Rounds 1 (promoted), 2 (gate failed): round 3 samples round 1's policy; its reference is the base
+    under `initial`, round 1's policy under `previous`; the trained policy follows the sampled one."""
+    first = add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    add_round(lake, "tiny_loop", 2, "r2", promoted=False)
+    assert head(complete_rounds(lake, "tiny_loop"))["run_id"] == "r1" == head_run(lake, "tiny_loop")
+    cfg, pins = pin(loop_cfg(), "tiny_loop", lake, None, None)
+    assert pins["loop"]["round"] == 3
+    assert cfg.sample.policy == first["promoted_path"] and cfg.train_policy() == first["promoted_path"]
+    assert pins["sample.policy"]["run_id"] == "r1" and pins["sample.policy"]["round"] == 1
+    assert pins["sample.policy"]["content_hash"] == first["content_hash"]
+    assert cfg.reference_policy() == "builtin:tiny-llama" and pins["train.reference"]["round"] == 0
+    cfg, pins = pin(loop_cfg("loop.reference=previous"), "tiny_loop", lake, None, None)
+    assert cfg.reference_policy() == first["promoted_path"] and pins["train.reference"]["round"] == 1
+    _, pins = pin(loop_cfg("loop.pairs=all"), "tiny_loop", lake, None, None)
+    assert pins["loop"]["pair_runs"] == [[1, "r1"], [2, "r2"]]
+
+
+def test_a_resumed_run_keeps_its_pins_after_a_later_promotion(lake):
+    """A run pinned before round 1 promoted keeps sampling the base when resumed; a new run takes round 1."""
+    cfg = loop_cfg()
+    _, pins = pin(cfg, "tiny_loop", lake, None, None)
+    record = start_run(lake, "tiny_loop", "r2", cfg, pins=pins)
+    add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    resumed, again = pin(cfg, "tiny_loop", lake, record, None)
+    assert resumed.sample.policy == "builtin:tiny-llama" and again == pins
+    assert pin(cfg, "tiny_loop", lake, None, None)[0].sample.policy.endswith("promoted/tiny_loop/r1")
+
+
+def test_gone_or_changed_promoted_files_name_the_policy_and_its_run(lake):
+    row = add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    (Path(row["promoted_path"]) / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(PopflowError, match=r"round 1 \(dpo_pop-s0, made by run r1\) has changed on disk"):
+        pin(loop_cfg(), "tiny_loop", lake, None, None)
+    for f in Path(row["promoted_path"]).iterdir():
+        f.unlink()
+    with pytest.raises(PopflowError, match=r"promoted policy of 'tiny_loop' round 1 .*run r1\) is gone: .* does "
+                                           "not hold a model"):
+        pin(loop_cfg(), "tiny_loop", lake, None, None)
+    other = load_pipeline("tiny", overrides=["sample.policy=promoted:tiny_loop"])
+    with pytest.raises(PopflowError, match="is gone"):  # never a silent fallback to the base
+        pin(other, "tiny", lake, None, None)
+
+
+def test_promoted_references_of_another_pipeline(lake):
+    """promoted:<pipeline> falls back to that pipeline's sample.policy, then follows its head; an unknown
+    pipeline is refused naming the key."""
+    cfg = load_pipeline("tiny", overrides=["sample.policy=promoted:tiny_loop", "train.reference=promoted:tiny_loop"])
+    pinned, pins = pin(cfg, "tiny", lake, None, None)
+    assert pinned.sample.policy == "builtin:tiny-llama" and pins["sample.policy"]["ref"] == "promoted:tiny_loop"
+    row = add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    pinned, pins = pin(cfg, "tiny", lake, None, None)
+    assert pinned.sample.policy == row["promoted_path"] == pinned.reference_policy()
+    assert pins["train.reference"]["fingerprint"] == row["promoted_fingerprint"]
+    bad = load_pipeline("tiny", overrides=["sample.policy=promoted:nope"])
+    with pytest.raises(PopflowError, match="sample.policy 'promoted:nope': .*no pipeline named 'nope'"):
+        pin(bad, "tiny", lake, None, None)
+    from flows.preflight import preflight
+
+    with pytest.raises(PopflowError, match="sample.policy 'promoted:nope': no pipeline named 'nope'"):
+        preflight(bad)
+
+
+def test_the_loop_config_refuses_what_it_would_override():
+    for sets, message in ((["train.policy=builtin:tiny-llama"], "loop: train.policy"),
+                          (["train.reference=builtin:tiny-llama"], "loop: train.reference"),
+                          (["evaluate.generate=false"], "loop: evaluate.generate"),
+                          (["sample.policy=promoted:tiny"], "loop: sample.policy"),
+                          (["loop.method=ipo"], "loop.method 'ipo': not a train method"),
+                          (["loop.pairs=all", "annotate.ground_truth=relevance"], "annotate.ground_truth")):
+        with pytest.raises(PopflowError, match=message):
+            loop_cfg(*sets)
+
+
+def test_an_unfinished_round_is_resumed_and_retention_spares_the_head(lake):
+    """A loop run without a promote manifest and with the same config is the round to resume; a changed
+    config starts a new round. Retention keeping 1 run would delete r1, except that r1 holds the head."""
+    cfg = loop_cfg()
+    add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    start_run(lake, "tiny_loop", "r1", cfg, pins={"loop": {"round": 1}})
+    _, pins = pin(cfg, "tiny_loop", lake, None, None)
+    start_run(lake, "tiny_loop", "r2", cfg, pins=pins)
+    assert unfinished_round(lake, "tiny_loop", cfg) == "r2"
+    assert unfinished_round(lake, "tiny_loop", loop_cfg("sample.n=3")) is None
+    records = [{"run_id": r, "status": "completed", "started_at": t} for r, t in (("r1", "1"), ("r2", "2"))]
+    assert runs_to_prune(records, keep=1) == ["r1"]
+    assert runs_to_prune(records, keep=1, protected=head_run(lake, "tiny_loop")) == []
