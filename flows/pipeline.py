@@ -35,7 +35,7 @@ from popflow.config import load_pipeline
 from popflow.config_base import check_name
 from popflow.errors import PopflowError
 from popflow.lake import Lake
-from popflow.lineage import pin, unfinished_round
+from popflow.lineage import prepare_run
 from popflow.runs import end_run, new_run_id, prune_runs, resolve_data_dir, start_run
 from popflow.stage import RunContext, Stage, artifact_key, plan, upstream
 from tasks.annotate import annotate
@@ -129,13 +129,10 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
     if from_stage and not run_id:
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     lake = Lake(resolve_data_dir(data_dir))
-    if run_id is None and cfg.loop is not None:  # a loop round killed or failed earlier: finish it first
-        run_id = unfinished_round(lake, pipeline, cfg)
-        if run_id:
-            logger.info("loop: resuming the unfinished round of run %s", run_id)
-    run_id = run_id or new_run_id()
-    run_cfg, pins = pin(cfg, pipeline, lake, lake.read_run(pipeline, run_id), config_path)
-    ctx = RunContext(str(lake.data_dir), pipeline, run_id, run_cfg)
+    found, run_cfg, pins = prepare_run(cfg, pipeline, lake, run_id, config_path)  # a loop resumes its unfinished round
+    if found and not run_id:
+        logger.info("loop: resuming the unfinished round of run %s", found)
+    ctx = RunContext(str(lake.data_dir), pipeline, found or new_run_id(), run_cfg)
     stages_run = plan(STAGES, cfg)
     with ctx.lake.run_lock(pipeline, ctx.run_id):
         if from_stage:

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def checked(args):
     """The pipeline's config after every check that needs no model (names, config, sources, model paths,
-    reward functions): bad input stops here, before Prefect starts."""
+    reward functions, the promoted policies a run would pin): bad input stops here, before Prefect starts."""
     from flows.preflight import preflight
     from popflow.config import load_pipeline
     from popflow.config_base import check_name
@@ -90,6 +90,14 @@ def checked(args):
         check_name(args.run_id, "--run-id")
     cfg = load_pipeline(args.pipeline, args.config, args.overrides)
     preflight(cfg, args.config)
+    from popflow.lineage import prepare_run, uses_promoted
+
+    if uses_promoted(cfg):  # the promoted files this run would pin exist and are unchanged
+        from popflow.lake import Lake
+        from popflow.runs import resolve_data_dir
+
+        prepare_run(cfg, args.pipeline, Lake(resolve_data_dir(args.data_dir)), getattr(args, "run_id", None),
+                    args.config)
     return cfg
 
 

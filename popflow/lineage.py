@@ -150,6 +150,24 @@ def unfinished_round(lake: Lake, pipeline: str, cfg: PipelineConfig) -> str | No
     return last["run_id"] if not done and last.get("config_hash") == cfg.hash() else None
 
 
+def uses_promoted(cfg: PipelineConfig) -> bool:
+    """Whether a run of this config pins promoted policies (a loop, or a promoted: reference)."""
+    refs = [cfg.sample.policy] + ([cfg.train.policy, cfg.train.reference] if cfg.train else [])
+    return cfg.loop is not None or any(r and r.startswith(PROMOTED) for r in refs)
+
+
+def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | None,
+                config_path: str | Path | None) -> tuple[str | None, PipelineConfig, dict]:
+    """What a run about to start will be: its run id (the given one; for a loop, else its unfinished round; None:
+    a new run), the config its stages see and its pins. The CLI calls it before Prefect starts, so a gone
+    promoted policy fails in a second; the flow calls it again."""
+    if run_id is None and cfg.loop is not None:
+        run_id = unfinished_round(lake, pipeline, cfg)
+    record = lake.read_run(pipeline, run_id) if run_id else None
+    run_cfg, pins = pin(cfg, pipeline, lake, record, config_path)
+    return run_id, run_cfg, pins
+
+
 def head_run(lake: Lake, pipeline: str) -> str | None:
     """The run that made the pipeline's head (retention never deletes it)."""
     row = head(complete_rounds(lake, pipeline))

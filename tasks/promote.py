@@ -96,19 +96,27 @@ def store_promoted(ctx: RunContext, candidate: dict) -> Path:
     return out
 
 
-def rounds_markdown(rows: list[dict], rewards: dict[str, list[dict]]) -> str:
-    """One line per round: its policy, reward spread of its samples, the gate's figures and verdict."""
-    lines = ["| round | run | sampled | candidate | sample reward (mean ± std) | win rate vs sampled [bound] "
-             "| held-out acc. | promoted |", "|---|---|---|---|---|---|---|---|"]
+def round_rows(rows: list[dict], rewards: dict[str, list[dict]]) -> list[dict]:
+    """One row per round: its policy, the reward spread of its samples, the gate's figures and verdict."""
+    out = []
     for r in rows:
-        spread = "; ".join(f"{s['reward_model']} {s['mean']:.3f} ± {s['std']:.3f}"
-                           for s in rewards.get(r["run_id"], []))
         win = "" if r["win_rate"] is None else f"{r['win_rate']:.3f} [{r['win_lower']:.3f}, {r['win_upper']:.3f}]"
-        acc = "" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.3f}"
-        parent = f"round {r['parent_round']}" if r["parent_round"] else "base"
-        lines.append(f"| {r['round']} | {r['run_id']} | {parent} | {r['method']}-s{r['seed']} | {spread} | {win} | "
-                     f"{acc} | {'yes' if r['promoted'] else 'no: ' + r['reason']} |")
-    return "\n".join(lines)
+        out.append({
+            "round": r["round"], "run": r["run_id"],
+            "sampled": f"round {r['parent_round']}" if r["parent_round"] else "base",
+            "candidate": f"{r['method']}-s{r['seed']}",
+            "sample reward (mean ± std)": "; ".join(f"{s['reward_model']} {s['mean']:.3f} ± {s['std']:.3f}"
+                                                    for s in rewards.get(r["run_id"], [])),
+            "win rate vs sampled [bound]": win,
+            "held-out acc.": "" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.3f}",
+            "promoted": "yes" if r["promoted"] else "no: " + r["reason"]})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
 
 
 def chain_view(ctx: RunContext, con, row: dict) -> tuple[list[dict], dict[str, list[dict]], dict[int, dict]]:
@@ -165,14 +173,15 @@ def promote(ctx: RunContext) -> Output:
     ctx.lake.write_table("round_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
     row |= {"pipeline": ctx.pipeline, "run_id": ctx.run_id}
     rows, stats, scores = chain_view(ctx, con, row)
-    table = rounds_markdown(rows, stats)
+    per_round = round_rows(rows, stats)
+    table = markdown(per_round)
     (ctx.run_dir / "loop_rounds.md").write_text(table + "\n")
     plot = plot_rounds(rows, scores, ctx.run_dir / "loop_rounds.png", f"{ctx.pipeline}: on-policy loop")
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_table_artifact
 
-    create_markdown_artifact(key=artifact_key(ctx.pipeline, "loop"), markdown=(
-        f"# {ctx.pipeline}: on-policy loop after round {info['round']}\n\n{table}\n\nPlot: `{plot}`\n"),
-        description="one row per round (lineage, round_rewards)")
+    create_table_artifact(key=artifact_key(ctx.pipeline, "loop"), table=per_round,
+                          description=f"{ctx.pipeline}: the on-policy loop after round {info['round']}, one row per "
+                          f"round (tables lineage, round_rewards); plot {plot}")
     logger.info("loop round %d: %s %s (%s)\n%s", info["round"], f"{method}-s{seed}",
                 "promoted" if verdict["promoted"] else "not promoted", verdict["reason"], table)
     report = {k: verdict[k] for k in ("win_rate", "win_lower", "promoted", "reason")} | {

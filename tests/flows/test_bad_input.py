@@ -5,10 +5,13 @@ the same one line, without a traceback and without a retry."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from popflow.lake import Lake
 from tests.conftest import REPO
+from tests.fixtures.lake import add_round
 
 
 def error_line(err: str) -> str:
@@ -94,3 +97,20 @@ def test_long_prompts_are_skipped_and_counted_or_fail_by_name(cli, tmp_path):
     err = cli("run", "tiny", "--set", "sample.long_prompts=fail", "--set", "train=null", *source, expect=2).stderr
     assert error_line(err).startswith("popflow: error: sample: prompt_id 'long train' is ")
     assert "which leaves no room for sample.max_tokens=12 in the context of 512" in err
+
+
+def test_promoted_references_that_cannot_resolve_stop_before_prefect(cli):
+    """An unknown pipeline behind promoted:, and a loop whose promoted head has gone: one line naming the
+    policy and the run that made it, exit 2, no Prefect database, no new run."""
+    refused_before_prefect(cli, "--set", "sample.policy=promoted:nope",
+                           message="sample.policy 'promoted:nope': no pipeline named 'nope'")
+    lake = Lake(cli.data_dir)
+    row = add_round(lake, "tiny_loop", 1, "20261125T020000Z-abc123", promoted=True)
+    shutil.rmtree(row["promoted_path"])
+    err = cli("run", "tiny_loop", expect=2).stderr
+    assert err.strip() == (f"popflow: error: the promoted policy of 'tiny_loop' round 1 (dpo_pop-s0, made by run "
+                           f"20261125T020000Z-abc123) is gone: {row['promoted_path']} does not hold a model "
+                           "(deleted, or the data dir moved); restore it, or start the chain again with a new "
+                           "pipeline name"), err
+    assert not (cli.data_dir.parent / "prefect-home" / "prefect.db").exists()
+    assert [p.name for p in (lake.root / "_runs" / "pipeline=tiny_loop").iterdir()] == ["run=" + row["run_id"]]

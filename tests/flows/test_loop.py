@@ -73,11 +73,13 @@ def test_two_rounds_round_two_samples_round_one_with_vllm(cli):
 def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
     """The gate always fails: nothing is promoted and round 2 samples the base again, against the initial
     reference. Round 2 is SIGKILLed (CLI, Prefect and the sampler together) once a shard is staged; the same
-    command resumes that run from its staged shards: one run and one lineage row per round, exact counts."""
+    command resumes that run from its staged shards: one run and one lineage row per round, exact counts.
+    Round 2 also trains on round 1's pairs (loop.pairs: all)."""
     cli("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--rounds", "1")
-    # round 2 (a round may change the config: the chain only links policies): 19 one-prompt shards
+    # round 2 (a round may change the config: the chain only links policies): 19 one-prompt shards, and it
+    # trains on round 1's pairs too
     args = ("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "prompts.limit=16", "--set", "sample.shard_size=1",
-            "--set", "sample.max_tokens=48")
+            "--set", "sample.max_tokens=48", "--set", "loop.pairs=all")
     staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny_loop"
     proc = cli.popen(*args, "--rounds", "2")
     deadline = time.time() + 600
@@ -105,3 +107,12 @@ def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
                            ).read_text())
     assert manifest["report"]["resumed_shards"] == len(staged)
     assert not (cli.data_dir / "models" / "promoted").exists()
+    # loop.pairs: all: round 1's own pairs joined round 2's, ids prefixed r1/, and went on to annotation
+    first_run = rows[0]["run_id"]
+    own = cli.query(f"select count(*) from pairs where run_id = '{first_run}'")[0][0]
+    assert own > 0 and cli.query(f"select count(*) from pairs where run_id = '{killed_run}' and pair_id like 'r1/%'"
+                                 ) == [(own,)]
+    assert cli.query("select pair_runs, pairs from lineage where round = 2") == [([killed_run, first_run], "all")]
+    annotated = cli.query(f"select count(*) from pairs where run_id = '{first_run}' and strategy = 'seven_point'")
+    assert cli.query(f"select count(*) from ref_logps where run_id = '{killed_run}' and pair_id like 'r1/%'"
+                     ) == annotated

@@ -5,39 +5,16 @@ A "promoted policy" here is a folder with a config.json and a weights file: what
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.lineage import complete_rounds, head, head_run, pin, unfinished_round
-from popflow.models import fingerprint
 from popflow.runs import runs_to_prune, start_run
-from tasks.promote import LINEAGE_SCHEMA, content_hash
-
-
-def add_round(lake: Lake, pipeline: str, round_no: int, run_id: str, promoted: bool, complete: bool = True) -> dict:
-    """One round's lineage row (and its promoted folder), as the promote stage leaves them."""
-    path = lake.data_dir / "models" / "promoted" / pipeline / run_id
-    if promoted:
-        path.mkdir(parents=True)
-        (path / "config.json").write_text(json.dumps({"round": round_no}))
-        (path / "model.safetensors").write_bytes(bytes([round_no]) * 64)
-    row = {name: None for name in LINEAGE_SCHEMA.names} | {
-        "round": round_no, "method": "dpo_pop", "seed": 0, "promoted": promoted, "reason": "test",
-        "parent_round": round_no - 1, "promoted_path": str(path) if promoted else None,
-        "promoted_fingerprint": fingerprint(path) if promoted else None,
-        "content_hash": content_hash(path) if promoted else None}
-    table = pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA)
-    table = table.append_column("pipeline", pa.array([pipeline])).append_column("run_id", pa.array([run_id]))
-    lake.write_table("lineage", pipeline, run_id, table)
-    if complete:
-        lake.write_manifest(pipeline, run_id, "promote", {"stage": "promote"})
-    return row | {"pipeline": pipeline, "run_id": run_id}
+from tests.fixtures.lake import add_round
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from tasks.evaluate import (
 )
 from tasks.margins import pop_labels_of, train_pairs_sql
 from tasks.pair import write_pairs
+from tasks.promote import outcomes_sql, round_rewards_sql
 from tasks.ref_logps import pair_rows_sql
 from tasks.sample import prompts_to_sample
 from tasks.score import samples_to_score
@@ -129,3 +130,19 @@ def test_experiment_comparison(ctx):
         {"method": ["m", "m"], "seed": [0, 1], "metric": ["accuracy"] * 2, "value": [0.5, 0.7]}))
     got = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).fetchall()
     assert got == [("m", "accuracy", pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)]
+
+
+def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_rewards(ctx):
+    """promote's outcomes: the candidate's eval samples (method m, seed 0) against stage 1's sample of the same
+    prompt and index. o'brien eval: 1.0 > 0.5 win, 0.2 = 0.2 tie; plain eval: -1.0 < 0.0 loss, 3.0 > 1.0 win
+    -> 1, 0.5, 0, 1 (win rate 2.5 / 4, as evaluate's win_rate). round_rewards: model a's raw scores
+    3, 1, 0, 2, 1, 1, 0, 0.2 -> n 8, mean 8.2 / 8 = 1.025, median (1 + 1) / 2 = 1."""
+    con = sql.connect()
+    got = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), "m", 0)).fetchall()
+    assert got == [(E1, 1.0), (E1, 0.5), (E2, 0.0), (E2, 1.0)]
+    assert all(isinstance(o, float) for _, o in got)  # not DECIMAL: the gate does float arithmetic
+    assert con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), "m", 1)).fetchall() == []
+    rows = con.sql(round_rewards_sql(ctx.table("rewards"))).to_arrow_table().to_pylist()
+    stats = {r["reward_model"]: r for r in rows}
+    assert stats["a"]["n"] == 8 and stats["a"]["mean"] == pytest.approx(1.025) and stats["a"]["median"] == 1.0
+
