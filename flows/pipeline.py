@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -117,22 +118,11 @@ def preference_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | list
         return Failed(message=str(err), data=err)
 
 
-def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | None, config_path: str | None,
-                 from_stage: str | None) -> dict:
-    """The flow's body (inside the flow run): check, plan, run each stage's task after the stages it reads."""
-    logger = get_run_logger()
-    logs.configure()
-    if run_id is not None:  # (load_pipeline checks the pipeline's name)
-        check_name(run_id, "run_id")
-    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
-    preflight(cfg, config_path)
-    if from_stage and not run_id:
-        raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
-    lake = Lake(resolve_data_dir(data_dir))
-    found, run_cfg, pins = prepare_run(cfg, pipeline, lake, run_id, config_path)  # a loop resumes its unfinished round
-    if found and not run_id:
-        logger.info("loop: resuming the unfinished round of run %s", found)
-    ctx = RunContext(str(lake.data_dir), pipeline, found or new_run_id(), run_cfg)
+def execute(ctx: RunContext, cfg, pins: dict, from_stage: str | None) -> dict:
+    """Run the planned stages of one run under its run lock, each task after the stages it reads from; the
+    run record says how it ended. `cfg` is the config as given (its hash is the run's), `ctx.config` the
+    pinned one the stages see. Returns each stage's row counts and seconds."""
+    logger, pipeline = get_run_logger(), ctx.pipeline
     stages_run = plan(STAGES, cfg)
     with ctx.lake.run_lock(pipeline, ctx.run_id):
         if from_stage:
@@ -155,6 +145,27 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
             end_run(ctx.lake, pipeline, ctx.run_id, "failed", stages, error=str(exc)[:2000])
             raise
         end_run(ctx.lake, pipeline, ctx.run_id, "completed", stages)
+    return stages
+
+
+def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | None, config_path: str | None,
+                 from_stage: str | None) -> dict:
+    """The flow's body (inside the flow run): check, pin the run's policies, execute it, report, retention."""
+    logger = get_run_logger()
+    logs.configure()
+    if run_id is not None:  # (load_pipeline checks the pipeline's name)
+        check_name(run_id, "run_id")
+    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
+    preflight(cfg, config_path)
+    if from_stage and not run_id:
+        raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
+    lake = Lake(resolve_data_dir(data_dir))
+    with lake.loop_lock(pipeline) if cfg.loop is not None else nullcontext():  # a loop: one round at a time
+        found, run_cfg, pins = prepare_run(cfg, pipeline, lake, run_id, config_path)  # its unfinished round first
+        if found and not run_id:
+            logger.info("loop: resuming the unfinished round of run %s", found)
+        ctx = RunContext(str(lake.data_dir), pipeline, found or new_run_id(), run_cfg)
+        stages = execute(ctx, cfg, pins, from_stage)
     report(ctx, stages)
     pruned = prune_runs(ctx.lake, pipeline, cfg.retention.keep_runs)
     if pruned:

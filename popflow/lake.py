@@ -150,23 +150,33 @@ class Lake:
         write_json(record, self.run_dir(pipeline, run_id) / "run.json")
 
     # ------------------------------------------------------------------ run lifecycle
-    @contextmanager
     def run_lock(self, pipeline: str, run_id: str, wait: bool = False):
         """Held by the process executing a run, for all of it: a second process on the same run id is refused
         (two writers would interleave shards). The OS drops the lock when its holder dies, even by SIGKILL,
-        so a crashed run can be resumed at once. The holder's pid and host are written beside the lock, for
-        the refusal's message."""
-        path = self.run_dir(pipeline, run_id) / ".lock"
+        so a crashed run can be resumed at once."""
+        return self.exclusive(self.run_dir(pipeline, run_id) / ".lock", wait,
+                              f"run {run_id!r} of {pipeline!r} is being executed by another process",
+                              "wait for it, or omit --run-id to start a new run")
+
+    def loop_lock(self, pipeline: str):
+        """Held while a round of a loop pipeline is chosen and run: rounds of one chain run one at a time, so
+        two loop processes (or two overlapping scheduled runs) never start the same round twice."""
+        return self.exclusive(self.root / "_runs" / f"pipeline={pipeline}" / ".loop.lock", False,
+                              f"a round of loop pipeline {pipeline!r} is being executed by another process",
+                              "wait for it: the rounds of a chain run one after another")
+
+    @contextmanager
+    def exclusive(self, path: Path, wait: bool, busy: str, advice: str):
+        """An exclusive file lock at `path` (filelock); refused at once with `busy (holder); advice` unless
+        `wait`. The holder's pid and host are written beside the lock, for the refusal's message."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        holder = path.with_name(".lock.holder")
+        holder = path.with_name(path.name + ".holder")
         lock = FileLock(path, timeout=-1 if wait else 0)
         try:
             lock.acquire()
         except Timeout:
             who = holder.read_text().strip() if holder.is_file() else ""
-            raise PopflowError(f"run {run_id!r} of {pipeline!r} is being executed by another process "
-                               f"({who or 'unknown pid'}); wait for it, or omit --run-id to start a new "
-                               "run") from None
+            raise PopflowError(f"{busy} ({who or 'unknown pid'}); {advice}") from None
         try:
             holder.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
             yield

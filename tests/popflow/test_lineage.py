@@ -123,3 +123,19 @@ def test_an_unfinished_round_is_resumed_and_retention_spares_the_head(lake):
     records = [{"run_id": r, "status": "completed", "started_at": t} for r, t in (("r1", "1"), ("r2", "2"))]
     assert runs_to_prune(records, keep=1) == ["r1"]
     assert runs_to_prune(records, keep=1, protected=head_run(lake, "tiny_loop")) == []
+
+
+def test_rounds_of_one_chain_run_one_at_a_time(lake):
+    """While one process holds the loop lock (choosing and running a round), another is refused naming it;
+    another pipeline's loop is not held up."""
+    import os
+
+    with lake.loop_lock("tiny_loop"):
+        with pytest.raises(PopflowError, match=rf"a round of loop pipeline 'tiny_loop' is being executed by another "
+                                               rf"process \(pid {os.getpid()} on .*\); wait for it"):
+            with lake.loop_lock("tiny_loop"):
+                pass
+        with lake.loop_lock("demo_loop"):
+            pass
+    with lake.loop_lock("tiny_loop"):  # released
+        pass
