@@ -20,11 +20,19 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.pipeline import preference_pipeline
-from popflow.config import load_pipeline
+from popflow.config import PipelineConfig, load_pipeline
 from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.lineage import complete_rounds
 from popflow.runs import resolve_data_dir
+
+
+def check_loop(cfg: PipelineConfig, pipeline: str, rounds: int) -> None:
+    """A loop needs a pipeline with a `loop:` section and at least one round to reach."""
+    if cfg.loop is None:
+        raise PopflowError(f"pipeline {pipeline!r} has no loop: section (add `loop: {{}}` for the defaults)")
+    if rounds < 1:
+        raise PopflowError(f"--rounds {rounds}: at least 1")
 
 
 @flow(name="preference-loop")
@@ -36,25 +44,21 @@ def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list
 
     logger = get_run_logger()
     try:
-        cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
-        if cfg.loop is None:
-            raise PopflowError(f"pipeline {pipeline!r} has no loop: section (set loop: {{}} for the defaults)")
-        if rounds < 1:
-            raise PopflowError(f"--rounds {rounds}: at least 1")
-        lake = Lake(resolve_data_dir(data_dir))
-        while len(complete_rounds(lake, pipeline)) < rounds:
-            done = len(complete_rounds(lake, pipeline))
-            logger.info("loop %s: round %d of %d", pipeline, done + 1, rounds)
-            state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
-                                        config_path=config_path, return_state=True)
-            if state.is_failed():
-                return Failed(message=state.message, data=state.result(raise_on_failure=False))
-            if len(complete_rounds(lake, pipeline)) <= done:  # a programming error: the round did not count
-                raise RuntimeError(f"loop {pipeline}: run {state.result()['run_id']} completed without a round")
+        check_loop(load_pipeline(pipeline, config_path, as_assignments(overrides)), pipeline, rounds)
     except PopflowError as err:
         logger.error("popflow: error: %s", err)
         return Failed(message=str(err), data=err)
+    lake = Lake(resolve_data_dir(data_dir))
     chain = complete_rounds(lake, pipeline)
+    while len(chain) < rounds:
+        logger.info("loop %s: round %d of %d", pipeline, len(chain) + 1, rounds)
+        state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
+                                    config_path=config_path, return_state=True)
+        if state.is_failed():  # bad input in the round: its one line, already logged by the round
+            return Failed(message=state.message, data=state.result(raise_on_failure=False))
+        done, chain = len(chain), complete_rounds(lake, pipeline)
+        if len(chain) <= done:  # a programming error: the round did not count
+            raise RuntimeError(f"loop {pipeline}: run {state.result()['run_id']} completed without a round")
     logger.info("loop %s: %d rounds, %d promoted", pipeline, len(chain), sum(r["promoted"] for r in chain))
     return {"pipeline": pipeline, "rounds": [{k: r[k] for k in ("round", "run_id", "promoted", "win_rate", "win_lower",
                                                                  "reason", "promoted_path")} for r in chain]}

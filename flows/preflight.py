@@ -21,6 +21,7 @@ from pathlib import Path
 from popflow import models
 from popflow.config import PipelineConfig, pipeline_names
 from popflow.errors import PopflowError
+from popflow.lineage import policy_refs
 from popflow.plugins import load_function
 from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
@@ -28,11 +29,8 @@ from tasks.prompts import load_prompts
 
 def check_promoted_refs(cfg: PipelineConfig, config_path: str | Path | None) -> None:
     """Every `promoted:<pipeline>` reference names a pipeline of the config file."""
-    refs = {"sample.policy": cfg.sample.policy}
-    if cfg.train:
-        refs |= {"train.policy": cfg.train.policy, "train.reference": cfg.train.reference}
-    for key, ref in refs.items():
-        if ref and ref.startswith(models.PROMOTED):
+    for key, ref in policy_refs(cfg).items():
+        if ref.startswith(models.PROMOTED):
             known = pipeline_names(config_path)
             if ref.removeprefix(models.PROMOTED) not in known:
                 raise PopflowError(f"{key} {ref!r}: no pipeline named {ref.removeprefix(models.PROMOTED)!r} in "

@@ -149,10 +149,9 @@ def cmd_runs(args) -> int:
 
 
 def cmd_loop(args) -> int:
-    cfg = checked(args)
-    if cfg.loop is None:
-        raise PopflowError(f"pipeline {args.pipeline!r} has no loop: section (add `loop: {{}}` for the defaults)")
-    from flows.loop import preference_loop
+    from flows.loop import check_loop, preference_loop
+
+    check_loop(checked(args), args.pipeline, args.rounds)
 
     result = preference_loop(pipeline=args.pipeline, rounds=args.rounds, overrides=args.overrides,
                              data_dir=args.data_dir, config_path=args.config)
@@ -174,8 +173,7 @@ def cmd_policies(args) -> int:
                   "reference_kind as reference, pairs, "
                   "round(win_rate, 3) as win_rate, round(win_lower, 3) as win_lower, "
                   "round(heldout_accuracy, 3) as heldout_acc, promoted, reason "
-                  "from lineage l semi join stages s on s.pipeline = l.pipeline and s.run_id = l.run_id "
-                  f"and s.stage = 'promote' {where} order by pipeline, round")  # complete rounds only
+                  f"from loop_rounds {where} order by pipeline, round")
     args.csv = False
     from popflow.lake import Lake
     from popflow.runs import resolve_data_dir

@@ -8,7 +8,7 @@ Layout under DATA_DIR/lake:
     _runs/pipeline=<name>/run=<run_id>/stages/<stage>.json  a stage's manifest, written last
     catalog.duckdb                                         one view per table over all runs, and
                                                            latest_<table> views (newest completed run),
-                                                           policy_chain (popflow/lineage.py)
+                                                           loop_rounds and policy_chain (popflow/lineage.py)
 
 Completeness is decided by manifests: a stage is done when its manifest exists, and a manifest is written
 only after the stage's tables were published (a directory rename). Every file is written to a temporary
@@ -253,9 +253,11 @@ class Lake:
 
 def latest_statements(tables: list[str]) -> list[str]:
     """Per table a `latest_<table>` view: each pipeline's newest completed run only (failed runs never show);
-    `policy_chain`: the promoted policies of every loop pipeline (complete rounds only), one row per round."""
-    chain = ["create view policy_chain as select l.* from lineage l semi join stages s on s.pipeline = l.pipeline "
-             "and s.run_id = l.run_id and s.stage = 'promote' where l.promoted"] if "lineage" in tables else []
+    `loop_rounds`: the lineage rows of complete loop rounds (promote finished); `policy_chain`: the promoted
+    ones, each loop pipeline's chain."""
+    chain = ["create view loop_rounds as select l.* from lineage l semi join stages s on s.pipeline = l.pipeline "
+             "and s.run_id = l.run_id and s.stage = 'promote'",
+             "create view policy_chain as select * from loop_rounds where promoted"] if "lineage" in tables else []
     return ["create view latest_runs as select pipeline, arg_max(run_id, finished_at) as run_id "
             "from runs where status = 'completed' group by pipeline"] + [
         f"create view {ident('latest_' + table)} as select t.* from {ident(table)} t "

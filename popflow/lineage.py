@@ -53,15 +53,15 @@ def describe(row: dict) -> str:
             f"made by run {row['run_id']})")
 
 
-def check_promoted(row: dict) -> None:
-    """A promoted policy's files must be where its lineage row says, unchanged."""
-    path = Path(row["promoted_path"])
-    if not (path / "config.json").is_file():
-        raise PopflowError(f"{describe(row)} is gone: {path} does not hold a model (deleted, or the data dir "
+def check_promoted(policy: dict, path: str, recorded: str) -> None:
+    """A promoted policy's files must be where it was recorded, unchanged. `policy`: its lineage row or a pin
+    of it (both carry pipeline, round, method, seed and run_id, for the message)."""
+    if not (Path(path) / "config.json").is_file():
+        raise PopflowError(f"{describe(policy)} is gone: {path} does not hold a model (deleted, or the data dir "
                            "moved); restore it, or start the chain again with a new pipeline name")
-    if fingerprint(path) != row["promoted_fingerprint"]:
-        raise PopflowError(f"{describe(row)} has changed on disk: {path} no longer matches its recorded "
-                           f"fingerprint {row['promoted_fingerprint']}")
+    if fingerprint(Path(path)) != recorded:
+        raise PopflowError(f"{describe(policy)} has changed on disk: {path} no longer matches its recorded "
+                           f"fingerprint {recorded}")
 
 
 def as_pin(ref: str, row: dict | None) -> dict:
@@ -89,8 +89,16 @@ def resolve_promoted(ref: str, lake: Lake, config_path: str | Path | None, key: 
             raise PopflowError(f"{key} {ref!r}: pipeline {name!r} has promoted nothing yet and its own sample.policy "
                                f"is {other.sample.policy!r}; name a model as its base")
         return {**as_pin(other.sample.policy, None), "ref": ref}
-    check_promoted(row)
+    check_promoted(row, row["promoted_path"], row["promoted_fingerprint"])
     return as_pin(ref, row)
+
+
+def policy_refs(cfg: PipelineConfig) -> dict[str, str]:
+    """The config keys that may name `promoted:<pipeline>`, and what they name (unset keys left out)."""
+    refs = {"sample.policy": cfg.sample.policy}
+    if cfg.train:
+        refs |= {"train.policy": cfg.train.policy, "train.reference": cfg.train.reference}
+    return {key: ref for key, ref in refs.items() if ref}
 
 
 def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | Path | None) -> dict:
@@ -101,7 +109,7 @@ def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | 
         base = resolve_promoted(cfg.sample.policy, lake, config_path, "sample.policy")
         current = head(rows)
         if current is not None:
-            check_promoted(current)
+            check_promoted(current, current["promoted_path"], current["promoted_fingerprint"])
         current_pin = as_pin(f"{PROMOTED}{pipeline}", current) if current else base
         pins["loop"] = {"round": max((r["round"] for r in rows), default=0) + 1,
                         "base": base, "parent": current_pin,
@@ -110,11 +118,9 @@ def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | 
         pins["sample.policy"] = current_pin
         pins["train.reference"] = base if cfg.loop.reference == "initial" else current_pin
         return pins
-    pins["sample.policy"] = resolve_promoted(cfg.sample.policy, lake, config_path, "sample.policy")
-    if cfg.train:
-        for key, ref in (("train.policy", cfg.train.policy), ("train.reference", cfg.train.reference)):
-            if ref and ref.startswith(PROMOTED):
-                pins[key] = resolve_promoted(ref, lake, config_path, key)
+    for key, ref in policy_refs(cfg).items():  # sample.policy always: its pin is what the run samples
+        if key == "sample.policy" or ref.startswith(PROMOTED):
+            pins[key] = resolve_promoted(ref, lake, config_path, key)
     return pins
 
 
@@ -127,10 +133,8 @@ def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
         pins = new_pins(cfg, pipeline, lake, config_path)
     else:
         for value in (v for k, v in pins.items() if k != "loop"):
-            if value.get("fingerprint"):
-                check_promoted({"pipeline": value["pipeline"], "round": value["round"], "method": value["method"],
-                                "seed": value["seed"], "run_id": value["run_id"], "promoted_path": value["path"],
-                                "promoted_fingerprint": value["fingerprint"]})
+            if value.get("fingerprint"):  # a promoted policy, not a model reference
+                check_promoted(value, value["path"], value["fingerprint"])
     sample = cfg.sample.model_copy(update={"policy": pins["sample.policy"]["path"]})
     update: dict = {"sample": sample}
     if cfg.train:
@@ -152,8 +156,7 @@ def unfinished_round(lake: Lake, pipeline: str, cfg: PipelineConfig) -> str | No
 
 def uses_promoted(cfg: PipelineConfig) -> bool:
     """Whether a run of this config pins promoted policies (a loop, or a promoted: reference)."""
-    refs = [cfg.sample.policy] + ([cfg.train.policy, cfg.train.reference] if cfg.train else [])
-    return cfg.loop is not None or any(r and r.startswith(PROMOTED) for r in refs)
+    return cfg.loop is not None or any(ref.startswith(PROMOTED) for ref in policy_refs(cfg).values())
 
 
 def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | None,

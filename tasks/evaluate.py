@@ -28,7 +28,7 @@ from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_ta
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
-from tasks.rewards.aggregate import aggregate_sql
+from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
 
 
 def heldout_metrics_sql(heldout: str) -> str:
@@ -90,8 +90,7 @@ def generation_metrics_sql(eval_samples: str, sample_rewards: str, ids: list[str
         {join}
     )""", f"""per_policy as (
         select method, seed, avg(reward) as mean_reward,
-               avg(case when reward > base_reward then 1.0 when reward = base_reward then 0.5 else 0.0 end)
-                   as win_rate,
+               avg({win_outcome_sql("reward", "base_reward")}) as win_rate,
                {rate} as constraint_rate
         from scored group by method, seed
     )""", """final as (

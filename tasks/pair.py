@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+import pyarrow.parquet as pq
+
 from popflow import sql
 from popflow.config import POINTS, PairConfig
 from popflow.errors import PopflowError
@@ -181,8 +183,9 @@ def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_
                                f"({own}); retention removed them? Use loop.pairs: this_round or keep more runs")
         query = (f"select * replace ({lit(f'r{round_no}/')} || pair_id as pair_id, {lit(ctx.pipeline)} as pipeline, "
                  f"{lit(ctx.run_id)} as run_id) from {sql.parquet(own)}")
-        _copy(con, query, os.path.join(out_dir, f"part-r{round_no:05d}.parquet"))
-        added[f"round {round_no}"] = con.execute(f"select count(*) from ({query})").fetchone()[0]
+        part = os.path.join(out_dir, f"part-r{round_no:05d}.parquet")
+        _copy(con, query, part)
+        added[f"round {round_no}"] = pq.ParquetFile(part).metadata.num_rows
     return added
 
 

@@ -32,6 +32,7 @@ from popflow.gate import decide
 from popflow.lineage import complete_rounds
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, now, run_logger, stage, with_run_columns
+from tasks.rewards.aggregate import win_outcome_sql
 
 
 def outcomes_sql(eval_samples: str, sample_rewards: str, method: str, seed: int) -> str:
@@ -47,8 +48,7 @@ def outcomes_sql(eval_samples: str, sample_rewards: str, method: str, seed: int)
     ),
     final as (
         select c.prompt_id, c.sample_idx,
-               (case when c.reward > p.reward then 1.0 when c.reward = p.reward then 0.5 else 0.0 end)::double
-                   as outcome
+               {win_outcome_sql("c.reward", "p.reward")} as outcome
         from candidate c join current_policy p using (prompt_id, sample_idx)
     )
     select prompt_id, outcome from final order by prompt_id, sample_idx
@@ -168,11 +168,10 @@ def promote(ctx: RunContext) -> Output:
            "content_hash": content_hash(stored) if stored else None, "created_at": now()}
     lineage = with_run_columns(ctx, pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA))
     ctx.lake.write_table("lineage", ctx.pipeline, ctx.run_id, lineage)
-    rewards = con.sql(round_rewards_sql(ctx.table("rewards"))).to_arrow_table()
-    rewards = rewards.add_column(0, "round", pa.array([info["round"]] * rewards.num_rows, pa.int64()))
-    ctx.lake.write_table("round_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
     row |= {"pipeline": ctx.pipeline, "run_id": ctx.run_id}
-    rows, stats, scores = chain_view(ctx, con, row)
+    rows, stats, scores = chain_view(ctx, con, row)  # this round's reward stats among them
+    rewards = pa.Table.from_pylist([{"round": info["round"], **r} for r in stats[ctx.run_id]])
+    ctx.lake.write_table("round_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
     per_round = round_rows(rows, stats)
     table = markdown(per_round)
     (ctx.run_dir / "loop_rounds.md").write_text(table + "\n")

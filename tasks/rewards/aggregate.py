@@ -1,6 +1,6 @@
 """From per-model scores to one reward per sample: optional z-normalisation of each reward model over a
 run, then mean, min or weighted mean (score.aggregate). SQL over named CTEs; evaluate passes the run's
-stats so its new samples share the run's scale.
+stats so its new samples share the run's scale. `win_outcome_sql` compares two samples on that scale.
 
     from tasks.rewards.aggregate import aggregate_sql
     con.sql(aggregate_sql(ctx.table("rewards"), ctx.config.score))
@@ -54,3 +54,10 @@ def aggregate_sql(rewards: str, cfg: ScoreConfig, stats: str | None = None, keys
     )
     select * from final order by {key}prompt_id, sample_idx
     """
+
+
+def win_outcome_sql(reward: str, other: str) -> str:
+    """One comparison of two samples' aggregate rewards as a number: 1 a win, 0.5 a tie, 0 a loss (a double:
+    DuckDB would type the bare literals DECIMAL). evaluate's win_rate averages it; promote's gate reads it."""
+    return f"(case when {reward} > {other} then 1.0 when {reward} = {other} then 0.5 else 0.0 end)::double"
+
