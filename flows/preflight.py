@@ -7,6 +7,8 @@ fails in about a second with one line (exit 2); the flow calls it again for depl
                      (hub ids load at run time), `promoted:<pipeline>` names a pipeline of the file (its
                      promoted files are checked when the run pins it: popflow/lineage.py)
     reward functions every `python` reward's module:function imports and is callable
+    execution        a Ray backend: ray is installed and RAY_ADDRESS (or execution.ray.address) answers;
+                     train.accelerate: its config file exists (and deepspeed is installed when it names DeepSpeed)
 
     .venv/bin/popflow validate            # preflight of every pipeline in pipelines.yaml
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from popflow import models
+from popflow import cluster, models
 from popflow.config import PipelineConfig, pipeline_names
 from popflow.errors import PopflowError
 from popflow.lineage import policy_refs
 from popflow.plugins import load_function
 from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
+from tasks.train_launch import check_launch
 
 
 def check_promoted_refs(cfg: PipelineConfig, config_path: str | Path | None) -> None:
@@ -57,3 +60,7 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         models.check_ref(cfg.train_policy(), "train.policy")
         models.check_ref(cfg.reference_policy(), "train.reference")
 
+    if cfg.train and cfg.train.accelerate:
+        check_launch(cfg.train.accelerate)
+    if cfg.execution.uses_ray():
+        cluster.check_ray(cfg.execution.ray)

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from popflow.config_base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
 from popflow.errors import PopflowError
+from popflow.execution_config import ExecutionConfig
 from popflow.loop_config import LoopConfig
 from popflow.models import MINILM, PROMOTED, SMOLLM2
 from popflow.service_config import RetentionConfig, ScheduleConfig
@@ -256,7 +257,7 @@ class MarginsConfig(Strict):
 
 
 # Sections that say how a pipeline is operated, not what it computes: left out of the config hash.
-OPERATIONAL = ("description", "schedule", "retention")
+OPERATIONAL = ("description", "schedule", "retention", "execution")
 
 
 class PipelineConfig(Strict):
@@ -281,6 +282,8 @@ class PipelineConfig(Strict):
     schedule: ScheduleConfig | None = Field(default_factory=ScheduleConfig, description="When `popflow serve` "
                                             "runs the pipeline (nightly by default); null: on demand only.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How many runs to keep.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where sample and score run: "
+                                       "locally or as replicas on Ray (popflow/execution_config.py); never hashed.")
 
     @model_validator(mode="after")
     def _methods_fit_pipeline(self) -> PipelineConfig:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from popflow.config_base import NAME_PATTERN, Strict
+from popflow.execution_config import AccelerateLaunch
 
 # popflow's own losses (tasks/losses.py): DPO with a per-pair margin (DPO-PoP and its baselines) and reward
 # model distillation (Fisch et al. 2405.19316).
@@ -76,6 +77,9 @@ class TrainConfig(Strict):
         "fp32 weights with bf16 autocast where the CPU computes bf16 natively (AVX512_BF16, AMX), else fp32. "
         "float32 turns mixed precision off; bfloat16 on a CPU without native bf16 runs emulated, with a warning.")
     ref_batch_size: int = Field(16, ge=1, description="Pairs per forward when computing reference log-probs.")
+    accelerate: AccelerateLaunch | None = Field(
+        None, description="Train through `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO-2/3) in `processes` processes; "
+        "null: in the stage's own process. The stored reference log-probs serve every mode.")
     trl: dict[str, Any] = Field(default_factory=dict, description="Any other DPOConfig field, passed through "
                                 "(TRL validates it), e.g. {lr_scheduler_type: cosine, warmup_ratio: 0.1}.")
 

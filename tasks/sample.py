@@ -13,19 +13,27 @@ Prompts too long for the context (rendered length + max_tokens > vllm.max_model_
 found with the tokenizer before the engine starts: `sample.long_prompts: skip` drops them (table
 `skipped_prompts`, counted in the report), `fail` stops naming the first.
 
+With `execution.sample.backend: ray` the shards go to data-parallel engine replicas on a Ray cluster from one
+queue (popflow/cluster.py); this process stays the driver and writes each shard as it comes back, so resume
+per shard and the samples table are the same as on one machine.
+
     .venv/bin/popflow run tiny --set sample.engine=transformers
+    .venv/bin/popflow run tiny --set execution.sample.backend=ray --set execution.sample.replicas=2
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
 
-from popflow import models, precision, sql
-from popflow.engines import Engines, Params, prepare_prompts, samples_table
+from popflow import cluster, models, precision, sql
+from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
 from popflow.errors import PopflowError
+from popflow.replicas import GenerateReplica
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
@@ -61,36 +69,87 @@ def skipped_table(too_long: list[tuple[str, int]], max_tokens: int, context: int
                                  for pid, n in too_long], schema=SKIPPED_SCHEMA)
 
 
+def locally(ctx: RunContext, policy: str, rendered: list[Prompt], todo: list[tuple[int, int, int]], run: dict,
+            timing: dict) -> Iterator[tuple[int, list]]:
+    """(shard, completions) of every shard to do, from one engine in this process."""
+    cfg, t0 = ctx.config.sample, time.time()
+    with Engines(cfg) as engines, engines.open(policy) as engine:
+        run.update(per_request_seed=engine.per_request_seed, replicas=1)
+        timing["startup_s"] += time.time() - t0
+        for k, s, e in todo:
+            t1 = time.time()
+            completions = engine.generate(rendered[s:e], cfg.n, Params.of(cfg))
+            timing["generate_s"] += time.time() - t1
+            yield k, completions
+
+
+@contextmanager
+def replica_pool(ctx: RunContext, policy: str) -> Iterator[tuple[cluster.Pool, str, float]]:
+    """`execution.sample.replicas` engines on Ray (popflow/cluster.py), starting as soon as this is entered:
+    (the pool, the cluster's address, when they were asked for)."""
+    cfg, exe, t0 = ctx.config.sample, ctx.config.execution, time.time()
+    with cluster.session(exe.ray) as info:
+        gpus = cluster.gpus_per_replica(exe.sample, info, cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1)
+        with cluster.Pool(GenerateReplica, (policy, cfg), exe.sample, gpus, "sample") as pool:
+            yield pool, info.address, t0
+
+
+def on_ray(replicas: tuple[cluster.Pool, str, float], ctx: RunContext, rendered: list[Prompt],
+           todo: list[tuple[int, int, int]], run: dict, timing: dict) -> Iterator[tuple[int, list]]:
+    """(shard, completions) of every shard to do from the replicas, in the order they finish (a replica that
+    dies costs only its shard in flight)."""
+    (pool, address, t0), cfg = replicas, ctx.config.sample
+    started = pool.ready()
+    run.update(per_request_seed=started[0]["per_request_seed"], replicas=len(started), cluster=address)
+    timing["startup_s"] += time.time() - t0
+    t1 = time.time()
+    pids = run.setdefault("replica_pids", {})  # which process made how many shards (a restart shows)
+    for k, (completions, _, pid) in pool.map("generate", [(k, (rendered[s:e], cfg.n, Params.of(cfg)))
+                                                          for k, s, e in todo]):
+        timing["generate_s"] += time.time() - t1
+        pids[str(pid)] = pids.get(str(pid), 0) + 1
+        yield k, completions
+        t1 = time.time()
+
+
 @stage("sample", reads=("ingest",), sections=("sample",), writes=("samples", "skipped_prompts"), retries=1,
        when=lambda cfg: not cfg.import_pairs)
 def sample(ctx: RunContext) -> Output:
-    """Check every prompt fits, generate the missing shards, then publish `samples` (and `skipped_prompts`)."""
+    """Check every prompt fits, generate the missing shards, then publish `samples` (and `skipped_prompts`).
+    On Ray a fresh stage asks for its replicas first, so their engines start while the prompts are checked."""
     logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
-    prompts = prompts_to_sample(ctx, con)
-    ids = prompts.column("prompt_id").to_pylist()
-    rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,
-                                                  "sample")
-    if not rendered:
-        raise PopflowError(f"sample: none of the {len(ids)} prompts fits max_tokens={cfg.max_tokens} in a context "
-                           f"of {context}")
-    ids = [p.id for p in rendered]
-    lake.write_table("skipped_prompts", ctx.pipeline, ctx.run_id,
-                     with_run_columns(ctx, skipped_table(too_long, cfg.max_tokens, context)))
     have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
-    todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size)) if f"shard-{k:05d}" not in have]
-    logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
-                len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo), len(have))
-    per_request_seed = None
-    if todo:
-        total, done, tokens, t0 = sum(e - s for _, s, e in todo), 0, 0, time.time()
-        with Engines(cfg) as engines, engines.open(policy.path) as engine:
-            per_request_seed = engine.per_request_seed
-            for i, (k, s, e) in enumerate(todo, 1):
-                completions = engine.generate(rendered[s:e], cfg.n, Params.of(cfg))
+    on_cluster = ctx.config.execution.sample.backend == "ray"
+    timing, run = {"startup_s": 0.0, "generate_s": 0.0, "publish_s": 0.0}, {"per_request_seed": None}
+    with ExitStack() as stack:
+        early = stack.enter_context(replica_pool(ctx, policy.path)) if on_cluster and not have else None
+        prompts = prompts_to_sample(ctx, con)
+        ids = prompts.column("prompt_id").to_pylist()
+        rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,
+                                                      "sample")
+        if not rendered:
+            raise PopflowError(f"sample: none of the {len(ids)} prompts fits max_tokens={cfg.max_tokens} in a "
+                               f"context of {context}")
+        ids = [p.id for p in rendered]
+        lake.write_table("skipped_prompts", ctx.pipeline, ctx.run_id,
+                         with_run_columns(ctx, skipped_table(too_long, cfg.max_tokens, context)))
+        todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size))
+                if f"shard-{k:05d}" not in have]
+        logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
+                    len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo), len(have))
+        if todo:
+            total, done, tokens, t0 = sum(e - s for _, s, e in todo), 0, 0, time.time()
+            span = {k: (s, e) for k, s, e in todo}
+            source = on_ray(early or stack.enter_context(replica_pool(ctx, policy.path)), ctx, rendered, todo, run,
+                            timing) if on_cluster else locally(ctx, policy.path, rendered, todo, run, timing)
+            for i, (k, completions) in enumerate(source, 1):
+                t1 = time.time()
+                s, e = span[k]
                 part = with_run_columns(ctx, samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))
                 lake.write_staged_part("samples", ctx.pipeline, ctx.run_id, f"shard-{k:05d}", part)
+                timing["publish_s"] += time.time() - t1
                 done, tokens = done + e - s, tokens + sum(c.num_tokens for group in completions for c in group)
                 logger.info("sample: shard %d/%d written: %s", i, len(todo), progress(done, total, tokens,
                                                                                     time.time() - t0))
@@ -98,10 +157,15 @@ def sample(ctx: RunContext) -> Output:
     rows = con.sql(f"select count(*) from {sql.parquet(staged / '*.parquet')}").fetchall()[0][0]
     if rows != len(ids) * cfg.n:  # never publish a table that is not exactly prompts x n
         raise PopflowError(f"samples of run {ctx.run_id}: {rows} staged rows, expected {len(ids)} x {cfg.n}")
+    t1 = time.time()
     lake.publish("samples", ctx.pipeline, ctx.run_id)
+    timing = {k: round(v + (time.time() - t1 if k == "publish_s" else 0.0), 3) for k, v in timing.items()}
     report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
               "shards": len(shards(len(ids), cfg.shard_size)), "resumed_shards": len(have),
-              "per_request_seed": per_request_seed, "skipped_prompts": len(too_long),
+              "per_request_seed": run["per_request_seed"],
+              "backend": ctx.config.execution.sample.backend, "replicas": run.get("replicas", 0), "timing": timing,
+              "replica_pids": run.get("replica_pids", {}),
+              "skipped_prompts": len(too_long),
               "skipped_ids": [pid for pid, _ in too_long[:20]], "context": context,
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                            "seed": cfg.seed, "system_prompt": cfg.system_prompt}}

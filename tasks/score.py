@@ -4,6 +4,9 @@ Each model's scores are staged as their own part as soon as they are computed, s
 model runs keeps the first two. `rewards` has one row per (sample, reward model); `sample_rewards` has the
 aggregate per sample: optionally each model z-normalised over the run, then mean, min or weighted mean.
 
+With `execution.score.backend: ray` each hf model runs as replicas scoring chunks, the cheap kinds as Ray CPU
+tasks, all written here as they finish (popflow/cluster.py); the tables are the same.
+
     .venv/bin/popflow sql "select reward_model, avg(score), stddev_pop(score) from rewards group by all"
 """
 
@@ -12,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from popflow import models, precision, sql
+from popflow import cluster, models, precision, sql
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
-from tasks.rewards import ScoringBatch, score_with
+from tasks.rewards import ScoringBatch, check_finite, hf, rewards_part, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
 
@@ -43,6 +47,39 @@ def model_stats_sql(rewards: str) -> str:
     select * from final order by reward_model"""
 
 
+def locally(ctx: RunContext, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
+            ) -> Iterator[tuple[object, pa.Table]]:
+    """(spec, rewards rows) of each reward model in turn, in this process."""
+    for spec in specs:
+        yield spec, score_with(spec, batch, ctx.lake.data_dir, ids, idx)
+
+
+def on_ray(ctx: RunContext, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
+           ) -> Iterator[tuple[object, pa.Table]]:
+    """(spec, rewards rows) of each reward model as it finishes, on Ray: every cheap kind (constraints,
+    relevance, python) as one CPU task, all at once; each hf model as `execution.score.replicas` replicas, each
+    scoring chunks of `chunk_size` samples (popflow/cluster.py)."""
+    import ray
+
+    exe, data_dir = ctx.config.execution, ctx.lake.data_dir
+    with cluster.session(exe.ray) as info:
+        remote = ray.remote(num_cpus=1)(score_with)
+        cheap = {remote.remote(s, batch, data_dir, ids, idx): s for s in specs if s.kind != "hf"}
+        for spec in (s for s in specs if s.kind == "hf"):
+            path = models.resolve(spec.model, data_dir, f"score.models[{spec.name}].model").path
+            size, values = exe.score.chunk_size, np.empty(len(ids), dtype=np.float64)
+            chunks = [(i, (batch.prompts[i : i + size], batch.responses[i : i + size]))
+                      for i in range(0, len(ids), size)]
+            with cluster.Pool(hf.Replica, (path, spec), exe.score, cluster.gpus_per_replica(exe.score, info, 1.0),
+                              f"score {spec.name}") as pool:
+                for i, chunk in pool.map("score", chunks):
+                    values[i : i + len(chunk)] = chunk
+            check_finite(values, spec.name, ids, idx)
+            yield spec, rewards_part(spec.name, spec.kind, ids, idx, values)
+        for ref in cheap:
+            yield cheap[ref], cluster.get(ref)
+
+
 @stage("score", reads=("ingest", "sample"), sections=("score",), writes=("rewards", "sample_rewards"), retries=1,
        when=lambda cfg: not cfg.import_pairs)
 def score(ctx: RunContext) -> Output:
@@ -56,16 +93,19 @@ def score(ctx: RunContext) -> Output:
     staged = {p.stem for p in lake.staged_parts("rewards", ctx.pipeline, ctx.run_id)}
     identities, report = {}, {"samples": len(ids)}
     dtypes = precision.announce(cfg.dtypes())
+    todo = []
     for spec in cfg.models:
         if hasattr(spec, "model"):
             identities[spec.name] = models.resolve(spec.model, lake.data_dir, f"score.models[{spec.name}]").identity()
         if f"model-{spec.name}" in staged:
             logger.info("reward model %s: already scored in this run", spec.name)
-            continue
-        t0 = time.time()
-        part = with_run_columns(ctx, score_with(spec, batch, lake.data_dir, ids, idx))
-        lake.write_staged_part("rewards", ctx.pipeline, ctx.run_id, f"model-{spec.name}", part)
-        logger.info("reward model %s (%s): %d samples in %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
+        else:
+            todo.append(spec)
+    backend = on_ray if ctx.config.execution.score.backend == "ray" else locally
+    t0 = time.time()
+    for spec, part in backend(ctx, todo, batch, ids, idx):
+        lake.write_staged_part("rewards", ctx.pipeline, ctx.run_id, f"model-{spec.name}", with_run_columns(ctx, part))
+        logger.info("reward model %s (%s): %d samples after %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
                     time.time() - t0, float(np.mean(part.column("score").to_numpy())))
     lake.publish("rewards", ctx.pipeline, ctx.run_id)
     agg = con.sql(aggregate_sql(ctx.table("rewards"), cfg)).to_arrow_table()

@@ -38,6 +38,7 @@ from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from popflow.train_config import Method
 from tasks.rewards.aggregate import normalised_sql
+from tasks.train_launch import train_launched
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +142,18 @@ def check_reference(ctx: RunContext, con) -> None:
 
 
 def implicit_margins(trainer) -> np.ndarray:
-    """beta * h of the trained policy on the trainer's eval dataset, in its order."""
+    """beta * h of the trained policy on the trainer's eval dataset, in its order (under accelerate launch each
+    process scores its share of the batches and gather_for_metrics puts them back in order)."""
     import torch
 
     from tasks.trainer import sequence_logps
 
-    out, model = [], trainer.model.eval()
+    out, model = [], trainer.model_wrapped.eval()
     with torch.no_grad():
         for batch in trainer.get_eval_dataloader():
             chosen, rejected = sequence_logps(model, batch)
             h = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-            out.append((trainer.beta * h).float().cpu().numpy())
+            out.append(trainer.accelerator.gather_for_metrics(trainer.beta * h).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -180,8 +182,9 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
 
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, main = out_dir.with_name(out_dir.name + ".tmp"), int(os.environ.get("RANK", "0")) == 0
+    if main:  # under accelerate launch: the main process owns the folders; the others write only in save_model
+        shutil.rmtree(tmp, ignore_errors=True)
     args = dpo_args(str(tmp), method.loss, cfg.beta, cfg.max_length, seed, prec.mixed, cfg.gradient_checkpointing,
                     cfg.trl, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
                     per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -193,10 +196,11 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
         callbacks=[Curve()])
     result = trainer.train()
     heldout_h = implicit_margins(trainer) if heldout.num_rows else np.zeros(0)
-    trainer.save_model(str(tmp))
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the sharded weights here
+    if main:
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     seconds, tokens = float(result.metrics["train_runtime"]), int(trainer._total_train_tokens)
     stats = {"steps": result.global_step, "examples": data.num_rows, "train_seconds": round(seconds, 3),
              "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
@@ -228,12 +232,14 @@ def train(ctx: RunContext) -> Output:
                 logger.info("train %s: already done in this run", part)
                 continue
             out_dir = policy_dir(ctx, name, seed)
-            curve, heldout_h, stats = train_one(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
+            trainer = train_launched if cfg.accelerate else train_one
+            curve, heldout_h, stats = trainer(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
             tag = {"method": name, "loss_type": method.loss, "seed": seed}
             curve_t = pa.Table.from_pylist([{**tag, **row} for row in curve])
             margins_t = pa.table({"pair_id": heldout.column("pair_id"), "method": [name] * heldout.num_rows,
                                   "seed": pa.array([seed] * heldout.num_rows, pa.int64()),
-                                  "beta_h": heldout_h, "gt_margin": heldout.column("gt_margin")})
+                                  "beta_h": pa.array(heldout_h, pa.float64()),  # float64 in every launch mode
+                                  "gt_margin": heldout.column("gt_margin")})
             policy_t = pa.Table.from_pylist([{**tag, "path": str(out_dir), **stats}])
             for table, t in (("train_metrics", curve_t), ("heldout_margins", margins_t), ("policies", policy_t)):
                 lake.write_staged_part(table, ctx.pipeline, ctx.run_id, part, with_run_columns(ctx, t))
@@ -250,6 +256,7 @@ def train(ctx: RunContext) -> Output:
     create_table_artifact(key=artifact_key(ctx.pipeline, "policies"), table=summary.to_pylist(),
                           description=f"{ctx.pipeline} run {ctx.run_id}: trained policies")
     report = {"methods": [ctx.config.method_name(m) for m in cfg.methods], "seeds": cfg.seeds,
+              "processes": cfg.accelerate.processes if cfg.accelerate else 1,
               "heldout_pairs": heldout.num_rows}
     policy = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
     return Output(tables, report, {"policy": policy.identity()}, dtypes)

@@ -8,6 +8,8 @@ score: the model pools the last non-pad token, and the tests check batched score
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 
@@ -63,3 +65,28 @@ def score(spec, batch: ScoringBatch, data_dir) -> np.ndarray:
     tokenizer, model = load(resolved.path, spec.dtype, spec.trust_remote_code)
     texts, templated = format_texts(tokenizer, batch.prompts, batch.responses)
     return score_texts(tokenizer, model, texts, templated, spec.batch_size, spec.max_length, f"score {spec.name}")
+
+
+class Replica:
+    """One hf reward model (tokenizer and network) scoring chunks of (prompt, response)."""
+
+    def __init__(self, path: str, spec, slot: int = 0, cpus: float = 1.0):
+        from popflow.replicas import pin_cores
+
+        t0 = time.time()
+        self.cores = pin_cores(slot, cpus)
+        if self.cores:
+            import torch
+
+            torch.set_num_threads(len(self.cores))
+        self.spec = spec
+        self.tokenizer, self.model = load(path, spec.dtype, spec.trust_remote_code)
+        self.startup_s = time.time() - t0
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "cores": self.cores, "startup_s": self.startup_s}
+
+    def score(self, prompts: list[str], responses: list[str]):
+        texts, templated = format_texts(self.tokenizer, prompts, responses)
+        return score_texts(self.tokenizer, self.model, texts, templated, self.spec.batch_size,
+                           self.spec.max_length, f"score {self.spec.name}")

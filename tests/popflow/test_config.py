@@ -94,3 +94,26 @@ def test_config_hash_is_stable_and_sectioned():
     c = load_pipeline("tiny", overrides=["pair.chosen=mu+2sigma"])
     assert c.hash() != a.hash()
     assert c.hash("prompts", "sample") == a.hash("prompts", "sample")  # sampling is unaffected by pairing
+
+
+def test_where_a_stage_runs_is_not_hashed_but_train_processes_are():
+    """execution: moves sample and score to Ray without changing what they compute, so neither the stage hashes
+    nor the run's config hash move (a local run resumes on a cluster); train.accelerate changes the global batch,
+    so the train hash moves and the sampling hashes do not. An accelerate config that is neither shipped nor a
+    path is refused naming the shipped ones."""
+    from flows.pipeline import STAGES
+    from popflow.stage import hash_sections
+
+    stages = {s.name: s for s in STAGES}
+    base = load_pipeline("tiny")
+    ray = load_pipeline("tiny", overrides=["execution.sample.backend=ray", "execution.sample.replicas=4",
+                                           "execution.score.backend=ray", "execution.ray.address=10.0.0.1:6379"])
+    assert ray.hash() == base.hash()
+    sections = {name: hash_sections(stages[name], base) for name in ("sample", "score", "train")}
+    assert all(ray.hash(*keys) == base.hash(*keys) for keys in sections.values())
+    launched = load_pipeline("tiny", overrides=["train.accelerate={processes: 2}"])
+    assert launched.train.accelerate.config_file().name == "ddp.yaml"
+    assert launched.hash(*sections["train"]) != base.hash(*sections["train"])
+    assert launched.hash(*sections["sample"]) == base.hash(*sections["sample"])
+    with pytest.raises(PopflowError, match=r"unknown accelerate config 'zero4'.*'ddp', 'fsdp', 'zero2', 'zero3'"):
+        load_pipeline("tiny", overrides=["train.accelerate={config: zero4}"])

@@ -1,0 +1,223 @@
+"""The Ray backend: connect to (or start) a cluster, run replicas of a class as actors, feed them work items.
+
+A stage that runs on Ray stays the driver: it keeps the lake, sends work items (a shard of prompts, a chunk of
+samples) to replica actors and writes each result to staging itself as it comes back, so the lake needs no
+shared filesystem and resume per shard works as on one machine.
+
+    from popflow import cluster
+    with cluster.session(cfg.execution.ray) as info:                 # RAY_ADDRESS, else a local Ray
+        with cluster.Pool(GenerateReplica, (policy, cfg.sample), cfg.execution.sample, gpus) as pool:
+            for key, result in pool.map("generate", items):          # items: [(key, args), ...]
+                ...                                                  # results in completion order
+
+Faults: an actor whose process dies is restarted by Ray up to `max_restarts` times and its in-flight item
+retried (`max_task_retries`); past that its items go to the surviving replicas. Nothing else is redone, and
+the driver writes each key once. An address that does not answer within `connect_timeout_s` fails naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from popflow.errors import PopflowError
+from popflow.execution_config import RayOptions, Replicas
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str  # what the driver connected to; "local" when it started its own Ray
+    cpus: float
+    gpus: float
+    dashboard: str | None
+
+
+def target(opts: RayOptions) -> str | None:
+    """The address to connect to: the config's, else RAY_ADDRESS, else None (start a local Ray)."""
+    return opts.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Fail fast, naming the address, when nothing listens there (ray.init would retry for minutes)."""
+    if address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise PopflowError(f"RAY_ADDRESS / execution.ray.address {address!r}: expected host:port, ray://host:port "
+                           "or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PopflowError(f"Ray cluster at {address!r} (RAY_ADDRESS / execution.ray.address) is unreachable: {exc}; "
+                           "start one with `ray start --head` or unset RAY_ADDRESS to run a local Ray") from None
+
+
+def check_ray(opts: RayOptions) -> None:
+    """Before any work: Ray is installed, and the cluster named (if any) answers."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise PopflowError("execution: a ray backend needs the ray package (pip install 'ray[default]')")
+    address = target(opts)
+    if address:
+        check_reachable(address, opts.connect_timeout_s)
+
+
+def use_token() -> None:
+    """`ray start` (Ray 2.60) turns token authentication on and keeps the token in ~/.ray/auth_token, but a
+    driver connecting to an address sends it only with RAY_AUTH_MODE=token, read when ray is first imported:
+    set it when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). A cluster
+    without authentication accepts such a driver too."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+@contextmanager
+def session(opts: RayOptions) -> Iterator[ClusterInfo]:
+    """A driver connection for one stage: to `target(opts)`, else a local Ray started here and stopped after."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home from a pipeline run
+    address = target(opts)
+    if address:
+        check_reachable(address, opts.connect_timeout_s)
+        use_token()  # before ray is imported: its core reads the auth mode once
+    import ray
+
+    started = time.time()
+    try:
+        if address:
+            ray.init(address=address, namespace="popflow", log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            cpus = opts.num_cpus or len(os.sched_getaffinity(0))
+            ray.init(num_cpus=cpus, include_dashboard=False, namespace="popflow", log_to_driver=False,
+                     logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        raise PopflowError(f"Ray cluster at {address or 'a local Ray'!r}: could not connect: {exc}") from None
+    try:
+        res = ray.cluster_resources()
+        context = ray.get_runtime_context()
+        dashboard = getattr(context, "dashboard_url", None) or None
+        info = ClusterInfo(address or "local", res.get("CPU", 0.0), res.get("GPU", 0.0), dashboard)
+        log.info("ray: connected to %s in %.1fs (%g CPUs, %g GPUs%s)", info.address, time.time() - started,
+                 info.cpus, info.gpus, f", dashboard {dashboard}" if dashboard else "")
+        yield info
+    finally:
+        ray.shutdown()  # a local Ray stops; on a cluster this job's actors go and the cluster stays
+
+
+def get(refs):
+    """ray.get, with bad input raised inside a replica or task re-raised as its own one-line PopflowError."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, PopflowError):
+            raise PopflowError(str(exc.cause)) from None
+        raise
+
+
+def gpus_per_replica(opts: Replicas, info: ClusterInfo, default: float) -> float:
+    """The GPUs each replica asks for: the config's, else `default` when the cluster has GPUs, else none."""
+    return opts.gpus if opts.gpus is not None else (default if info.gpus > 0 else 0.0)
+
+
+class ReplicaFailed(Exception):
+    """Every replica of a pool died (restarts used up): the stage fails, the shards written so far stay staged."""
+
+
+class Pool:
+    """`replicas` Ray actors of `cls(*args)`, restarted by Ray on failure, fed work items from one queue."""
+
+    def __init__(self, cls: type, args: tuple, opts: Replicas, gpus: float, name: str):
+        import ray
+
+        self.name = name
+        remote = ray.remote(cls).options(num_cpus=opts.cpus, num_gpus=gpus, max_restarts=opts.max_restarts,
+                                         max_task_retries=opts.max_restarts, max_concurrency=1)
+        self.actors = [remote.remote(*args, slot=i, cpus=opts.cpus) for i in range(opts.replicas)]
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+    def ready(self) -> list[dict]:
+        """Wait until every replica has started (its engine or model loaded); what each says about itself."""
+        import ray
+
+        return ray.get([a.ready.remote() for a in self.actors])
+
+    def map(self, method: str, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
+        """(key, result) of `actor.<method>(*args)` for every (key, args), in completion order; each item runs on
+        the next free replica. A replica that is gone for good hands its item back to the queue."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        queue, idle, running = list(reversed(items)), list(self.actors), {}
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                key, args = queue.pop()
+                running[getattr(actor, method).remote(*args)] = (key, args, actor)
+            if not running:
+                raise ReplicaFailed(f"{self.name}: every replica died; {len(queue)} item(s) not done")
+            done, _ = ray.wait(list(running), num_returns=1)
+            key, args, actor = running.pop(done[0])
+            try:
+                result = get(done[0])
+            except RayActorError as exc:
+                log.warning("%s: a replica is gone after its restarts (%s); %r goes back to the queue", self.name,
+                            type(exc).__name__, key)
+                queue.append((key, args))
+                continue
+            idle.append(actor)
+            yield key, result
+
+
+def claim_cores(slot: int, cpus: float, lock_dir: str | None = None) -> list[int]:
+    """The cores a CPU replica binds to: a free block of int(cpus) cores of this node, claimed in a small file
+    under a file lock (replicas of several stages and restarted replicas never share a core while the owner
+    lives). `slot` is the preferred block."""
+    from filelock import FileLock
+
+    cores, width = sorted(os.sched_getaffinity(0)), max(int(cpus), 1)
+    blocks = [cores[i : i + width] for i in range(0, len(cores) - width + 1, width)] or [cores]
+    path = Path(lock_dir or tempfile.gettempdir()) / f"popflow-cores-{os.getuid()}.json"
+    with FileLock(str(path) + ".lock"):
+        claims = json.loads(path.read_text()) if path.is_file() else {}
+        claims = {b: pid for b, pid in claims.items() if _alive(pid)}
+        free = [i for i in range(len(blocks)) if str(i) not in claims]
+        preferred = slot % len(blocks)
+        block = preferred if preferred in free or not free else free[0]
+        claims[str(block)] = os.getpid()
+        path.write_text(json.dumps(claims))
+    return blocks[block]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

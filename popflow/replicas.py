@@ -1,0 +1,60 @@
+"""The generation replica a Ray pool runs as an actor (popflow/cluster.py): one engine each, and the core
+pinning every CPU replica does (the reward model replica, tasks/rewards/hf.py:Replica, uses it too).
+
+A plain class (Ray wraps it), built from the same config the local backend uses, so a replica generates
+exactly as the sample stage does in its own process:
+
+    GenerateReplica(policy_dir, sample_cfg, slot=0, cpus=1).generate(prompts, n, params)
+        -> ([[Completion]] per prompt, seconds, pid)
+
+On a node without GPUs each replica first claims `cpus` cores of its own (cluster.claim_cores) and pins itself
+to them: vLLM-CPU binds its OpenMP threads to the cores the process may run on, so two replicas of one node
+would otherwise both bind every core. It also takes the same share of vLLM-CPU's KV cache reservation
+(`sample.vllm.gpu_memory_utilization` is a share of the node's RAM there): two replicas of half the cores
+each reserve half as much each, not twice the setting together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from popflow import precision
+
+
+def pin_cores(slot: int, cpus: float) -> list[int] | None:
+    """On a CPU node: this process (and the engine processes it starts) runs on its own cores only."""
+    if precision.detect().device != "cpu":
+        return None
+    from popflow.cluster import claim_cores
+
+    cores = claim_cores(slot, cpus)
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    return cores
+
+
+class GenerateReplica:
+    """One vLLM (or transformers) engine on `policy`, generating a shard per call."""
+
+    def __init__(self, policy: str, cfg, slot: int = 0, cpus: float = 1.0):
+        from popflow.engines import Engines
+
+        t0 = time.time()
+        node_cores = len(os.sched_getaffinity(0))
+        self.cores = pin_cores(slot, cpus)
+        if self.cores:  # vLLM-CPU reserves gpu_memory_utilization of the node's RAM: a replica takes its share
+            share = cfg.vllm.gpu_memory_utilization * len(self.cores) / node_cores
+            cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": share})})
+        self.engines = Engines(cfg)
+        self._open = self.engines.open(policy)
+        self.engine = self._open.__enter__()
+        self.startup_s = time.time() - t0
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "cores": self.cores, "startup_s": self.startup_s,
+                "per_request_seed": self.engine.per_request_seed, "dtype": self.engine.dtype}
+
+    def generate(self, prompts, n: int, params):
+        t0 = time.time()
+        return self.engine.generate(prompts, n, params), time.time() - t0, os.getpid()

@@ -1,0 +1,103 @@
+"""Train one method x seed through `accelerate launch`: DDP, FSDP or DeepSpeed ZeRO-2/3 over several processes.
+
+The train stage (tasks/train.py) writes the method's training rows and held-out rows to a job folder, then runs
+
+    python -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes 2 \\
+        --main_process_port <free> -m tasks.train_launch <job folder>
+
+Every process runs the same `train_one` as the in-process path on the same rows (the stored reference log-probs
+are columns of those rows, so no mode ever loads the reference model); TRL's trainer shards the batches, the
+held-out margins are gathered in order, and the main process writes the model and `result.json` (curve,
+held-out beta * h, stats), which the stage reads back. The same DDP file runs gloo processes on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from popflow.errors import PopflowError
+from popflow.execution_config import AccelerateLaunch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(launch: AccelerateLaunch, job: Path) -> list[str]:
+    """The accelerate launch command line of a job folder."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_file()),
+            "--num_processes", str(launch.processes), "--main_process_port",
+            str(launch.main_process_port or free_port()), "-m", "tasks.train_launch", str(job)]
+
+
+def check_launch(launch: AccelerateLaunch) -> None:
+    """What accelerate would only say after start-up: a missing config file, DeepSpeed not installed."""
+    import yaml
+
+    path = launch.config_file()
+    if not path.is_file():
+        raise PopflowError(f"train.accelerate.config: {path} not found")
+    kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type")
+    if kind == "DEEPSPEED":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise PopflowError(f"train.accelerate.config {launch.config!r} uses DeepSpeed, which is not installed "
+                               "(pip install deepspeed on the training machine)")
+
+
+def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, out_dir: Path
+                   ) -> tuple[list[dict], np.ndarray, dict]:
+    """train_one's result, computed by `train.accelerate.processes` processes under accelerate launch."""
+    launch = ctx.config.train.accelerate
+    check_launch(launch)
+    job = out_dir.with_name(out_dir.name + ".job")
+    job.mkdir(parents=True, exist_ok=True)
+    pq.write_table(data, job / "data.parquet")
+    pq.write_table(heldout, job / "heldout.parquet")
+    (job / "job.json").write_text(json.dumps({
+        "data_dir": str(ctx.data_dir), "pipeline": ctx.pipeline, "run_id": ctx.run_id,
+        "config": ctx.config.model_dump(mode="json"), "method": method.model_dump(mode="json"), "seed": seed,
+        "out_dir": str(out_dir)}))
+    (job / "result.json").unlink(missing_ok=True)
+    proc = subprocess.run(launch_command(launch, job), capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if proc.returncode != 0 or not (job / "result.json").is_file():
+        raise RuntimeError(f"accelerate launch of {out_dir.name} exited {proc.returncode}: {proc.stderr[-3000:]}")
+    result = json.loads((job / "result.json").read_text())
+    return result["curve"], np.asarray(result["heldout_h"], dtype=np.float64), result["stats"]
+
+
+def main(job: Path) -> None:
+    """One process of a launched job: train, and on the main process write result.json."""
+    from popflow.config import PipelineConfig
+    from popflow.stage import RunContext
+    from popflow.train_config import Method
+    from tasks.train import train_one
+
+    spec = json.loads((job / "job.json").read_text())
+    ctx = RunContext(spec["data_dir"], spec["pipeline"], spec["run_id"],
+                     PipelineConfig.model_validate(spec["config"]))
+    curve, heldout_h, stats = train_one(ctx, Method.model_validate(spec["method"]), spec["seed"],
+                                        pq.read_table(job / "data.parquet"), pq.read_table(job / "heldout.parquet"),
+                                        Path(spec["out_dir"]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+        tmp = job / "result.json.tmp"
+        tmp.write_text(json.dumps({"curve": curve, "heldout_h": heldout_h.tolist(), "stats": stats}))
+        os.replace(tmp, job / "result.json")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

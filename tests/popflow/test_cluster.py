@@ -1,0 +1,60 @@
+"""The Ray backend's plumbing on a real local Ray (popflow/cluster.py): an unreachable address fails at once
+naming it, CPU replicas claim cores of their own, and a replica whose process dies costs only its item in
+flight: every item comes back exactly once, restarted or not."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from popflow import cluster
+from popflow.errors import PopflowError
+from popflow.execution_config import RayOptions, Replicas
+from tests.fixtures.replicas import Squarer
+
+
+def test_unreachable_address_fails_naming_it():
+    """Nothing listens on port 1: the error names the address and comes well before any Ray timeout."""
+    t0 = time.time()
+    with pytest.raises(PopflowError, match=r"'127\.0\.0\.1:1'.*unreachable"):
+        cluster.check_reachable("127.0.0.1:1", timeout=5)
+    assert time.time() - t0 < 5
+    with pytest.raises(PopflowError, match="expected host:port"):
+        cluster.check_reachable("no-port-here", timeout=5)
+
+
+def test_cpu_replicas_claim_distinct_cores(tmp_path):
+    """Blocks of `cpus` cores of this process's affinity, in order: the first claim gets block 0 (its slot),
+    a second claim for slot 0 while the first owner lives gets the next free block; a claim whose owner is
+    dead is free again."""
+    cores = sorted(os.sched_getaffinity(0))
+    first = cluster.claim_cores(0, 1, lock_dir=str(tmp_path))
+    assert first == cores[:1]
+    if len(cores) > 1:
+        assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path)) == cores[1:2]
+    claims = tmp_path / f"popflow-cores-{os.getuid()}.json"
+    claims.write_text('{"0": 999999999}')  # no such process: block 0 is free
+    assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path)) == cores[:1]
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
+    """Items 0..9 squared by two replicas; the one handed 5 dies. restarts 0: the dead replica's item goes back
+    to the queue and the survivor squares it; restarts 1: Ray restarts the replica and retries the item. Either
+    way every key comes back once with its square (0, 1, 4, ..., 81), and 5 from a live process."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    marker = tmp_path / "died"
+    opts = Replicas(backend="ray", replicas=2, cpus=1, max_restarts=restarts)
+    with cluster.session(RayOptions(num_cpus=2)) as info:
+        assert info.address == "local" and info.cpus == 2
+        with cluster.Pool(Squarer, (str(marker), 5), opts, 0, "squares") as pool:
+            first = {r["pid"] for r in pool.ready()}
+            results = list(pool.map("square", [(x, (x,)) for x in range(10)]))
+    keys = [k for k, _ in results]
+    assert sorted(keys) == list(range(10))
+    assert {k: v for k, (v, _) in results} == {x: x * x for x in range(10)}
+    dead = int(marker.read_text())
+    assert dead in first
+    assert dict((k, pid) for k, (_, pid) in results)[5] != dead
