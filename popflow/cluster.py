@@ -75,10 +75,10 @@ def check_ray(opts: RayOptions) -> None:
 
 
 def use_token() -> None:
-    """`ray start` (Ray 2.60) turns token authentication on and keeps the token in ~/.ray/auth_token, but a
-    driver connecting to an address sends it only with RAY_AUTH_MODE=token, read when ray is first imported:
-    set it when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). A cluster
-    without authentication accepts such a driver too."""
+    """`ray start` (Ray 2.60) turns token authentication on when ~/.ray/auth_token exists (any local ray.init
+    writes one), but a driver connecting to an address sends it only with RAY_AUTH_MODE=token, read when ray is
+    first imported: set it when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+    A cluster without authentication accepts such a driver too."""
     if "RAY_AUTH_MODE" in os.environ:
         return
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
@@ -99,16 +99,16 @@ def session(opts: RayOptions) -> Iterator[ClusterInfo]:
     started = time.time()
     try:
         if address:
-            ray.init(address=address, namespace="popflow", log_to_driver=False, logging_level=logging.WARNING)
+            context = ray.init(address=address, namespace="popflow", log_to_driver=False,
+                               logging_level=logging.WARNING)
         else:
             cpus = opts.num_cpus or len(os.sched_getaffinity(0))
-            ray.init(num_cpus=cpus, include_dashboard=False, namespace="popflow", log_to_driver=False,
-                     logging_level=logging.WARNING)
+            context = ray.init(num_cpus=cpus, include_dashboard=False, namespace="popflow", log_to_driver=False,
+                               logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
         raise PopflowError(f"Ray cluster at {address or 'a local Ray'!r}: could not connect: {exc}") from None
     try:
         res = ray.cluster_resources()
-        context = ray.get_runtime_context()
         dashboard = getattr(context, "dashboard_url", None) or None
         info = ClusterInfo(address or "local", res.get("CPU", 0.0), res.get("GPU", 0.0), dashboard)
         log.info("ray: connected to %s in %.1fs (%g CPUs, %g GPUs%s)", info.address, time.time() - started,

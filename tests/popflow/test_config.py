@@ -117,3 +117,19 @@ def test_where_a_stage_runs_is_not_hashed_but_train_processes_are():
     assert launched.hash(*sections["sample"]) == base.hash(*sections["sample"])
     with pytest.raises(PopflowError, match=r"unknown accelerate config 'zero4'.*'ddp', 'fsdp', 'zero2', 'zero3'"):
         load_pipeline("tiny", overrides=["train.accelerate={config: zero4}"])
+
+
+def test_shipped_accelerate_configs_load_with_accelerate():
+    """Each configs/accelerate/*.yaml is what its name says, read by accelerate's own loader (as `accelerate
+    launch --config_file` reads it), and opens with the command that uses it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from popflow.execution_config import ACCELERATE_CONFIGS
+
+    kinds = {}
+    for path in sorted(ACCELERATE_CONFIGS.glob("*.yaml")):
+        cfg = load_config_from_file(str(path))
+        kinds[path.stem] = (cfg.distributed_type.value, (cfg.deepspeed_config or {}).get("zero_stage"))
+        assert f"config: {path.stem}" in path.read_text().split("compute_environment")[0]
+    assert kinds == {"ddp": ("MULTI_GPU", None), "fsdp": ("FSDP", None), "zero2": ("DEEPSPEED", 2),
+                     "zero3": ("DEEPSPEED", 3)}
