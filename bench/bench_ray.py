@@ -72,7 +72,7 @@ class ShardGenerator:
 
         out = []
         for ids, texts in zip(batch["ids"], batch["texts"], strict=True):
-            comps, _, _ = self.replica.generate([Prompt(i, t) for i, t in zip(ids, texts, strict=True)],
+            comps, _ = self.replica.generate([Prompt(i, t) for i, t in zip(ids, texts, strict=True)],
                                                 self.replica.engines.cfg.n, Params.of(self.replica.engines.cfg))
             out.append(json.dumps([[[c.text, c.num_tokens] for c in group] for group in comps]))
         return {"shard": batch["shard"], "texts": out}

@@ -5,7 +5,7 @@ A plain class (Ray wraps it), built from the same config the local backend uses,
 exactly as the sample stage does in its own process:
 
     GenerateReplica(policy_dir, sample_cfg, slot=0, cpus=1).generate(prompts, n, params)
-        -> ([[Completion]] per prompt, seconds, pid)
+        -> ([[Completion]] per prompt, pid)
 
 On a node without GPUs each replica first claims `cpus` cores of its own (cluster.claim_cores) and pins itself
 to them: vLLM-CPU binds its OpenMP threads to the cores the process may run on, so two replicas of one node
@@ -56,5 +56,4 @@ class GenerateReplica:
                 "per_request_seed": self.engine.per_request_seed, "dtype": self.engine.dtype}
 
     def generate(self, prompts, n: int, params):
-        t0 = time.time()
-        return self.engine.generate(prompts, n, params), time.time() - t0, os.getpid()
+        return self.engine.generate(prompts, n, params), os.getpid()

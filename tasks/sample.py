@@ -84,27 +84,27 @@ def locally(ctx: RunContext, policy: str, rendered: list[Prompt], todo: list[tup
 
 
 @contextmanager
-def replica_pool(ctx: RunContext, policy: str) -> Iterator[tuple[cluster.Pool, str, float]]:
+def replica_pool(ctx: RunContext, policy: str) -> Iterator[tuple[cluster.Pool, float]]:
     """`execution.sample.replicas` engines on Ray (popflow/cluster.py), starting as soon as this is entered:
-    (the pool, the cluster's address, when they were asked for)."""
+    (the pool, when they were asked for)."""
     cfg, exe, t0 = ctx.config.sample, ctx.config.execution, time.time()
     with cluster.session(exe.ray) as info:
         gpus = cluster.gpus_per_replica(exe.sample, info, cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1)
         with cluster.Pool(GenerateReplica, (policy, cfg), exe.sample, gpus, "sample") as pool:
-            yield pool, info.address, t0
+            yield pool, t0
 
 
-def on_ray(replicas: tuple[cluster.Pool, str, float], ctx: RunContext, rendered: list[Prompt],
+def on_ray(replicas: tuple[cluster.Pool, float], ctx: RunContext, rendered: list[Prompt],
            todo: list[tuple[int, int, int]], run: dict, timing: dict) -> Iterator[tuple[int, list]]:
     """(shard, completions) of every shard to do from the replicas, in the order they finish (a replica that
     dies costs only its shard in flight)."""
-    (pool, address, t0), cfg = replicas, ctx.config.sample
+    (pool, t0), cfg = replicas, ctx.config.sample
     started = pool.ready()
-    run.update(per_request_seed=started[0]["per_request_seed"], replicas=len(started), cluster=address)
+    run.update(per_request_seed=started[0]["per_request_seed"], replicas=len(started))
     timing["startup_s"] += time.time() - t0
     t1 = time.time()
     pids = run.setdefault("replica_pids", {})  # which process made how many shards (a restart shows)
-    for k, (completions, _, pid) in pool.map("generate", [(k, (rendered[s:e], cfg.n, Params.of(cfg)))
+    for k, (completions, pid) in pool.map("generate", [(k, (rendered[s:e], cfg.n, Params.of(cfg)))
                                                           for k, s, e in todo]):
         timing["generate_s"] += time.time() - t1
         pids[str(pid)] = pids.get(str(pid), 0) + 1

@@ -232,8 +232,8 @@ def train(ctx: RunContext) -> Output:
                 logger.info("train %s: already done in this run", part)
                 continue
             out_dir = policy_dir(ctx, name, seed)
-            trainer = train_launched if cfg.accelerate else train_one
-            curve, heldout_h, stats = trainer(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
+            run_one = train_launched if cfg.accelerate else train_one
+            curve, heldout_h, stats = run_one(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
             tag = {"method": name, "loss_type": method.loss, "seed": seed}
             curve_t = pa.Table.from_pylist([{**tag, **row} for row in curve])
             margins_t = pa.table({"pair_id": heldout.column("pair_id"), "method": [name] * heldout.num_rows,

@@ -16,15 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tasks.train_launch import free_port
 from tests.conftest import REPO, cli_env, run_script
 
 RAY = REPO / ".venv" / "bin" / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
