@@ -35,6 +35,12 @@ def check_loop(cfg: PipelineConfig, pipeline: str, rounds: int) -> None:
         raise PopflowError(f"--rounds {rounds}: at least 1")
 
 
+def chain_length(chain: list[dict]) -> int:
+    """How many rounds a chain has: its last round's number, not the rows left (retention.keep_runs deletes the
+    runs of old rounds, and with them their lineage rows)."""
+    return max((r["round"] for r in chain), default=0)
+
+
 @flow(name="preference-loop")
 def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list[str] | None = None,
                     data_dir: str | None = None, config_path: str | None = None) -> dict:
@@ -50,15 +56,16 @@ def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list
         return Failed(message=str(err), data=err)
     lake = Lake(resolve_data_dir(data_dir))
     chain = complete_rounds(lake, pipeline)
-    while len(chain) < rounds:
-        logger.info("loop %s: round %d of %d", pipeline, len(chain) + 1, rounds)
+    while chain_length(chain) < rounds:
+        logger.info("loop %s: round %d of %d", pipeline, chain_length(chain) + 1, rounds)
         state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
                                     config_path=config_path, return_state=True)
         if state.is_failed():  # bad input in the round: its one line, already logged by the round
             return Failed(message=state.message, data=state.result(raise_on_failure=False))
-        done, chain = len(chain), complete_rounds(lake, pipeline)
-        if len(chain) <= done:  # a programming error: the round did not count
+        done, chain = chain_length(chain), complete_rounds(lake, pipeline)
+        if chain_length(chain) <= done:  # a programming error: the round did not count
             raise RuntimeError(f"loop {pipeline}: run {state.result()['run_id']} completed without a round")
-    logger.info("loop %s: %d rounds, %d promoted", pipeline, len(chain), sum(r["promoted"] for r in chain))
-    return {"pipeline": pipeline, "rounds": [{k: r[k] for k in ("round", "run_id", "promoted", "win_rate", "win_lower",
-                                                                 "reason", "promoted_path")} for r in chain]}
+    logger.info("loop %s: %d rounds, %d promoted", pipeline, chain_length(chain),
+                sum(r["promoted"] for r in chain))
+    keys = ("round", "run_id", "promoted", "win_rate", "win_lower", "reason", "promoted_path")
+    return {"pipeline": pipeline, "length": chain_length(chain), "rounds": [{k: r[k] for k in keys} for r in chain]}

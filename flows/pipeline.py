@@ -161,7 +161,8 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     lake = Lake(resolve_data_dir(data_dir))
     with lake.loop_lock(pipeline) if cfg.loop is not None else nullcontext():  # a loop: one round at a time
-        found, run_cfg, pins = prepare_run(cfg, pipeline, lake, run_id, config_path)  # its unfinished round first
+        found, run_cfg, pins = prepare_run(cfg, pipeline, lake, run_id, config_path,  # its unfinished round first
+                                           from_stage)
         if found and not run_id:
             logger.info("loop: resuming the unfinished round of run %s", found)
         ctx = RunContext(str(lake.data_dir), pipeline, found or new_run_id(), run_cfg)

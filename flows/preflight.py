@@ -2,7 +2,8 @@
 fails in about a second with one line (exit 2); the flow calls it again for deployment runs.
 
     sources          every prompt of prompts.source (ids unique, splits, constraints) or every pair of
-                     import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub)
+                     import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub);
+                     held-out prompts exist when evaluate generates, and are at least loop.gate.min_prompts
     models           every model reference: built-ins known, local paths exist and hold config.json
                      (hub ids load at run time), `promoted:<pipeline>` names a pipeline of the file (its
                      promoted files are checked when the run pins it: popflow/lineage.py)
@@ -40,6 +41,31 @@ def check_promoted_refs(cfg: PipelineConfig, config_path: str | Path | None) -> 
                                    f"{config_path or 'pipelines.yaml'}; available: {', '.join(known)}")
 
 
+def check_gate_size(cfg: PipelineConfig) -> None:
+    """A loop whose gate needs more held-out prompts than prompts.eval_limit / evaluate.max_prompts allow could
+    never promote: say so before any round runs."""
+    gate = cfg.loop.gate if cfg.loop else None
+    caps = {k: v for k, v in (("prompts.eval_limit", cfg.prompts.eval_limit),
+                              ("evaluate.max_prompts", cfg.evaluate.max_prompts)) if v is not None}
+    for key, cap in caps.items():
+        if gate and gate.min_win_rate is not None and cap < gate.min_prompts:
+            raise PopflowError(f"{key} {cap} < loop.gate.min_prompts {gate.min_prompts}: the gate would never "
+                               "promote; give it more held-out prompts or lower loop.gate.min_prompts")
+
+
+def check_heldout(cfg: PipelineConfig, held_out: int) -> None:
+    """Evaluate's generation (and so a loop's gate) needs held-out prompts (split: eval)."""
+    usable = min(held_out, cfg.evaluate.max_prompts or held_out)
+    if cfg.train and cfg.evaluate.generate and usable == 0:
+        raise PopflowError(f"prompts.source {cfg.prompts.source}: no held-out prompt (split: eval) after "
+                           "prompts.eval_limit; evaluate generates on held-out prompts: mark some `split: eval`, "
+                           "set prompts.eval_fraction, or set evaluate.generate: false")
+    gate = cfg.loop.gate if cfg.loop else None
+    if gate and gate.min_win_rate is not None and usable < gate.min_prompts:
+        raise PopflowError(f"prompts.source {cfg.prompts.source}: {usable} held-out prompts < loop.gate.min_prompts "
+                           f"{gate.min_prompts}: the gate would never promote")
+
+
 def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> None:
     """Raise a PopflowError naming the first bad input of this config (see the module docstring); promoted
     references are looked up in `config_path` (default: pipelines.yaml)."""
@@ -48,8 +74,10 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         if not cfg.import_pairs.source.startswith("hf:"):
             load_imported_pairs(cfg.import_pairs)
     else:
+        check_gate_size(cfg)
         if not cfg.prompts.source.startswith("hf:"):
-            load_prompts(cfg.prompts)
+            prompts = load_prompts(cfg.prompts)
+            check_heldout(cfg, prompts.column("split").to_pylist().count("eval"))
         models.check_ref(cfg.sample.policy, "sample.policy")
         for spec in cfg.score.models:
             if hasattr(spec, "model"):

@@ -97,7 +97,7 @@ def checked(args):
         from popflow.runs import resolve_data_dir
 
         prepare_run(cfg, args.pipeline, Lake(resolve_data_dir(args.data_dir)), getattr(args, "run_id", None),
-                    args.config)
+                    args.config, getattr(args, "from_stage", None))
     return cfg
 
 
@@ -124,6 +124,9 @@ def cmd_sql(args) -> int:
     if not lake.root.is_dir():
         raise PopflowError(f"no lake at {lake.root}: run a pipeline first (or pass --data-dir)")
     con = lake.connect()
+    from popflow.sql import check_query
+
+    check_query(con, args.query)
     try:
         rel = con.sql(args.query)
     except duckdb.Error as exc:
@@ -155,7 +158,7 @@ def cmd_loop(args) -> int:
 
     result = preference_loop(pipeline=args.pipeline, rounds=args.rounds, overrides=args.overrides,
                              data_dir=args.data_dir, config_path=args.config)
-    print(f"loop {args.pipeline}: {len(result['rounds'])} rounds")
+    print(f"loop {args.pipeline}: {result['length']} rounds")
     for r in result["rounds"]:
         win = "" if r["win_rate"] is None else f"win rate {r['win_rate']:.3f} (bound {r['win_lower']:.3f})"
         print(f"  round {r['round']} run {r['run_id']}  {win}  {'promoted' if r['promoted'] else 'not promoted'}: "
@@ -178,7 +181,12 @@ def cmd_policies(args) -> int:
     from popflow.lake import Lake
     from popflow.runs import resolve_data_dir
 
-    if "lineage" not in Lake(resolve_data_dir(args.data_dir)).tables():
+    lake = Lake(resolve_data_dir(args.data_dir))
+    if args.pipeline and not lake.read_runs(args.pipeline):
+        known = sorted(p.name.removeprefix("pipeline=") for p in (lake.root / "_runs").glob("pipeline=*"))
+        raise PopflowError(f"pipeline {args.pipeline!r} has no runs in {lake.root}; pipelines with runs: "
+                           f"{', '.join(known) or 'none'}")
+    if "lineage" not in lake.tables():
         print("no loop rounds yet (a pipeline with a loop: section records one per run)")
         return 0
     return cmd_sql(args)

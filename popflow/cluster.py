@@ -193,24 +193,48 @@ class Pool:
             yield key, result
 
 
-def claim_cores(slot: int, cpus: float, lock_dir: str | None = None) -> list[int]:
-    """The cores a CPU replica binds to: a free block of int(cpus) cores of this node, claimed in a small file
-    under a file lock (replicas of several stages and restarted replicas never share a core while the owner
-    lives). `slot` is the preferred block."""
+def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | None = None,
+                wait_s: float = 120.0) -> list[int]:
+    """The cores a CPU replica binds to: int(cpus) cores of this node that no live process has claimed, kept as
+    {pid: [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of several
+    stages, of several widths and restarted replicas never share a core while the owner lives. `slot` picks the
+    preferred block of cores when it is free; else the lowest free cores. With too few free cores it waits up
+    to `wait_s` for owners to exit, then fails naming them."""
     from filelock import FileLock
 
-    cores, width = sorted(os.sched_getaffinity(0)), max(int(cpus), 1)
-    blocks = [cores[i : i + width] for i in range(0, len(cores) - width + 1, width)] or [cores]
+    cores, width, pid = sorted(os.sched_getaffinity(0)), max(int(cpus), 1), pid or os.getpid()
+    if width > len(cores):
+        raise PopflowError(f"a replica asks for {width} cores; this node lets it use {len(cores)}: {cores}")
     path = Path(lock_dir or tempfile.gettempdir()) / f"popflow-cores-{os.getuid()}.json"
-    with FileLock(str(path) + ".lock"):
-        claims = json.loads(path.read_text()) if path.is_file() else {}
-        claims = {b: pid for b, pid in claims.items() if _alive(pid)}
-        free = [i for i in range(len(blocks)) if str(i) not in claims]
-        preferred = slot % len(blocks)
-        block = preferred if preferred in free or not free else free[0]
-        claims[str(block)] = os.getpid()
-        path.write_text(json.dumps(claims))
-    return blocks[block]
+    deadline = time.time() + wait_s
+    while True:
+        with FileLock(str(path) + ".lock"):
+            claims = {int(p): c for p, c in _read_claims(path).items() if _alive(int(p)) and int(p) != pid}
+            taken = {core for owned in claims.values() for core in owned}
+            free = [c for c in cores if c not in taken]
+            if len(free) >= width:
+                start = (slot * width) % len(cores)
+                block = cores[start:start + width]
+                chosen = block if len(block) == width and not taken & set(block) else free[:width]
+                claims[pid] = chosen
+                tmp = path.with_name(f"{path.name}.{pid}.tmp")
+                tmp.write_text(json.dumps({str(p): c for p, c in claims.items()}))
+                os.replace(tmp, path)
+                return chosen
+        if time.time() >= deadline:
+            raise PopflowError(f"no {width} free cores for a replica after {wait_s:.0f} s: cores {cores} are claimed "
+                               f"by live processes {claims} ({path}); stop them or ask for fewer cores")
+        log.warning("replica waits for %d free cores (claimed: %s)", width, claims)
+        time.sleep(1.0)
+
+
+def _read_claims(path: Path) -> dict:
+    """The claims file, or none when it is missing or unreadable (a claim is only a hint once its owner died)."""
+    try:
+        claims = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) and all(isinstance(v, list) for v in claims.values()) else {}
 
 
 def _alive(pid: int) -> bool:

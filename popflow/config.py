@@ -63,8 +63,9 @@ class PromptsConfig(Strict):
 
 class VllmOptions(Strict):
     gpu_memory_utilization: float = Field(
-        0.5, gt=0.0, le=1.0, description="GPU: share of GPU memory; CPU: share of RAM reserved for the KV cache "
-        "(vLLM-CPU's default 0.92 fails to start on 24 GiB machines).",
+        0.5, gt=0.0, le=1.0, description="GPU: share of GPU memory vLLM may use. CPU: the most of the available "
+        "RAM the KV cache may take; within it popflow sizes the cache to what the engine needs (a shard's "
+        "sequences at the context length: popflow/engines.py cpu_kv_budget).",
     )
     enforce_eager: bool = Field(True, description="Skip graph capture: faster engine start-up on CPU.")
     max_model_len: int | None = Field(2048, ge=16, description="Context length; None = the model's own.")

@@ -159,6 +159,46 @@ def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: b
     return str(out)
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+VLLM_MAX_NUM_SEQS = 256  # vLLM's scheduler never runs more sequences at once than this (its default)
+KV_BLOCK = 128  # tokens: a sequence's last, partly filled KV block
+
+
+def kv_cache_bytes(model_config, context: int, sequences: int, dtype: str) -> int | None:
+    """The KV cache a vLLM engine needs for `sequences` concurrent sequences of up to `context` tokens: keys and
+    values of every layer and KV head, at least one whole sequence. None when the config does not say (the
+    engine then sizes it itself). SmolLM2-135M in bf16: 2 * 30 layers * 3 KV heads * 64 dims * 2 bytes =
+    23,040 bytes a token."""
+    layers = getattr(model_config, "num_hidden_layers", None)
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or (model_config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    per_token = 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return max(1, sequences) * (context + KV_BLOCK) * per_token
+
+
+def cpu_kv_budget(path: str, cfg: SampleConfig, dtype: str) -> int | None:
+    """vLLM-CPU's KV cache for this engine, sized from what it needs (one shard's sequences at the context
+    length) rather than from `gpu_memory_utilization` of the node's RAM, which vLLM-CPU reduces by what the
+    process already holds and refuses when that is negative (field notes: two replicas at 0.1 of 16 GiB). The
+    share `gpu_memory_utilization` of the RAM now available stays the ceiling; one full sequence the floor."""
+    import psutil
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    context = cfg.vllm.max_model_len or getattr(config, "max_position_embeddings", None)
+    if not context:
+        return None
+    need = kv_cache_bytes(config, context, min(cfg.shard_size * cfg.n, VLLM_MAX_NUM_SEQS), dtype)
+    one = kv_cache_bytes(config, context, 1, dtype)
+    if need is None:
+        return None
+    ceiling = int(cfg.vllm.gpu_memory_utilization * psutil.virtual_memory().available)
+    return max(one, min(need, ceiling))
+
+
 class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
@@ -173,10 +213,13 @@ class VllmEngine:
         # bf16 run through a slow fallback (BENCHMARKS.md section 0)
         self.dtype = precision.resolve_dtype(cfg.dtype)
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}
+        self.kv_cache_bytes = cpu_kv_budget(path, cfg, self.dtype) if precision.detect().device == "cpu" else None
+        memory = ({"kv_cache_memory_bytes": self.kv_cache_bytes} if self.kv_cache_bytes
+                  else {"gpu_memory_utilization": cfg.vllm.gpu_memory_utilization})
         self.llm = LLM(
             model=path, dtype=self.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enforce_eager=cfg.vllm.enforce_eager,
-            max_model_len=cfg.vllm.max_model_len, tensor_parallel_size=cfg.vllm.tensor_parallel_size, **lora,
+            enforce_eager=cfg.vllm.enforce_eager, max_model_len=cfg.vllm.max_model_len,
+            tensor_parallel_size=cfg.vllm.tensor_parallel_size, **memory, **lora,
         )
 
     def generate(self, prompts: list[Prompt], n: int, params: Params, lora=None) -> list[list[Completion]]:

@@ -2,14 +2,21 @@
 
 A comparison is one held-out prompt and sample index: the candidate's sample against the current policy's
 sample of the same prompt and index, scored by the run's reward models; a win counts 1, a tie 1/2, a loss 0
-(the same outcome evaluate's win_rate averages). The gate promotes when the lower end of a confidence
-interval of the win rate reaches `gate.min_win_rate` (and, if set, the held-out pair accuracy reaches
-`gate.min_heldout_accuracy`).
+(the same outcome evaluate's win_rate averages). The unit of the gate is the **prompt**, not the comparison:
+the samples of one prompt share its difficulty (a candidate may win every sample of an easy prompt and lose
+every sample of a hard one), so treating them as independent draws overstates the evidence, more so the
+more samples a prompt has.
 
-    wilson     Wilson score interval over all comparisons, ties as half a success: it treats comparisons as
-               independent, which samples of one prompt are not, so it is the optimistic bound
-    bootstrap  percentile bootstrap over prompts (scipy.stats.bootstrap of the mean of per-prompt win rates):
-               resamples whole prompts, so a few easy prompts cannot carry the gate
+The gate's statistic is the mean over prompts of the per-prompt win rates, and its bound is the one-sided
+Student t lower bound at level `gate.alpha` over those per-prompt rates (prompts - 1 degrees of freedom):
+
+    lower = mean - t(1 - alpha, m - 1) * sd / sqrt(m)        m prompts, sd their sample standard deviation
+
+It promotes when `lower > gate.min_win_rate` (strictly: a candidate that changed nothing ties every sample,
+has mean 0.5 and sd 0, and is not promoted at 0.5), and only with at least `gate.min_prompts` prompts. A
+no-better candidate (true mean per-prompt win rate <= min_win_rate) is then promoted at most about alpha of
+the time; tests/popflow/test_gate.py checks that by simulation, and README "Promotion gate" gives the
+false-promotion and power figures.
 
     from popflow.gate import decide
     decide([("p1", 1.0), ("p1", 0.5), ("p2", 0.0)], accuracy=0.7, gate=cfg.loop.gate)
@@ -17,64 +24,63 @@ interval of the win rate reaches `gate.min_win_rate` (and, if set, the held-out 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from popflow.loop_config import GateConfig
 
 
-def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
-    """The Wilson score interval of a proportion successes / n (successes may be fractional: ties)."""
-    from scipy.stats import norm
-
-    if n == 0:
-        return 0.0, 1.0
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_interval(per_prompt: list[float], confidence: float, resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-prompt win rates (prompts resampled)."""
-    from scipy.stats import bootstrap
+def t_bounds(per_prompt: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided (1 - alpha) Student t lower and upper bounds of the mean of per-prompt win rates, along the
+    last axis (a (draws, prompts) array gives one pair of bounds per draw). With no spread (sd 0) both bounds
+    are the mean itself; with fewer than two prompts they are (0, 1): nothing is known."""
+    from scipy.stats import t
 
     values = np.asarray(per_prompt, dtype=float)
-    if values.size == 0:
-        return 0.0, 1.0
-    if np.all(values == values[0]):  # every resample has the same mean (scipy would warn of a degenerate one)
-        return float(values[0]), float(values[0])
-    result = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=resamples,
-                       method="percentile", rng=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    m = values.shape[-1]
+    mean = values.mean(axis=-1)
+    if m < 2:
+        return np.zeros_like(mean), np.ones_like(mean)
+    half = float(t.ppf(1 - alpha, m - 1)) * values.std(axis=-1, ddof=1) / np.sqrt(m)
+    return np.clip(mean - half, 0.0, 1.0), np.clip(mean + half, 0.0, 1.0)
+
+
+def per_prompt_rates(outcomes: list[tuple[str, float]]) -> dict[str, float]:
+    """Each prompt's win rate: the mean of its comparisons' outcomes (1 win, 1/2 tie, 0 loss)."""
+    by_prompt: dict[str, list[float]] = {}
+    for prompt_id, outcome in outcomes:
+        by_prompt.setdefault(prompt_id, []).append(float(outcome))
+    return {p: sum(v) / len(v) for p, v in by_prompt.items()}
+
+
+def win_checks(rates: list[float], gate: GateConfig) -> tuple[float | None, float | None, list[tuple[bool, str]]]:
+    """The win-rate bounds over prompts and the gate's checks on them ((ok, reason if not ok) pairs)."""
+    if not rates:
+        return None, None, [(False, "no held-out comparisons")]
+    low, high = (float(b) for b in t_bounds(np.asarray(rates), gate.alpha))
+    if gate.min_win_rate is None:  # the gate is open on the win rate: the bound is reported, not checked
+        return low, high, []
+    return low, high, [
+        (len(rates) >= gate.min_prompts, f"{len(rates)} held-out prompts < gate.min_prompts {gate.min_prompts}: "
+                                         "too few to bound the win rate"),
+        (low > gate.min_win_rate, f"win rate lower bound {low:.3f} <= {gate.min_win_rate}")]
 
 
 def decide(outcomes: list[tuple[str, float]], accuracy: float | None, gate: GateConfig) -> dict:
-    """The gate's verdict on (prompt_id, outcome) comparisons: win rate, its bound, and why it (not) promotes."""
-    n = len(outcomes)
-    wins = sum(o for _, o in outcomes)
-    by_prompt: dict[str, list[float]] = {}
-    for prompt_id, outcome in outcomes:
-        by_prompt.setdefault(prompt_id, []).append(outcome)
-    if gate.bound == "wilson":
-        low, high = wilson_interval(wins, n, gate.confidence)
-    else:
-        low, high = bootstrap_interval([sum(v) / len(v) for v in by_prompt.values()], gate.confidence,
-                                       gate.resamples, gate.seed)
-    checks = [(n > 0, "no held-out comparisons"),
-              (low >= gate.min_win_rate, f"win rate lower bound {low:.3f} < {gate.min_win_rate}")]
+    """The gate's verdict on (prompt_id, outcome) comparisons: win rate (mean over prompts), its bounds, and why
+    it (not) promotes."""
+    rates = per_prompt_rates(outcomes)
+    low, high, checks = win_checks(list(rates.values()), gate)
     if gate.min_heldout_accuracy is not None:
+        shown = "none (no held-out pairs with a ground truth)" if accuracy is None else f"{accuracy:.3f}"
         checks.append((accuracy is not None and accuracy >= gate.min_heldout_accuracy,
-                       f"held-out accuracy {accuracy if accuracy is None else round(accuracy, 3)} < "
-                       f"{gate.min_heldout_accuracy}"))
+                       f"held-out accuracy {shown} < {gate.min_heldout_accuracy}"))
     failed = [why for ok, why in checks if not ok]
-    passed = (f"win rate lower bound {low:.3f} >= {gate.min_win_rate}"
-              + (f", held-out accuracy {accuracy:.3f} >= {gate.min_heldout_accuracy}"
-                 if gate.min_heldout_accuracy is not None else ""))
-    return {"comparisons": n, "prompts": len(by_prompt), "win_rate": wins / n if n else None,
-            "win_lower": low, "win_upper": high, "bound": gate.bound, "confidence": gate.confidence,
+    passed = ("gate open (min_win_rate: null)" if gate.min_win_rate is None
+              else f"win rate lower bound {low:.3f} > {gate.min_win_rate}")
+    if gate.min_heldout_accuracy is not None and not failed:
+        passed += f", held-out accuracy {accuracy:.3f} >= {gate.min_heldout_accuracy}"
+    return {"comparisons": len(outcomes), "prompts": len(rates),
+            "win_rate": float(np.mean(list(rates.values()))) if rates else None,
+            "win_lower": low, "win_upper": high, "bound": "t over prompts", "alpha": gate.alpha,
             "heldout_accuracy": accuracy, "promoted": not failed,
             "reason": "; ".join(failed) if failed else passed}

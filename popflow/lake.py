@@ -243,12 +243,18 @@ class Lake:
         return self.root / CATALOG
 
     def connect(self):
-        """A read-only connection to the catalog (built first if missing)."""
+        """A read-only connection to the catalog (built first if missing) that can touch no file outside the
+        lake: DuckDB's external access is off but for the lake's folder, and the setting is locked (SQL cannot
+        turn it back on). Statements other than queries are refused by `sql.check_query`."""
         import duckdb
 
         if not (self.root / CATALOG).is_file():
             self.rebuild_catalog()
-        return duckdb.connect(str(self.root / CATALOG), read_only=True)
+        con = duckdb.connect(str(self.root / CATALOG), read_only=True)
+        con.execute(f"set allowed_directories = [{lit(str(self.root) + os.sep)}]")
+        con.execute("set enable_external_access = false")
+        con.execute("set lock_configuration = true")
+        return con
 
 
 def latest_statements(tables: list[str]) -> list[str]:

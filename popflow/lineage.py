@@ -159,16 +159,56 @@ def uses_promoted(cfg: PipelineConfig) -> bool:
     return cfg.loop is not None or any(ref.startswith(PROMOTED) for ref in policy_refs(cfg).values())
 
 
-def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | None,
-                config_path: str | Path | None) -> tuple[str | None, PipelineConfig, dict]:
+def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | None, config_path: str | Path | None,
+                from_stage: str | None = None) -> tuple[str | None, PipelineConfig, dict]:
     """What a run about to start will be: its run id (the given one; for a loop, else its unfinished round; None:
     a new run), the config its stages see and its pins. The CLI calls it before Prefect starts, so a gone
-    promoted policy fails in a second; the flow calls it again."""
+    promoted policy or a refused rerun fails in a second; the flow calls it again."""
     if run_id is None and cfg.loop is not None:
         run_id = unfinished_round(lake, pipeline, cfg)
+    if run_id and cfg.loop is not None:
+        check_rerun(lake, pipeline, run_id, from_stage)
     record = lake.read_run(pipeline, run_id) if run_id else None
     run_cfg, pins = pin(cfg, pipeline, lake, record, config_path)
     return run_id, run_cfg, pins
+
+
+def record_pins(record: dict) -> list[dict]:
+    """Every policy a run record pinned: its keys' pins and, for a loop round, its base and parent."""
+    pins = record.get("pins") or {}
+    loop = pins.get("loop") or {}
+    return [v for k, v in pins.items() if k != "loop"] + [loop[k] for k in ("base", "parent") if loop.get(k)]
+
+
+def all_records(lake: Lake) -> list[dict]:
+    """The run records of every pipeline in the lake."""
+    names = (p.name.removeprefix("pipeline=") for p in (lake.root / "_runs").glob("pipeline=*"))
+    return [r for name in sorted(names) for r in lake.read_runs(name)]
+
+
+def pinned_by(lake: Lake, pipeline: str, run_id: str) -> list[str]:
+    """'<pipeline>/<run_id>' of every other run (any pipeline, any status) that pinned the promoted policy made
+    by this run: it sampled from it, trains from it or uses it as its reference."""
+    return [f"{r['pipeline']}/{r['run_id']}" for r in all_records(lake)
+            if (r["pipeline"], r["run_id"]) != (pipeline, run_id)
+            and any(p.get("pipeline") == pipeline and p.get("run_id") == run_id for p in record_pins(r))]
+
+
+def pinned_runs(lake: Lake, pipeline: str) -> set[str]:
+    """The runs of `pipeline` whose promoted policies a run of any pipeline that has not completed pinned (it
+    may be running, or be resumed): retention must keep their folders."""
+    return {p["run_id"] for r in all_records(lake) if r.get("status") != "completed"
+            for p in record_pins(r) if p.get("pipeline") == pipeline and p.get("run_id")}
+
+
+def check_rerun(lake: Lake, pipeline: str, run_id: str, from_stage: str | None) -> None:
+    """A loop round's promote may not run again (--from-stage) once other runs pinned what it promoted: their
+    samples and lineage would name weights that this rerun's gate never saw."""
+    users = pinned_by(lake, pipeline, run_id) if from_stage else []
+    if users:
+        raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} promoted a policy that later "
+                           f"runs pinned ({', '.join(users[:5])}); rerunning its gate would change what they "
+                           "sampled from. Start a new round instead (omit --run-id)")
 
 
 def head_run(lake: Lake, pipeline: str) -> str | None:

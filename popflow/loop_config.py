@@ -10,7 +10,7 @@ gate. tasks/promote.py and popflow/lineage.py say how; README "The on-policy loo
       loop:
         reference: initial                                     # or previous
         pairs: this_round                                      # or all
-        gate: {bound: wilson, confidence: 0.9, min_win_rate: 0.5}
+        gate: {alpha: 0.05, min_win_rate: 0.5, min_prompts: 8}
 
     .venv/bin/popflow loop loop_demo --rounds 3     # bring the chain to 3 rounds (resumes a killed round)
     .venv/bin/popflow policies loop_demo            # the lineage: every candidate, promoted or not
@@ -26,23 +26,25 @@ from popflow.config_base import NAME_PATTERN, Strict
 
 
 class GateConfig(Strict):
-    """When a round's candidate replaces the current policy (tasks/promote.py)."""
+    """When a round's candidate replaces the current policy (tasks/promote.py, popflow/gate.py)."""
 
-    bound: Literal["wilson", "bootstrap"] = Field(
-        "wilson", description="The lower confidence bound of the candidate's win rate against the current policy "
-        "on held-out prompts: wilson (Wilson score interval over every comparison, a tie counting 1/2) or "
-        "bootstrap (percentile bootstrap over prompts, scipy.stats.bootstrap: a prompt's samples are not "
-        "independent draws).")
-    confidence: float = Field(0.9, gt=0.5, lt=1.0, description="Two-sided confidence level of the interval whose "
-                              "lower end the gate reads.")
-    min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Promote when the lower bound is >= this. 0.5: "
-                                "the candidate is not worse than the current policy at that confidence; 0 promotes "
-                                "every candidate; 1 none (a Wilson bound never reaches 1).")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="The gate's one-sided level: the most often a "
+                         "candidate no better than min_win_rate may be promoted. The bound is the one-sided "
+                         "(1 - alpha) Student t lower bound of the mean per-prompt win rate over held-out prompts "
+                         "(the prompt is the unit: its samples share its difficulty).")
+    min_win_rate: float | None = Field(0.5, ge=0.0, le=1.0, description="Promote when the lower bound is strictly "
+                                       "above this. 0.5: the candidate is better than the current policy at level "
+                                       "alpha; 1 promotes none. null: the gate is open on the win rate (every "
+                                       "candidate with comparisons is promoted, as iterative-DPO scripts do; the "
+                                       "bound is still recorded).")
+    min_prompts: int = Field(8, ge=2, description="Refuse to promote with fewer held-out prompts than this (the "
+                             "reason says so): a t bound over fewer prompts is too wide to mean much, and less "
+                             "robust to skewed per-prompt win rates. The preflight checks prompts.eval_limit "
+                             "against it.")
     min_heldout_accuracy: float | None = Field(
         None, ge=0.0, le=1.0, description="Also require this held-out pair accuracy (share of held-out pairs the "
-        "candidate prefers the chosen side of); null: not checked.")
-    resamples: int = Field(2000, ge=100, description="bootstrap: number of resamples.")
-    seed: int = Field(0, description="bootstrap: seed of the resampling.")
+        "candidate prefers the chosen side of); null: not checked. A round with no held-out pairs is then not "
+        "promoted (the reason says so).")
 
 
 class LoopConfig(Strict):

@@ -74,30 +74,32 @@ def end_run(lake: Lake, pipeline: str, run_id: str, status: str, stages: dict | 
     lake.rebuild_catalog()
 
 
-def runs_to_prune(records: list[dict], keep: int, protected: str | None = None) -> list[str]:
+def runs_to_prune(records: list[dict], keep: int, protected: set[str] = frozenset()) -> list[str]:
     """Run ids older than the pipeline's `keep` newest completed runs (records oldest first). Runs that
     started after the oldest kept one stay whatever their status: one may still be in progress. `protected`
-    (the run that made the head of the pipeline's promoted chain) is never pruned."""
+    runs (the head of the pipeline's promoted chain, promoted policies an unfinished run pinned) stay."""
     completed = [r for r in records if r.get("status") == "completed"]
     if len(completed) < keep:
         return []
     kept = {r["run_id"] for r in completed[-keep:]}
     cutoff = completed[-keep]["started_at"]
     return [r["run_id"] for r in records
-            if r["run_id"] not in kept and r["run_id"] != protected and r["started_at"] < cutoff]
+            if r["run_id"] not in kept and r["run_id"] not in protected and r["started_at"] < cutoff]
 
 
 def prune_runs(lake: Lake, pipeline: str, keep: int | None) -> list[str]:
     """Apply `retention.keep_runs`: delete the runs `runs_to_prune` names (never the one holding the head of
-    the promoted chain), skipping any that a live process holds (its run lock), and what interrupted
-    deletions left behind. Returns the run ids deleted."""
+    the promoted chain, nor one whose promoted policy an unfinished run of any pipeline pinned), skipping any
+    that a live process holds (its run lock), and what interrupted deletions left behind. Returns the run ids
+    deleted."""
     lake.sweep_trash()
     if keep is None:
         return []
     deleted = []
-    from popflow.lineage import head_run
+    from popflow.lineage import head_run, pinned_runs
 
-    for run_id in runs_to_prune(lake.read_runs(pipeline), keep, protected=head_run(lake, pipeline)):
+    protected = pinned_runs(lake, pipeline) | {head_run(lake, pipeline)} - {None}
+    for run_id in runs_to_prune(lake.read_runs(pipeline), keep, protected=protected):
         try:
             with lake.run_lock(pipeline, run_id):
                 lake.delete_run(pipeline, run_id)

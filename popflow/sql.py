@@ -51,3 +51,22 @@ def connect():
     import duckdb
 
     return duckdb.connect()
+
+
+def check_query(con, query: str) -> None:
+    """Refuse anything but queries (SELECT and its forms: WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN)
+    before DuckDB runs it: `popflow sql` reads the lake and writes nothing (no COPY, CREATE, ATTACH, SET ...)."""
+    import duckdb
+
+    from popflow.errors import PopflowError
+
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.MULTI}  # MULTI: PIVOT
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise PopflowError(f"SQL error: {exc}") from None
+    for statement in statements:
+        if statement.type not in allowed:
+            raise PopflowError(f"SQL: only queries are allowed here (the lake is read-only); got a "
+                               f"{statement.type.name} statement")
+

@@ -140,14 +140,14 @@ def eval_prompts(ctx: RunContext, con, base_path: str) -> tuple[pa.Table, list[P
     ids = prompts.column("prompt_id").to_pylist()
     rendered, too_long, _ = prepare_prompts(base_path, ids, prompts.column("prompt").to_pylist(), cfg, "evaluate")
     kept = {p.id for p in rendered}
-    return prompts.filter(pa.array([i in kept for i in ids])), rendered, too_long
+    return prompts.filter(pa.array([i in kept for i in ids], type=pa.bool_())), rendered, too_long
 
 
 def generate_all(ctx: RunContext, policies: list[dict], prompts: list[Prompt], serving: str) -> pa.Table:
     """Samples of every trained policy on the held-out prompts (rendered), with stage 1's engine and settings;
     serving: how vLLM serves an adapter (lora or merge)."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
-    base = models.resolve(cfg.policy, ctx.lake.data_dir, "sample.policy")
+    base = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")  # what adapters trained on
     ids = [p.id for p in prompts]
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
     tables = []

@@ -3,9 +3,9 @@
 The round's candidate is the first seed of `loop.method` (default the first train method). It is compared
 with the policy the round sampled (the current one): on every held-out prompt and sample index, the
 candidate's evaluate sample against stage 1's sample, both scored by the run's reward models (a win 1, a tie
-1/2), exactly evaluate's win_rate. popflow/gate.py turns these into a win rate with a confidence bound and
-a verdict. A promoted candidate is stored merged (its LoRA adapter folded into the weights it was trained
-from) under DATA_DIR/models/promoted/<pipeline>/<run_id>/, so vLLM samples the next round at full speed,
+1/2), exactly evaluate's win_rate. popflow/gate.py turns these into a win rate over prompts with a one-sided
+lower bound and a verdict. A promoted candidate is stored merged (its LoRA adapter folded into the weights it
+was trained from) under DATA_DIR/models/promoted/<pipeline>/<run_id>/, so vLLM samples the next round at full speed,
 with a content hash (sha256 of every file). Tables:
 
     lineage         one row per round: candidate, parent, reference, pairs, gate figures, verdict, promoted copy
@@ -20,6 +20,7 @@ and, in the run folder, loop_rounds.png (reward distribution and win rate per ro
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -78,20 +79,32 @@ def content_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+MARKER = "popflow_candidate.json"  # in a promoted folder: which candidate (and base) its weights were made from
+
+
 def store_promoted(ctx: RunContext, candidate: dict) -> Path:
     """The candidate as a plain model directory under models/promoted/<pipeline>/<run_id>/ (a LoRA adapter
-    merged into the weights it was trained from), written to a temporary folder and renamed."""
+    merged into the weights it was trained from), written to a temporary folder and renamed. The folder holds
+    a marker naming the candidate and its fingerprint: a resumed stage reuses a folder made from this very
+    candidate, and rebuilds one made from another (a rerun that retrained the round: --from-stage train)."""
     out = ctx.lake.data_dir / "models" / "promoted" / ctx.pipeline / ctx.run_id
-    if (out / "config.json").is_file():  # a resumed stage: the rename happened
+    start = (models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy").path
+             if candidate["adapter"] else None)
+    marker = {"candidate": candidate["path"], "fingerprint": models.fingerprint(Path(candidate["path"])),
+              "base": start}
+    if (out / "config.json").is_file() and (out / MARKER).is_file() and \
+            json.loads((out / MARKER).read_text()) == marker:  # a resumed stage: the rename happened
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    if candidate["adapter"]:
-        start = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
-        merge_adapter(start.path, candidate["path"], tmp, ctx.config.sample.trust_remote_code)
+    if start:
+        merge_adapter(start, candidate["path"], tmp, ctx.config.sample.trust_remote_code)
     else:
         shutil.copytree(candidate["path"], tmp)
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+    if out.exists():  # made from another candidate: never reused
+        shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
@@ -162,7 +175,7 @@ def promote(ctx: RunContext) -> Output:
            "reference_round": reference["round"], "pairs": loop.pairs,
            "pair_runs": [ctx.run_id] + [run for _, run in info["pair_runs"]], "train_pairs": train_pairs,
            **{k: verdict[k] for k in ("comparisons", "prompts", "win_rate", "win_lower", "win_upper", "bound",
-                                      "confidence", "heldout_accuracy", "promoted", "reason")},
+                                      "alpha", "heldout_accuracy", "promoted", "reason")},
            "promoted_path": str(stored) if stored else None,
            "promoted_fingerprint": models.fingerprint(stored) if stored else None,
            "content_hash": content_hash(stored) if stored else None, "created_at": now()}
@@ -197,7 +210,7 @@ LINEAGE_SCHEMA = pa.schema([
     ("reference_path", pa.string()), ("reference_round", pa.int64()), ("pairs", pa.string()),
     ("pair_runs", pa.list_(pa.string())), ("train_pairs", pa.int64()), ("comparisons", pa.int64()),
     ("prompts", pa.int64()), ("win_rate", pa.float64()), ("win_lower", pa.float64()), ("win_upper", pa.float64()),
-    ("bound", pa.string()), ("confidence", pa.float64()), ("heldout_accuracy", pa.float64()),
+    ("bound", pa.string()), ("alpha", pa.float64()), ("heldout_accuracy", pa.float64()),
     ("promoted", pa.bool_()), ("reason", pa.string()), ("promoted_path", pa.string()),
     ("promoted_fingerprint", pa.string()), ("content_hash", pa.string()), ("created_at", pa.string()),
 ])

@@ -87,8 +87,10 @@ def main(job: Path) -> None:
     from tasks.train import train_one
 
     spec = json.loads((job / "job.json").read_text())
+    # The stage's config is the run's pinned one (a loop round's policy and reference set to model paths),
+    # which the loop validator rightly refuses from a user; training reads no loop key, so it goes.
     ctx = RunContext(spec["data_dir"], spec["pipeline"], spec["run_id"],
-                     PipelineConfig.model_validate(spec["config"]))
+                     PipelineConfig.model_validate(spec["config"] | {"loop": None}))
     curve, heldout_h, stats = train_one(ctx, Method.model_validate(spec["method"]), spec["seed"],
                                         pq.read_table(job / "data.parquet"), pq.read_table(job / "heldout.parquet"),
                                         Path(spec["out_dir"]))

@@ -52,6 +52,32 @@ def test_preflight_refuses_bad_input_before_prefect_starts(cli, tmp_path):
                            message="sample.policy: model path")
     refused_before_prefect(cli, "--set", "score.models=[{name: mine, kind: python, function: 'no_such:f'}]",
                            message="score.models[mine].function: cannot import module 'no_such'")
+    train_only = tmp_path / "train_only.jsonl"
+    train_only.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": "hi", "split": "train"}) + "\n"
+                                  for i in range(3)))
+    refused_before_prefect(cli, "--set", f"prompts.source={train_only}",
+                           message="no held-out prompt (split: eval) after prompts.eval_limit")
+    err = cli("run", "tiny_loop", "--set", "loop.gate.min_prompts=5", expect=2).stderr  # tiny_loop: 3 held out
+    assert err.strip() == ("popflow: error: prompts.eval_limit 3 < loop.gate.min_prompts 5: the gate would never "
+                           "promote; give it more held-out prompts or lower loop.gate.min_prompts"), err
+    assert not cli.data_dir.exists()
+
+
+def test_sql_reads_the_lake_and_writes_nothing(cli, tmp_path):
+    """`popflow sql` runs queries only (COPY, ATTACH, SET refused by statement type, exit 2) and its connection
+    reads no file outside the lake; `policies` of a pipeline without runs names it."""
+    add_round(Lake(cli.data_dir), "tiny_loop", 1, "r1", promoted=False)
+    assert "tiny_loop" in cli("sql", "select pipeline from lineage").stdout
+    assert "1" in cli("sql", "pivot (select round, pipeline from lineage) on pipeline using count(*)").stdout
+    out = tmp_path / "out.csv"
+    for query, message in ((f"copy (select 1) to '{out}'", "got a COPY statement"),
+                           (f"attach '{tmp_path}/x.db'", "got a ATTACH statement"),
+                           ("set enable_external_access = true", "got a SET statement"),
+                           ("select * from read_csv('/etc/passwd')", "file system operations are disabled")):
+        assert message in error_line(cli("sql", query, expect=2).stderr)
+    assert not out.exists() and not (tmp_path / "x.db").exists()
+    assert error_line(cli("policies", "nope", expect=2).stderr) == (
+        f"popflow: error: pipeline 'nope' has no runs in {cli.data_dir / 'lake'}; pipelines with runs: tiny_loop")
 
 
 def test_a_bad_reward_function_fails_once_in_one_line(cli):

@@ -1,8 +1,9 @@
 """The on-policy loop end to end: `popflow loop` on tiny_loop, real engines, Prefect, TRL and the lake.
 
 tiny_loop samples 6 train + 3 eval prompts x n = 4 per round and compares the candidate on the 3 eval prompts
-x evaluate.n = 2, so its gate sees 6 comparisons. `loop.gate.min_win_rate` 0 promotes every candidate and 1
-none (a Wilson lower bound stays below 1), which makes both paths deterministic on random tiny weights.
+x evaluate.n = 2, so its gate sees 6 comparisons. `loop.gate.min_win_rate` null opens the gate (every candidate
+is promoted) and 1 promotes none (a bound is never above 1), which makes both paths deterministic on random tiny
+weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from popflow.models import fingerprint
 from tasks.promote import content_hash
 
 PROMPTS, N = 6 + 3, 4
-ALWAYS = ("--set", "loop.gate.min_win_rate=0")
+ALWAYS = ("--set", "loop.gate.min_win_rate=null")
 NEVER = ("--set", "loop.gate.min_win_rate=1")
 TRANSFORMERS = ("--set", "sample.engine=transformers")
 
@@ -68,6 +69,21 @@ def test_two_rounds_round_two_samples_round_one_with_vllm(cli):
     policies = cli("policies", "tiny_loop").stdout
     assert "round 1" in policies and "previous" in policies
 
+    # round 2 sampled round 1's promoted policy: regating round 1 is refused before anything runs
+    again = ("run", "tiny_loop", *ALWAYS, "--set", "loop.reference=previous")
+    err = cli(*again, "--run-id", first["run_id"], "--from-stage", "train", expect=2).stderr
+    assert f"later runs pinned (tiny_loop/{second['run_id']})" in err
+    # round 2 (pinned by no run) retrained with another learning rate: its promoted folder is rebuilt from the
+    # new candidate, never reused from the old one
+    cli(*again, "--set", "train.learning_rate=0.05", "--run-id", second["run_id"], "--from-stage", "train")
+    retrained = lineage(cli)[1]
+    folder = Path(retrained["promoted_path"])
+    marker = json.loads((folder / "popflow_candidate.json").read_text())
+    adapter = cli.query(f"select path from policies where run_id = '{second['run_id']}'")[0][0]
+    assert marker["candidate"] == adapter and marker["fingerprint"] == fingerprint(Path(adapter))
+    assert retrained["promoted_fingerprint"] == fingerprint(folder) != second["promoted_fingerprint"]
+    assert retrained["content_hash"] == content_hash(folder)
+
 
 @pytest.mark.slow
 def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
@@ -75,7 +91,10 @@ def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
     reference. Round 2 is SIGKILLed (CLI, Prefect and the sampler together) once a shard is staged; the same
     command resumes that run from its staged shards: one run and one lineage row per round, exact counts.
     Round 2 also trains on round 1's pairs (loop.pairs: all)."""
-    cli("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--rounds", "1")
+    # round 1 trains through accelerate launch (two gloo processes) on the round's pinned config
+    cli("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "train.accelerate={processes: 2, config: ddp}",
+        "--rounds", "1")
+    assert cli.query("select processes from policies") == [(2,)]
     # round 2 (a round may change the config: the chain only links policies): 19 one-prompt shards, and it
     # trains on round 1's pairs too
     args = ("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "prompts.limit=16", "--set", "sample.shard_size=1",

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,13 +144,33 @@ def quoted_prompts(tmp_path) -> str:
 
 
 @pytest.mark.slow
+def wider_tiny_llama(out: Path) -> Path:
+    """The tiny Llama's twin with another width (hidden 192, 3 heads of 64): a LoRA adapter trained on one does
+    not load onto the other."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tiny = REPO / "data" / "models" / "tiny-llama"
+    config = AutoConfig.from_pretrained(tiny)
+    config.update({"hidden_size": 192, "num_attention_heads": 3, "head_dim": 64, "intermediate_size": 384})
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+    return out
+
+
 def test_tiny_pipeline_with_transformers(cli, tmp_path):
     """Also: prompt ids and paths with quotes and spaces through every stage's SQL, and the stage graph
-    Prefect records (each task waits for the stages it reads from)."""
+    Prefect records (each task waits for the stages it reads from). train.policy is another model than the
+    sampled one (a wider tiny Llama): evaluate puts the trained adapter on the model it was trained from (on
+    the sampled one it would not even load)."""
     prompts = quoted_prompts(tmp_path)
-    out = cli("run", "tiny", "--set", "sample.engine=transformers", "--set", f"prompts.source={prompts}")
+    wider = wider_tiny_llama(tmp_path / "wider")
+    out = cli("run", "tiny", "--set", "sample.engine=transformers", "--set", f"prompts.source={prompts}",
+              "--set", f"train.policy={wider}")
     run_id = cli.run_id(out.stdout)
     check_tiny_run(cli, run_id, "transformers")
+    assert cli.query(f"select count(*) > 0 from eval_samples where run_id = '{run_id}'") == [(True,)]
     assert cli.query(f"select bool_and(prompt_id like '%it''s \"q\"') from samples where run_id = '{run_id}'") == [
         (True,)]
     # Prefect saw one flow run with one completed task per stage, and a table artifact per stage

@@ -24,11 +24,14 @@ RAY = REPO / ".venv" / "bin" / "ray"
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with 2 CPUs; yields its address; the process group is killed after."""
+    """`ray start --head --block` on 127.0.0.1 with 2 CPUs, from an empty HOME (a machine that never ran Ray: no
+    ~/.ray/auth_token, so Ray 2.60 starts the cluster without token authentication, as the README's walkthrough
+    meets it on a fresh machine); yields (address, that HOME); the process group is killed after."""
     home = tmp_path_factory.mktemp("ray-head")
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
-    env = {**cli_env(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**cli_env(home), "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home)}
+    env.pop("RAY_AUTH_MODE", None)
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
                              f"--temp-dir={temp}"], env=env, cwd=REPO, start_new_session=True,
@@ -42,7 +45,7 @@ def ray_head(tmp_path_factory):
             except OSError:
                 assert head.poll() is None, (home / "head.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", home
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -81,7 +84,13 @@ def kill_one_mid_generation(run: subprocess.Popen, timeout: float) -> tuple[int 
     return None, {p.pid for p in replicas}
 
 
-RAY_RUN = ("--set", "execution.sample.backend=ray", "--set", "execution.sample.replicas=2",
+# Rewards in float32 on every CPU class: the test compares two code paths (Ray chunks vs local batches), and bf16
+# rounds a reward differently when its batch is padded differently (one bf16 step, 2e-3, on the AVX-512 BF16 class)
+FLOAT32_RM = ("score.models=[{name: constraints, kind: constraints},"
+              " {name: relevance, kind: relevance, dtype: float32},"
+              " {name: tiny_rm, kind: hf, model: 'builtin:tiny-reward', batch_size: 8, max_length: 512,"
+              " dtype: float32}]")
+RAY_RUN = ("--set", FLOAT32_RM, "--set", "execution.sample.backend=ray", "--set", "execution.sample.replicas=2",
            "--set", "execution.score.backend=ray", "--set", "execution.score.replicas=2",
            "--set", "execution.score.chunk_size=10", "--set", "sample.shard_size=1", "--set", "sample.max_tokens=48",
            "--set", "train=null")
@@ -100,7 +109,7 @@ def rows(lake, table, cols):
 
 def main():
     ray_lake, here = Path(%(lake)r), Path(%(here)r)
-    cfg = load_pipeline("tiny", overrides=["sample.shard_size=1", "sample.max_tokens=48", "train=null"])
+    cfg = load_pipeline("tiny", overrides=[%(float32)r, "sample.shard_size=1", "sample.max_tokens=48", "train=null"])
     local = RunContext(str(here / "local"), "tiny", "local", cfg)
     REGISTRY["ingest"](local)
     REGISTRY["sample"](local)                      # the local backend's samples of the same prompts
@@ -127,8 +136,11 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     restarts it and retries that shard, so the stage ends with exactly prompts x n samples, no key twice, and
     shards made by the restarted process. The samples table has the local backend's ids,
     indices, shards and counts (texts differ: vLLM-CPU honours no per-request seed, engines.py); the rewards
-    equal the local backend's scores of the same samples (float32 networks: 1e-5)."""
-    cli.env["RAY_ADDRESS"] = ray_head
+    equal the local backend's scores of the same samples (reward networks pinned to float32 on every CPU class:
+    1e-5)."""
+    cli.env["RAY_ADDRESS"], cli.env["HOME"] = ray_head[0], str(ray_head[1])  # as the README: no RAY_AUTH_MODE
+    cli.env.pop("RAY_AUTH_MODE", None)
+    assert not (ray_head[1] / ".ray" / "auth_token").exists()
     run = cli.popen("run", "tiny", *RAY_RUN, "--run-id", "onray")
     killed, first = kill_one_mid_generation(run, timeout=600)
     assert run.wait(timeout=900) == 0 and killed is not None
@@ -143,7 +155,8 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     ray_keys = cli.query("select prompt_id, sample_idx, shard, num_tokens <= 48 from samples order by all")
     assert len(set(ray_keys)) == len(ray_keys) == 36
 
-    local = run_script(tmp_path, COMPARE % {"lake": str(cli.data_dir), "here": str(tmp_path), "run_id": "onray"})
+    local = run_script(tmp_path, COMPARE % {"lake": str(cli.data_dir), "here": str(tmp_path), "run_id": "onray",
+                                            "float32": FLOAT32_RM})
     assert [tuple(r) for r in local["samples"]] == ray_keys
     on_ray = cli.query("select prompt_id, sample_idx, reward_model, score from rewards order by all")
     assert [tuple(r[:3]) for r in local["rewards"]] == [r[:3] for r in on_ray]
@@ -165,8 +178,10 @@ def test_two_process_accelerate_training_matches_one_process(cli):
     `accelerate launch` (configs/accelerate/ddp.yaml: gloo on this CPU) with two processes of 1 pair. DDP
     averages the two processes' gradients, which is the one-process mean over the same 2 pairs (the sampler
     deals batch i to process i mod 2), so the 3 steps' losses and the held-out beta*h agree to float error; and
-    again with FSDP (configs/accelerate/fsdp.yaml) over the same two gloo processes."""
-    tiny = ("--set", "sample.engine=transformers", "--set", "evaluate.generate=false")
+    again with FSDP (configs/accelerate/fsdp.yaml) over the same two gloo processes. Training is pinned to
+    float32 on every CPU class: under bf16 autocast a batch of 2 and two batches of 1 round differently (6.6e-4
+    in the loss on the AVX-512 BF16 class), which would hide the averaging this test is about."""
+    tiny = ("--set", "sample.engine=transformers", "--set", "evaluate.generate=false", "--set", "train.dtype=float32")
     cli("run", "tiny", *tiny, "--set", "train.batch_size=2", "--run-id", "acc")
     one = cli.query("select step, loss, grad_norm from train_metrics order by step")
     one_h = cli.query("select pair_id, beta_h from heldout_margins order by pair_id")

@@ -26,17 +26,31 @@ def test_unreachable_address_fails_naming_it():
 
 
 def test_cpu_replicas_claim_distinct_cores(tmp_path):
-    """Blocks of `cpus` cores of this process's affinity, in order: the first claim gets block 0 (its slot),
-    a second claim for slot 0 while the first owner lives gets the next free block; a claim whose owner is
-    dead is free again."""
-    cores = sorted(os.sched_getaffinity(0))
-    first = cluster.claim_cores(0, 1, lock_dir=str(tmp_path))
-    assert first == cores[:1]
-    if len(cores) > 1:
-        assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path)) == cores[1:2]
-    claims = tmp_path / f"popflow-cores-{os.getuid()}.json"
-    claims.write_text('{"0": 999999999}')  # no such process: block 0 is free
-    assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path)) == cores[:1]
+    """Claims are sets of core ids per live pid. With two cores: a 1-core replica (slot 0) takes core 0; another
+    live process's 1-core claim for slot 0 gets core 1 (slot 0's core is taken); a 2-core replica then finds no
+    free core and fails naming the owners (after its wait, here 0 s); once the other process has died its core is
+    free again; a torn claims file (a crash mid-write of an older version) counts as no claim."""
+    import subprocess
+
+    all_cores = os.sched_getaffinity(0)
+    cores = sorted(all_cores)[:2]
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    os.sched_setaffinity(0, cores)  # this test's view: exactly two cores
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path)) == cores[:1]
+        assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path), pid=other.pid) == cores[1:2]
+        with pytest.raises(PopflowError, match=rf"no 2 free cores for a replica after 0 s: .*{other.pid}"):
+            cluster.claim_cores(0, 2, lock_dir=str(tmp_path), pid=other.pid + 1, wait_s=0)
+        other.kill()
+        other.wait()
+        assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path), pid=other.pid + 1, wait_s=0) == cores[1:2]
+        (tmp_path / f"popflow-cores-{os.getuid()}.json").write_text('{"1": [0, ')
+        assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
+    finally:
+        other.kill()
+        os.sched_setaffinity(0, all_cores)
 
 
 @pytest.mark.parametrize("restarts", [0, 1])

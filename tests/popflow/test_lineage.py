@@ -122,7 +122,7 @@ def test_an_unfinished_round_is_resumed_and_retention_spares_the_head(lake):
     assert unfinished_round(lake, "tiny_loop", loop_cfg("sample.n=3")) is None
     records = [{"run_id": r, "status": "completed", "started_at": t} for r, t in (("r1", "1"), ("r2", "2"))]
     assert runs_to_prune(records, keep=1) == ["r1"]
-    assert runs_to_prune(records, keep=1, protected=head_run(lake, "tiny_loop")) == []
+    assert runs_to_prune(records, keep=1, protected={head_run(lake, "tiny_loop")}) == []
 
 
 def test_rounds_of_one_chain_run_one_at_a_time(lake):
@@ -139,3 +139,42 @@ def test_rounds_of_one_chain_run_one_at_a_time(lake):
             pass
     with lake.loop_lock("tiny_loop"):  # released
         pass
+
+
+def test_retention_spares_a_policy_an_unfinished_run_of_another_pipeline_pinned(lake):
+    """tiny_loop promoted r1 then r2 (the head). A tiny run that pinned r1 through promoted:tiny_loop has not
+    completed: tiny_loop's retention (keep 1) deletes neither r2 (head) nor r1 (pinned); once that run has
+    completed, r1 goes."""
+    from popflow.runs import prune_runs
+
+    cfg = loop_cfg()
+    add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    start_run(lake, "tiny_loop", "r1", cfg, pins={"loop": {"round": 1}})
+    lake.write_run("tiny_loop", "r1", lake.read_run("tiny_loop", "r1") | {"status": "completed"})
+    other = load_pipeline("tiny", overrides=["sample.policy=promoted:tiny_loop"])
+    _, pins = pin(other, "tiny", lake, None, None)
+    assert pins["sample.policy"]["run_id"] == "r1"
+    start_run(lake, "tiny", "b1", other, pins=pins)  # running (or killed): may be resumed
+    add_round(lake, "tiny_loop", 2, "r2", promoted=True)
+    start_run(lake, "tiny_loop", "r2", cfg, pins={"loop": {"round": 2}})
+    lake.write_run("tiny_loop", "r2", lake.read_run("tiny_loop", "r2") | {"status": "completed", "started_at": "~"})
+    assert prune_runs(lake, "tiny_loop", keep=1) == []
+    lake.write_run("tiny", "b1", lake.read_run("tiny", "b1") | {"status": "completed"})
+    assert prune_runs(lake, "tiny_loop", keep=1) == ["r1"]
+
+
+def test_a_round_that_later_runs_sampled_from_cannot_be_regated(lake):
+    """Round 2 pinned round 1's promoted policy: `--from-stage` on round 1 is refused naming round 2's run, before
+    anything runs; round 2 itself (pinned by no one) may be rerun from a stage."""
+    from popflow.lineage import prepare_run
+
+    cfg = loop_cfg()
+    start_run(lake, "tiny_loop", "r1", cfg, pins=pin(cfg, "tiny_loop", lake, None, None)[1])
+    add_round(lake, "tiny_loop", 1, "r1", promoted=True)
+    _, pins = pin(cfg, "tiny_loop", lake, None, None)
+    start_run(lake, "tiny_loop", "r2", cfg, pins=pins)
+    with pytest.raises(PopflowError, match=r"--from-stage train: run 'r1' of 'tiny_loop' promoted a policy that "
+                                           r"later runs pinned \(tiny_loop/r2\)"):
+        prepare_run(cfg, "tiny_loop", lake, "r1", None, "train")
+    assert prepare_run(cfg, "tiny_loop", lake, "r1", None, None)[0] == "r1"  # a plain resume is fine
+    assert prepare_run(cfg, "tiny_loop", lake, "r2", None, "evaluate")[0] == "r2"
