@@ -166,13 +166,18 @@ class Pool:
 
         return ray.get([a.ready.remote() for a in self.actors])
 
-    def map(self, method: str, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
+    def map(self, method: str, items: list[tuple[object, tuple]], poison: int = 2,
+            report_every_s: float = 300.0) -> Iterator[tuple[object, object]]:
         """(key, result) of `actor.<method>(*args)` for every (key, args), in completion order; each item runs on
-        the next free replica. A replica that is gone for good hands its item back to the queue."""
+        the next free replica. A replica that is gone for good hands its item back to the queue; one only
+        unavailable for a moment (ActorUnavailableError: restarting, a network blip) stays in the pool. An item
+        in flight when `poison` replicas died is the cause, not the victim: the stage fails naming it rather
+        than killing every replica in turn. While nothing finishes, a line every `report_every_s` says what is
+        in flight (a hung replica shows there)."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        queue, idle, running = list(reversed(items)), list(self.actors), {}
+        queue, idle, running, deaths = list(reversed(items)), list(self.actors), {}, {}
         while queue or running:
             while queue and idle:
                 actor = idle.pop()
@@ -180,11 +185,26 @@ class Pool:
                 running[getattr(actor, method).remote(*args)] = (key, args, actor)
             if not running:
                 raise ReplicaFailed(f"{self.name}: every replica died; {len(queue)} item(s) not done")
-            done, _ = ray.wait(list(running), num_returns=1)
+            started = time.time()
+            done, _ = ray.wait(list(running), num_returns=1, timeout=report_every_s)
+            if not done:
+                log.warning("%s: nothing finished in %.0f s; in flight: %s", self.name, time.time() - started,
+                            ", ".join(repr(k) for k, _, _ in running.values()))
+                continue
             key, args, actor = running.pop(done[0])
             try:
                 result = get(done[0])
+            except ActorUnavailableError as exc:
+                log.warning("%s: a replica is unavailable for now (%s); %r goes back to the queue", self.name, exc, key)
+                queue.append((key, args))
+                idle.append(actor)
+                continue
             except RayActorError as exc:
+                deaths[key] = deaths.get(key, 0) + 1
+                if deaths[key] >= poison:
+                    raise ReplicaFailed(f"{self.name}: item {key!r} was in flight when {deaths[key]} replicas died "
+                                        f"(last: {type(exc).__name__}); it is the likely cause (memory, a crash in "
+                                        "the engine): not retried on the rest") from None
                 log.warning("%s: a replica is gone after its restarts (%s); %r goes back to the queue", self.name,
                             type(exc).__name__, key)
                 queue.append((key, args))

@@ -165,10 +165,14 @@ def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | No
     a new run), the config its stages see and its pins. The CLI calls it before Prefect starts, so a gone
     promoted policy or a refused rerun fails in a second; the flow calls it again."""
     if run_id is None and cfg.loop is not None:
-        run_id = unfinished_round(lake, pipeline, cfg)
+        found = unfinished_round(lake, pipeline, cfg)
+        if found and not round_taken(lake, pipeline, lake.read_run(pipeline, found)):  # else a new round
+            run_id = found
     if run_id and cfg.loop is not None:
         check_rerun(lake, pipeline, run_id, from_stage)
     record = lake.read_run(pipeline, run_id) if run_id else None
+    if record and cfg.loop is not None:
+        check_round_free(lake, pipeline, record)
     run_cfg, pins = pin(cfg, pipeline, lake, record, config_path)
     return run_id, run_cfg, pins
 
@@ -209,6 +213,25 @@ def check_rerun(lake: Lake, pipeline: str, run_id: str, from_stage: str | None) 
         raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} promoted a policy that later "
                            f"runs pinned ({', '.join(users[:5])}); rerunning its gate would change what they "
                            "sampled from. Start a new round instead (omit --run-id)")
+
+
+def round_taken(lake: Lake, pipeline: str, record: dict) -> dict | None:
+    """The lineage row of another run that completed this loop run's round (or a later one), if any."""
+    number = ((record.get("pins") or {}).get("loop") or {}).get("round")
+    later = [r for r in complete_rounds(lake, pipeline) if number and r["round"] >= number
+             and r["run_id"] != record["run_id"]]
+    return later[0] if later else None
+
+
+def check_round_free(lake: Lake, pipeline: str, record: dict) -> None:
+    """A loop run resumed by its id may finish its round only if no other run has completed that round (or a
+    later one) meanwhile: a chain has one lineage row per round."""
+    later = round_taken(lake, pipeline, record)
+    if later:
+        number = record["pins"]["loop"]["round"]
+        raise PopflowError(f"run {record['run_id']!r} of {pipeline!r} was round {number}, and run "
+                           f"{later['run_id']!r} has completed round {later['round']} since; start a new round "
+                           "(omit --run-id)")
 
 
 def head_run(lake: Lake, pipeline: str) -> str | None:

@@ -17,9 +17,37 @@ each reserve half as much each, not twice the setting together.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import time
 
 from popflow import precision
+
+# A Python exception line ("ValueError: ...", "torch.OutOfMemoryError: ...") in a log; vLLM's own summary
+# lines point elsewhere ("See root cause above") and are not the cause.
+ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception)\b: .+")
+NOT_A_CAUSE = ("See root cause above", "Engine core initialization failed")
+
+
+def last_error(log_text: str) -> str | None:
+    """The last exception line of a log that is a cause, not a pointer to one."""
+    found = [ln.strip() for ln in log_text.splitlines() if ERROR_LINE.match(ln.strip())]
+    causes = [ln for ln in found if not any(p in ln for p in NOT_A_CAUSE)]
+    return causes[-1] if causes else None
+
+
+def with_root_cause(exc: BaseException) -> RuntimeError:
+    """An error from inside a replica, with the root cause its child processes (vLLM's engine core) wrote to
+    this process's stderr, and where that log is: a Ray driver with log_to_driver off sees no more."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        with open(path, errors="replace") as fh:
+            fh.seek(max(0, os.path.getsize(path) - (1 << 20)))
+            cause = last_error(fh.read())
+    except OSError:
+        path, cause = None, None
+    where = f" (full log: {path} on {socket.gethostname()})" if path else ""
+    return RuntimeError(f"{type(exc).__name__}: {exc}" + (f"; root cause: {cause}" if cause else "") + where)
 
 
 def pin_cores(slot: int, cpus: float) -> list[int] | None:
@@ -48,7 +76,10 @@ class GenerateReplica:
             cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": share})})
         self.engines = Engines(cfg)
         self._open = self.engines.open(policy)
-        self.engine = self._open.__enter__()
+        try:
+            self.engine = self._open.__enter__()
+        except Exception as exc:
+            raise with_root_cause(exc) from None
         self.startup_s = time.time() - t0
 
     def ready(self) -> dict:

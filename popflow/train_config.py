@@ -43,7 +43,8 @@ class Method(Strict):
         None, description="Which PoP annotation trains this method (its train_pairs and margins); default: the "
         "first of annotate.sampling.")
     gamma: float = Field(0.5, ge=0.0, description="dpo_fixed_margin: the margin of every pair.")
-    alpha: float = Field(1.0, gt=0.0, description="dpo_gt_margin: margin = alpha * gt_margin, clipped at 0.")
+    alpha: float = Field(1.0, gt=0.0, description="dpo_gt_margin: margin = alpha * gt_margin, clipped to [0, "
+                         "margins.max_margin] as the margins stage clips PoP's and its own gt margins.")
 
     @field_validator("loss")
     @classmethod

@@ -32,10 +32,14 @@ from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
 
 
 def heldout_metrics_sql(heldout: str) -> str:
-    """accuracy, pearson and spearman per (method, seed) from the trained policies' held-out beta * h."""
+    """accuracy (over every held-out pair: beta * h > 0, the chosen side preferred), pearson and spearman (over
+    the pairs with a gt_margin; none without) per (method, seed) from the trained policies' held-out beta * h."""
     return f"""
     with margins as (
         select method, seed, beta_h, gt_margin from {heldout} where gt_margin is not null
+    ),
+    accuracy as (
+        select method, seed, avg((beta_h > 0)::double) as accuracy from {heldout} group by method, seed
     ),
     ranked as (  -- average ranks, so ties count as scipy's spearmanr counts them
         select method, seed, beta_h, gt_margin,
@@ -47,10 +51,13 @@ def heldout_metrics_sql(heldout: str) -> str:
                 - rank() over (partition by method, seed order by gt_margin desc) + 1) / 2.0 as rank_gt
         from margins
     ),
-    per_policy as (
-        select method, seed, avg((beta_h > 0)::double) as accuracy, corr(beta_h, gt_margin) as pearson,
-               corr(rank_h, rank_gt) as spearman
+    correlations as (
+        select method, seed, corr(beta_h, gt_margin) as pearson, corr(rank_h, rank_gt) as spearman
         from ranked group by method, seed
+    ),
+    per_policy as (
+        select a.method, a.seed, a.accuracy, c.pearson, c.spearman
+        from accuracy a left join correlations c using (method, seed)
     ),
     final as (
         unpivot per_policy on accuracy, pearson, spearman into name metric value value
@@ -59,16 +66,18 @@ def heldout_metrics_sql(heldout: str) -> str:
     """
 
 
-def generation_metrics_sql(eval_samples: str, sample_rewards: str, ids: list[str], n: int,
+def generation_metrics_sql(eval_samples: str, sample_rewards: str, samples: str, ids: list[str], n: int,
                            constraints: tuple[str, str, str] | None = None) -> str:
-    """mean_reward, win_rate (vs the base policy's sample of the same prompt and index) and constraint_rate
-    per (method, seed), the base policy included. The base policy's samples are stage 1's first `n` of each
-    held-out prompt in `ids`; `constraints`: (eval_rewards, rewards, the constraints reward model's name)."""
+    """mean_reward, win_rate (vs the base policy's sample of the same prompt and index; the same text is a tie)
+    and constraint_rate per (method, seed), the base policy included. The base policy's samples are stage 1's
+    first `n` of each held-out prompt in `ids` (texts from `samples`); `constraints`: (eval_rewards, rewards, the
+    constraints reward model's name)."""
     ctes = [f"""base as (
-        select 'base' as method, null::bigint as seed, prompt_id, sample_idx, reward from {sample_rewards}
-        where prompt_id in {sql.values(ids)} and sample_idx < {lit(n)}
+        select 'base' as method, null::bigint as seed, r.prompt_id, r.sample_idx, r.reward, s.response
+        from {sample_rewards} r join {samples} s using (prompt_id, sample_idx)
+        where r.prompt_id in {sql.values(ids)} and r.sample_idx < {lit(n)}
     )""", f"""policy_rewards as (
-        select method, seed, prompt_id, sample_idx, reward from {eval_samples}
+        select method, seed, prompt_id, sample_idx, reward, response from {eval_samples}
         union all select * from base
     )"""]
     if constraints:
@@ -84,13 +93,14 @@ def generation_metrics_sql(eval_samples: str, sample_rewards: str, ids: list[str
                    "from s.seed and c.prompt_id = s.prompt_id and c.sample_idx = s.sample_idx") \
         if constraints else ("null::double as score", "")
     ctes += [f"""scored as (
-        select s.method, s.seed, s.prompt_id, s.sample_idx, s.reward, b.reward as base_reward, {score}
+        select s.method, s.seed, s.prompt_id, s.sample_idx, s.reward, b.reward as base_reward,
+               s.response = b.response as same_text, {score}
         from policy_rewards s
         join base b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
         {join}
     )""", f"""per_policy as (
         select method, seed, avg(reward) as mean_reward,
-               avg({win_outcome_sql("reward", "base_reward")}) as win_rate,
+               avg({win_outcome_sql("reward", "base_reward", "same_text")}) as win_rate,
                {rate} as constraint_rate
         from scored group by method, seed
     )""", """final as (
@@ -209,7 +219,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
     names = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), names[0]) if names else None
-    metrics_sql = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
+    metrics_sql = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
                                          prompts.column("prompt_id").to_pylist(), n, constraints)
     return (metrics_sql,
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,

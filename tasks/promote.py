@@ -36,20 +36,21 @@ from popflow.stage import Output, RunContext, artifact_key, now, run_logger, sta
 from tasks.rewards.aggregate import win_outcome_sql
 
 
-def outcomes_sql(eval_samples: str, sample_rewards: str, method: str, seed: int) -> str:
+def outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, method: str, seed: int) -> str:
     """(prompt_id, outcome) of the candidate's held-out samples against the current policy's (stage 1's) sample
-    of the same prompt and index: 1 win, 0.5 tie, 0 loss."""
+    of the same prompt and index: 1 win, 0.5 tie (or the same text), 0 loss."""
     return f"""
     with candidate as (
-        select prompt_id, sample_idx, reward from {eval_samples}
+        select prompt_id, sample_idx, reward, response from {eval_samples}
         where method = {lit(method)} and seed = {lit(seed)}
     ),
     current_policy as (
-        select prompt_id, sample_idx, reward from {sample_rewards}
+        select r.prompt_id, r.sample_idx, r.reward, s.response
+        from {sample_rewards} r join {samples} s using (prompt_id, sample_idx)
     ),
     final as (
         select c.prompt_id, c.sample_idx,
-               {win_outcome_sql("c.reward", "p.reward")} as outcome
+               {win_outcome_sql("c.reward", "p.reward", "c.response = p.response")} as outcome
         from candidate c join current_policy p using (prompt_id, sample_idx)
     )
     select prompt_id, outcome from final order by prompt_id, sample_idx
@@ -161,7 +162,8 @@ def promote(ctx: RunContext) -> Output:
     method, seed = ctx.config.candidate_method(), ctx.config.train.seeds[0]
     candidate = con.sql(f"select path, adapter from {ctx.table('policies')} where method = {lit(method)} "
                         f"and seed = {lit(seed)}").to_arrow_table().to_pylist()[0]
-    outcomes = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), method, seed)).fetchall()
+    outcomes = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
+                                    method, seed)).fetchall()
     accuracy = con.sql(f"select avg(value) from {ctx.table('eval_metrics')} where method = {lit(method)} and "
                        f"seed = {lit(seed)} and metric = 'accuracy'").fetchall()[0][0]
     verdict = decide(outcomes, accuracy, loop.gate)

@@ -3,7 +3,7 @@
 Methods (train.methods; tasks/losses.py has the maths):
     dpo                 -log sigmoid(beta h)                   plain DPO
     dpo_fixed_margin    -log sigmoid(beta h - gamma)
-    dpo_gt_margin       -log sigmoid(beta h - max(alpha * gt_margin, 0))
+    dpo_gt_margin       -log sigmoid(beta h - clip(alpha * gt_margin, 0, margins.max_margin))
     dpo_pop             -log sigmoid(beta h - m_i)             m_i from the margins stage (DPO-PoP)
     distill             (beta h - (r_w - r_l))^2               aggregate reward gap (Fisch et al.)
     distill_pessimistic min_k (beta h - (r_w^k - r_l^k))^2     per reward model k (normalised like score)
@@ -47,16 +47,19 @@ CURVE = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margi
          "learning_rate": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
 
 
-def margin_expr(method: Method) -> str:
-    """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`."""
+def margin_expr(method: Method, max_margin: float) -> str:
+    """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`. The
+    ground-truth margin is clipped to [0, margins.max_margin] like the margins stage's (PoP's and `gt`'s), so a
+    comparison of DPO-PoP with it compares margin information on one scale, not the scale."""
     if method.loss == "dpo_fixed_margin":
         return lit(float(method.gamma))
     if method.loss == "dpo_gt_margin":
-        return f"greatest({lit(float(method.alpha))} * p.gt_margin, 0.0)"
+        return f"least(greatest({lit(float(method.alpha))} * p.gt_margin, 0.0), {lit(float(max_margin))})"
     return "m.margin" if method.loss == "dpo_pop" else "0.0"
 
 
-def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, score: ScoreConfig) -> str:
+def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, score: ScoreConfig,
+                      max_margin: float) -> str:
     """A method's training examples: each train pair of `sampling` `copies` times, with TRL's columns, the
     stored reference log-probs, its margin and its target(s). `tables`: relations of train_pairs, pairs,
     ref_logps, and (dpo_pop) margins or (distill_pessimistic) rewards."""
@@ -79,7 +82,8 @@ def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, sco
         targets = ", g.targets"
     ctes.append(f"""final as (
             select t.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps,
-                   {margin_expr(method)} as margin, p.gt_margin as target{targets}, unnest(range(t.copies)) as copy
+                   {margin_expr(method, max_margin)} as margin, p.gt_margin as target{targets},
+                   unnest(range(t.copies)) as copy
             from train t
             join {tables['pairs']} p on p.pair_id = t.pair_id
             join {tables['ref_logps']} r on r.pair_id = t.pair_id
@@ -118,7 +122,7 @@ def training_rows(ctx: RunContext, con, method: Method) -> pa.Table:
     names = ["train_pairs", "pairs", "ref_logps"] + {"dpo_pop": ["margins"],
                                                       "distill_pessimistic": ["rewards"]}.get(method.loss, [])
     rows = con.sql(training_rows_sql({t: ctx.table(t) for t in names}, method, sampling,
-                                     ctx.config.score)).to_arrow_table()
+                                     ctx.config.score, ctx.config.margins.max_margin)).to_arrow_table()
     if rows.num_rows == 0:
         raise PopflowError(f"train: the training set of run {ctx.run_id} is empty (sampling {sampling!r}: no "
                            "train_pairs with reference log-probs)")

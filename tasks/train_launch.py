@@ -57,6 +57,28 @@ def check_launch(launch: AccelerateLaunch) -> None:
                                "(pip install deepspeed on the training machine)")
 
 
+def run_logged(cmd: list[str], log_path: Path, env: dict, every_s: float = 30.0) -> int:
+    """Run the launch with its output in `log_path`, saying where that is when it starts and, every `every_s`
+    seconds while it runs, its last line (so a long or stuck launch is visible); its exit status."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.info("accelerate launch (pid %d), log %s", proc.pid, log_path)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=every_s)
+                except subprocess.TimeoutExpired:
+                    lines = log_path.read_text(errors="replace").strip().splitlines()
+                    log.info("accelerate launch running; last line: %s", lines[-1][:200] if lines else "(none yet)")
+        finally:
+            if proc.poll() is None:  # the stage was interrupted: take the launched processes down with it
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
 def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, out_dir: Path
                    ) -> tuple[list[dict], np.ndarray, dict]:
     """train_one's result, computed by `train.accelerate.processes` processes under accelerate launch."""
@@ -71,10 +93,12 @@ def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, ou
         "config": ctx.config.model_dump(mode="json"), "method": method.model_dump(mode="json"), "seed": seed,
         "out_dir": str(out_dir)}))
     (job / "result.json").unlink(missing_ok=True)
-    proc = subprocess.run(launch_command(launch, job), capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    if proc.returncode != 0 or not (job / "result.json").is_file():
-        raise RuntimeError(f"accelerate launch of {out_dir.name} exited {proc.returncode}: {proc.stderr[-3000:]}")
+    returncode = run_logged(launch_command(launch, job), job / "launch.log",
+                            {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if returncode != 0 or not (job / "result.json").is_file():
+        tail = (job / "launch.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"accelerate launch of {out_dir.name} exited {returncode} (full log: {job / 'launch.log'}):"
+                           f"\n{tail}")
     result = json.loads((job / "result.json").read_text())
     return result["curve"], np.asarray(result["heldout_h"], dtype=np.float64), result["stats"]
 

@@ -21,6 +21,8 @@ from popflow.train_config import POP_LOSSES
 from tasks.losses import pair_loss
 
 POP_COLUMNS = ("margin", "target", "targets")
+NEEDS = {"dpo_pop": "margin", "dpo_fixed_margin": "margin", "dpo_gt_margin": "margin", "distill": "target",
+         "distill_pessimistic": "targets"}  # the per-pair input each loss cannot do without
 
 
 class PairInputsCollator:
@@ -74,6 +76,10 @@ class PopDPOTrainer(DPOTrainer):
         chosen_ratio = chosen - inputs["ref_chosen_logps"]
         rejected_ratio = rejected - inputs["ref_rejected_logps"]
         h = chosen_ratio - rejected_ratio
+        needed = NEEDS.get(self.pop_loss)
+        if needed and needed not in inputs:  # never train a margin method as plain DPO without a word
+            raise PopflowError(f"train: loss {self.pop_loss} needs the per-pair column {needed!r}, and the training "
+                               "batch has none")
         zeros = torch.zeros_like(h)
         per_pair = pair_loss(self.pop_loss, h, self.beta, inputs.get("margin", zeros), inputs.get("target", zeros),
                              inputs.get("targets", zeros[:, None]))

@@ -56,8 +56,11 @@ def aggregate_sql(rewards: str, cfg: ScoreConfig, stats: str | None = None, keys
     """
 
 
-def win_outcome_sql(reward: str, other: str) -> str:
+def win_outcome_sql(reward: str, other: str, same_text: str) -> str:
     """One comparison of two samples' aggregate rewards as a number: 1 a win, 0.5 a tie, 0 a loss (a double:
-    DuckDB would type the bare literals DECIMAL). evaluate's win_rate averages it; promote's gate reads it."""
-    return f"(case when {reward} > {other} then 1.0 when {reward} = {other} then 0.5 else 0.0 end)::double"
+    DuckDB would type the bare literals DECIMAL). Two identical responses are a tie whatever their scores: the
+    same text scored in another batch (other padding, bf16) can score a rounding step apart. evaluate's
+    win_rate averages it; promote's gate reads it."""
+    return (f"(case when {same_text} then 0.5 when {reward} > {other} then 1.0 when {reward} = {other} then 0.5 "
+            "else 0.0 end)::double")
 

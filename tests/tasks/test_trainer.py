@@ -78,3 +78,29 @@ def test_margin_shifts_the_loss_as_the_formula_says(stored_ref, tmp_path):
             losses.append(t.compute_loss(t.model, t.data_collator([t.train_dataset[0]])).item())
     beta_h = -torch.log(torch.expm1(torch.tensor(losses[0], dtype=torch.float64))).item()
     assert losses[1] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(beta_h - 0.7)).item(), rel=1e-4)
+
+
+def test_distinct_margins_reach_their_pairs_through_the_real_dataloader(stored_ref, tmp_path):
+    """Pair i carries margin i / 10: every batch of TRL's own (shuffling) train dataloader holds, for each
+    prompt 'question i', the margin i / 10. A margin loss without its column is refused, not trained as DPO."""
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    margins = [i / 10 for i in range(6)]
+    trainer = PopDPOTrainer(model=perturbed(), processing_class=tok, loss="dpo_pop",
+                            args=dpo_args(str(tmp_path / "m"), "dpo", 0.1, 128, 0, "no", False, {},
+                                          per_device_train_batch_size=4),
+                            train_dataset=stored_ref.add_column("margin", margins))
+    seen = {}
+    for batch in trainer.get_train_dataloader():
+        half = batch["input_ids"].shape[0] // 2  # chosen rows first, then rejected
+        for row, margin in zip(batch["input_ids"][:half], batch["margin"].tolist(), strict=True):
+            text = tok.decode(row, skip_special_tokens=True)
+            pair = int(text.split("question ")[1].split(":")[0])
+            seen[pair] = margin
+    assert seen == pytest.approx({i: i / 10 for i in range(6)})
+    bare = PopDPOTrainer(model=perturbed(), processing_class=tok, loss="dpo_pop",
+                         args=dpo_args(str(tmp_path / "n"), "dpo", 0.1, 128, 0, "no", False, {}),
+                         train_dataset=stored_ref)
+    from popflow.errors import PopflowError
+
+    with pytest.raises(PopflowError, match="loss dpo_pop needs the per-pair column 'margin'"):
+        bare.compute_loss(bare.model, bare.data_collator([bare.train_dataset[0]]))
