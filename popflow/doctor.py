@@ -115,7 +115,7 @@ def stage_precision(pipeline: str, hw: precision.Hardware) -> list[tuple[str, st
             rows.append((f"score.models[{spec.name}].dtype: {spec.dtype}",
                          f"{precision.resolve_dtype(spec.dtype, hw)}   ({spec.kind} reward)"))
     if cfg.train:
-        tp = precision.training_precision(cfg.train.dtype, hw)
+        tp = precision.training_precision(cfg.train.dtype, hw, full=cfg.train.lora is None)
         mixed = f", {tp.mixed} autocast" if tp.mixed != "no" else ""
         rows.append((f"train.dtype: {cfg.train.dtype}", f"{tp.compute}   (weights {tp.weights}{mixed}; "
                                                         "ref_logps and train)"))

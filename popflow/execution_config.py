@@ -68,6 +68,9 @@ class AccelerateLaunch(Strict):
         "DeepSpeed ZeRO-2/3, which needs the deepspeed package) or the path of your own accelerate YAML.")
     main_process_port: int | None = Field(None, ge=1024, le=65535, description="torch.distributed's rendezvous "
                                           "port; default: a free one.")
+    timeout_s: int | None = Field(None, ge=1, description="Stop a launch (every process) that runs longer than "
+                                  "this, and fail the method naming its log; null: no limit. A nightly loop sets "
+                                  "one so a hung collective cannot hold the night.")
 
     @field_validator("config")
     @classmethod

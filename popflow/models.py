@@ -110,6 +110,18 @@ def load_tokenizer(path: str, ref: str, key: str):
     return tok
 
 
+def check_same_tokenizer(policy, reference, policy_key: str, reference_key: str) -> None:
+    """The reference's log-probs only mean something against the policy's if both tokenise and render the
+    conversation alike: the same vocabulary and the same chat template (tokenizers from load_tokenizer)."""
+    if policy.chat_template != reference.chat_template:
+        raise PopflowError(f"{reference_key} and {policy_key} render conversations differently (their chat "
+                           "templates differ): the reference's log-probs would not be of the sequences the policy "
+                           "trains on; use a reference of the policy's family")
+    if policy.get_vocab() != reference.get_vocab():
+        raise PopflowError(f"{reference_key} and {policy_key} have different vocabularies ({len(reference)} vs "
+                           f"{len(policy)} tokens): the reference's log-probs would not be of the policy's tokens")
+
+
 def fingerprint(path: Path) -> str:
     """A cheap content identity of a model directory.
 

@@ -164,15 +164,19 @@ class TrainingPrecision:
         return getattr(torch, self.weights)
 
 
-def training_precision(requested: str, hw: Hardware | None = None) -> TrainingPrecision:
-    """`train.dtype` resolved. CUDA: weights in the compute dtype (bf16 training as TRL's examples do; fp16
-    keeps fp32 weights with fp16 autocast, which needs the gradient scaler). CPU: weights stay fp32 and bf16
+def training_precision(requested: str, hw: Hardware | None = None, full: bool = False) -> TrainingPrecision:
+    """`train.dtype` resolved. CUDA: frozen weights (LoRA's base, the reference pass) in the compute dtype;
+    weights the optimizer updates (`full`: lora null) stay fp32 with bf16 autocast, since AdamW steps of a
+    small learning rate round away in bf16 (5e-6 on a weight of 0.02, whose bf16 spacing is 1.2e-4); fp16
+    keeps fp32 weights with fp16 autocast, which needs the gradient scaler. CPU: weights stay fp32 and bf16
     runs as autocast where the CPU computes it natively (or when asked)."""
     hw = hw or detect()
     compute = resolve_dtype(requested, hw)
     if hw.device == "cuda":
         if compute == "float16":
             return TrainingPrecision("cuda", "float32", "fp16", "float16")
+        if full and compute == "bfloat16":
+            return TrainingPrecision("cuda", "float32", "bf16", "bfloat16")
         return TrainingPrecision("cuda", compute, "bf16" if compute == "bfloat16" else "no", compute)
     mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(compute, "no")
     return TrainingPrecision("cpu", "float32", mixed, compute)

@@ -11,6 +11,13 @@ Notation: for a pair (x, y_w, y_l) and policy pi against reference pi_ref,
     distill                                           (beta * h - (r_w - r_l))^2        (Fisch et al.)
     distill_pessimistic                               min_k (beta * h - (r_w^k - r_l^k))^2 over reward models k
 
+distill_pessimistic is a per-pair variant of Fisch et al.'s pessimism, named for what it is: the paper's
+pessimistic objective takes the worst case over the reward-model family for the whole distillation objective
+(one member of the family at a time) and adds a forward-KL term to the reference; here each pair picks the
+member whose gap is closest to beta * h. Consequence: a pair where any member's gap is 0 (the constraints
+reward often ties both responses) has its minimum at beta * h = 0, so it gives no gradient there and pulls
+beta * h towards 0 elsewhere; the train stage logs how many training pairs are such.
+
 Each returns the per-pair loss (shape [B]); the trainer takes the mean. tasks/train.py wires them into TRL's
 DPOTrainer; tests/tasks/test_losses.py checks them against values worked out by hand.
 """
@@ -34,7 +41,8 @@ def distill_loss(h: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Te
 
 
 def pessimistic_distill_loss(h: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
-    """min over reward models k of (beta * h - targets[:, k])^2 (targets: [B, K]): e-DPO's pessimism."""
+    """min over reward models k of (beta * h - targets[:, k])^2 (targets: [B, K]): a per-pair variant of e-DPO's
+    pessimism (see the module docstring)."""
     return ((beta * h).unsqueeze(1) - targets).pow(2).min(dim=1).values
 
 

@@ -26,10 +26,11 @@ import os
 import pyarrow.parquet as pq
 
 from popflow import sql
-from popflow.config import POINTS, PairConfig
+from popflow.config import POINTS, PairConfig, ScoreConfig
 from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage
+from tasks.rewards.aggregate import aggregate_sql
 
 _SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
 
@@ -172,17 +173,38 @@ def earlier_rounds(ctx: RunContext) -> list[tuple[int, str]]:
     return [tuple(r) for r in ((record.get("pins") or {}).get("loop") or {}).get("pair_runs", [])]
 
 
+def rescaled_pairs_sql(pairs: str, rewards_then: str, rewards_now: str, score: ScoreConfig, prefix: str,
+                       pipeline: str, run_id: str) -> str:
+    """An earlier round's pairs as this round's: ids prefixed, and gt_margin recomputed from that round's raw
+    per-model scores on this round's scale (each model z-normalised with this round's mean and std, then
+    aggregated as score.aggregate says), so the gaps PoP labels and margins compare are in one unit whatever
+    round a pair came from."""
+    return f"""
+    with rescaled as ({aggregate_sql(rewards_then, score, rewards_now)}),
+    final as (
+        select p.* replace ({lit(prefix)} || p.pair_id as pair_id, {lit(pipeline)} as pipeline,
+                           {lit(run_id)} as run_id, c.reward - r.reward as gt_margin)
+        from {pairs} p
+        join rescaled c on c.prompt_id = p.prompt_id and c.sample_idx = p.chosen_idx
+        join rescaled r on r.prompt_id = p.prompt_id and r.sample_idx = p.rejected_idx
+    )
+    select * from final order by pair_id"""
+
+
 def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_dir: str) -> dict[str, int]:
     """Copy each earlier round's own pairs (its part-00000, not what it accumulated itself) into this round's
-    staged pairs, ids prefixed r<round>/ so they never collide with this round's. Returns pairs per round."""
+    staged pairs, ids prefixed r<round>/ so they never collide with this round's, their gt_margin on this
+    round's reward scale (rescaled_pairs_sql). Returns pairs per round."""
     added = {}
     for round_no, run_id in earlier:
         own = ctx.lake.partition("pairs", ctx.pipeline, run_id) / "part-00000.parquet"
-        if not own.is_file():
-            raise PopflowError(f"pair: loop.pairs is 'all', and round {round_no}'s pairs (run {run_id}) are gone "
-                               f"({own}); retention removed them? Use loop.pairs: this_round or keep more runs")
-        query = (f"select * replace ({lit(f'r{round_no}/')} || pair_id as pair_id, {lit(ctx.pipeline)} as pipeline, "
-                 f"{lit(ctx.run_id)} as run_id) from {sql.parquet(own)}")
+        scores = ctx.lake.partition("rewards", ctx.pipeline, run_id)
+        if not own.is_file() or not any(scores.glob("*.parquet")):
+            raise PopflowError(f"pair: loop.pairs is 'all', and round {round_no}'s pairs or rewards (run {run_id}) "
+                               f"are gone ({own.parent}); retention removed them? Use loop.pairs: this_round or "
+                               "keep more runs")
+        query = rescaled_pairs_sql(sql.parquet(own), sql.parquet(scores / "*.parquet"), ctx.table("rewards"),
+                                   ctx.config.score, f"r{round_no}/", ctx.pipeline, ctx.run_id)
         part = os.path.join(out_dir, f"part-r{round_no:05d}.parquet")
         _copy(con, query, part)
         added[f"round {round_no}"] = pq.ParquetFile(part).metadata.num_rows

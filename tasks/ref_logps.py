@@ -81,7 +81,9 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
     with tempfile.TemporaryDirectory() as out:
-        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, {},
+        # train.trl too: options such as ld_alpha change how TRL computes a sequence's log-prob, and the stored
+        # reference must be computed as the trained policy's will be
+        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, dict(cfg.trl),
                         per_device_train_batch_size=cfg.ref_batch_size, precompute_ref_batch_size=cfg.ref_batch_size)
         trainer = PopDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(pairs), processing_class=tok)
         return trainer.train_dataset.data.table.combine_chunks()
@@ -89,7 +91,8 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
 # not train.reference / max_length: the train stage checks those against the stored log-probs and says which
 # stage to rerun, rather than a generic "different config"
-@stage("ref_logps", reads=("pair", "import_pairs"), sections=("annotate.pairs", "train.long_prompts", "train.dtype"),
+@stage("ref_logps", reads=("pair", "import_pairs"),
+       sections=("annotate.pairs", "train.long_prompts", "train.dtype", "train.trl"),
        writes=("ref_logps",), retries=1, when=lambda cfg: cfg.train is not None)
 def ref_logps(ctx: RunContext) -> Output:
     """Write ref_logps (pair_id, split, ref_chosen_logps, ref_rejected_logps, token counts, reference)."""

@@ -126,6 +126,12 @@ def training_rows(ctx: RunContext, con, method: Method) -> pa.Table:
     if rows.num_rows == 0:
         raise PopflowError(f"train: the training set of run {ctx.run_id} is empty (sampling {sampling!r}: no "
                            "train_pairs with reference log-probs)")
+    if method.loss == "distill_pessimistic":
+        zero = sum(any(t == 0 for t in targets) for targets in rows.column("targets").to_pylist())
+        if zero:
+            log.warning("train %s: %d of %d training pairs have a reward model with a zero gap: with a per-pair "
+                        "minimum they give no gradient at beta*h = 0 (tasks/losses.py)", method.loss, zero,
+                        rows.num_rows)
     needs_gap = method.loss in ("dpo_gt_margin", "distill")
     if needs_gap and rows.column("target").null_count:
         raise PopflowError(f"train: {method.loss} needs gt_margin, and {rows.column('target').null_count} "
@@ -135,8 +141,14 @@ def training_rows(ctx: RunContext, con, method: Method) -> pa.Table:
 
 
 def check_reference(ctx: RunContext, con) -> None:
-    """The stored reference log-probs must come from the reference this config names, as it is now."""
+    """The stored reference log-probs must come from the reference this config names, as it is now, and that
+    reference must tokenise as the trained policy does."""
     ref = models.resolve(ctx.config.reference_policy(), ctx.lake.data_dir, "train.reference")
+    policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
+    if policy.path != ref.path:
+        models.check_same_tokenizer(models.load_tokenizer(policy.path, policy.ref, "train.policy"),
+                                    models.load_tokenizer(ref.path, ref.ref, "train.reference"),
+                                    "train.policy", "train.reference")
     stored = con.sql(f"select distinct reference, ref_fingerprint, max_length from {ctx.table('ref_logps')}"
                      ).fetchall()
     if stored != [(ref.ref, ref.fingerprint, ctx.config.train.max_length)]:
@@ -171,7 +183,7 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
 
     cfg = ctx.config.train
     policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
-    prec = precision.training_precision(cfg.dtype)
+    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)
     tok = models.load_tokenizer(policy.path, policy.ref, "train.policy")
     curve: list[dict] = []
 

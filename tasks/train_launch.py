@@ -57,19 +57,26 @@ def check_launch(launch: AccelerateLaunch) -> None:
                                "(pip install deepspeed on the training machine)")
 
 
-def run_logged(cmd: list[str], log_path: Path, env: dict, every_s: float = 30.0) -> int:
+def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | None = None,
+               every_s: float = 30.0) -> int:
     """Run the launch with its output in `log_path`, saying where that is when it starts and, every `every_s`
-    seconds while it runs, its last line (so a long or stuck launch is visible); its exit status."""
+    seconds while it runs, its last line (so a long or stuck launch is visible); its exit status. Past
+    `timeout_s` the launch's whole process group is killed and a RuntimeError names the log."""
     import logging
+    import time
 
-    log = logging.getLogger(__name__)
+    log, started = logging.getLogger(__name__), time.time()
     with log_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.info("accelerate launch (pid %d), log %s", proc.pid, log_path)
         try:
             while True:
+                left = None if timeout_s is None else timeout_s - (time.time() - started)
+                if left is not None and left <= 0:
+                    raise RuntimeError(f"accelerate launch ran past train.accelerate.timeout_s={timeout_s:g}; "
+                                       f"stopped (log: {log_path})")
                 try:
-                    return proc.wait(timeout=every_s)
+                    return proc.wait(timeout=every_s if left is None else min(every_s, left))
                 except subprocess.TimeoutExpired:
                     lines = log_path.read_text(errors="replace").strip().splitlines()
                     log.info("accelerate launch running; last line: %s", lines[-1][:200] if lines else "(none yet)")
@@ -94,7 +101,8 @@ def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, ou
         "out_dir": str(out_dir)}))
     (job / "result.json").unlink(missing_ok=True)
     returncode = run_logged(launch_command(launch, job), job / "launch.log",
-                            {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                            {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                            launch.timeout_s)
     if returncode != 0 or not (job / "result.json").is_file():
         tail = (job / "launch.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"accelerate launch of {out_dir.name} exited {returncode} (full log: {job / 'launch.log'}):"

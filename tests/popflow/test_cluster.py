@@ -99,3 +99,24 @@ def test_a_replica_error_carries_its_root_cause():
     assert last_error(log).startswith("ValueError: Available memory on node 0")
     assert last_error("torch.OutOfMemoryError: CUDA out of memory\nok") == "torch.OutOfMemoryError: CUDA out of memory"
     assert last_error("nothing failed here") is None
+
+
+def test_a_launch_past_its_timeout_is_stopped_with_its_log(tmp_path):
+    """run_logged (the accelerate launch's runner): output goes to the log as it comes; a command that outlives
+    timeout_s is killed with its whole process group (its child too) and the error names the log."""
+    from tasks.train_launch import run_logged
+
+    log = tmp_path / "launch.log"
+    assert run_logged(["sh", "-c", "echo hello; exit 3"], log, dict(os.environ)) == 3
+    assert log.read_text() == "hello\n"
+    pidfile = tmp_path / "child"
+    script = f"sleep 60 & echo $! > {pidfile}; wait"
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=rf"ran past train.accelerate.timeout_s=1; stopped \(log: {log}\)"):
+        run_logged(["sh", "-c", script], log, dict(os.environ), timeout_s=1, every_s=0.2)
+    assert time.time() - t0 < 10
+    import psutil
+
+    child = int(pidfile.read_text())
+    time.sleep(0.2)  # gone with the group (or a zombie no one reaped: it runs no more)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE

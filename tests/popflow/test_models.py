@@ -44,3 +44,21 @@ def test_tiny_model_materialises_into_an_empty_models_dir(tmp_path):
     again = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                            timeout=120)
     assert again.stdout.strip().splitlines()[-1] == str(path) and (path / "config.json").stat().st_mtime_ns == before
+
+
+def test_a_reference_must_tokenise_as_the_policy():
+    """The same tokenizer passes; another chat template, or another vocabulary, is refused naming both keys."""
+    from transformers import AutoTokenizer
+
+    from popflow.models import check_same_tokenizer
+
+    tiny = REPO / "data" / "models" / "tiny-llama"
+    policy, reference = AutoTokenizer.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
+    check_same_tokenizer(policy, reference, "train.policy", "train.reference")
+    reference.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(PopflowError, match="train.reference and train.policy render conversations differently"):
+        check_same_tokenizer(policy, reference, "train.policy", "train.reference")
+    other = AutoTokenizer.from_pretrained(tiny)
+    other.add_tokens(["<popflow-new-token>"])
+    with pytest.raises(PopflowError, match=r"different vocabularies \(49153 vs 49152 tokens\)"):
+        check_same_tokenizer(policy, other, "train.policy", "train.reference")

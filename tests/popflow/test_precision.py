@@ -87,6 +87,21 @@ def test_training_precision(requested, hw, expected):
     assert (p.device, p.weights, p.mixed, p.compute) == expected
 
 
+def test_full_fine_tuning_keeps_fp32_master_weights_on_cuda():
+    """A weight of 0.02 in bf16 lies between 2^-6 and 2^-5, where bf16's spacing is 2^-6 * 2^-7 = 1.22e-4: an
+    AdamW step of lr 5e-6 (about lr for Adam's normalised update) rounds back to the same weight, so bf16
+    weights would not train. Full fine-tuning (lora null) on CUDA therefore keeps fp32 weights under bf16
+    autocast; LoRA's frozen base stays in bf16 (PEFT keeps the adapters themselves in fp32)."""
+    import torch
+
+    w = torch.tensor(0.02, dtype=torch.bfloat16)
+    assert torch.equal(w - 5e-6, w) and not torch.equal(w.float() - 5e-6, w.float())
+    p = training_precision("auto", H200, full=True)
+    assert (p.device, p.weights, p.mixed, p.compute) == ("cuda", "float32", "bf16", "bfloat16")
+    assert training_precision("auto", H200, full=False).weights == "bfloat16"
+    assert training_precision("auto", AVX512_BF16, full=True).weights == "float32"
+
+
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", AVX2)

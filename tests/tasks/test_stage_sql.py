@@ -156,3 +156,20 @@ def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_r
     stats = {r["reward_model"]: r for r in rows}
     assert stats["a"]["n"] == 8 and stats["a"]["mean"] == pytest.approx(1.025) and stats["a"]["median"] == 1.0
 
+
+
+def test_earlier_rounds_pairs_are_rescaled_to_this_rounds_reward_scale():
+    """loop.pairs: all. An earlier round's pair (chosen sample 0, raw score 3; rejected sample 1, raw 1; its own
+    round's gt_margin 99) joins a round whose scores of model a are 0, 2, 4 (mean 2, population std
+    sqrt(8/3)): on this round's z-scale the gap is (3 - 2) / sqrt(8/3) - (1 - 2) / sqrt(8/3) = sqrt(3/2)."""
+    from popflow.config import ScoreConfig
+    from tasks.pair import rescaled_pairs_sql
+
+    score = ScoreConfig(models=[{"name": "a", "kind": "constraints"}], normalize="zscore", aggregate="mean")
+    pairs = ("(select * from (values ('p1|x', 'p1', 0, 1, 99.0, 'loop', 'run1')) "
+             "t(pair_id, prompt_id, chosen_idx, rejected_idx, gt_margin, pipeline, run_id))")
+    cols = "t(prompt_id, sample_idx, reward_model, score)"
+    then = f"(select * from (values ('p1', 0, 'a', 3.0), ('p1', 1, 'a', 1.0)) {cols})"
+    now = f"(select * from (values ('q', 0, 'a', 0.0), ('q', 1, 'a', 2.0), ('q', 2, 'a', 4.0)) {cols})"
+    got = sql.connect().sql(rescaled_pairs_sql(pairs, then, now, score, "r1/", "loop", "run2")).fetchall()
+    assert got == [("r1/p1|x", "p1", 0, 1, pytest.approx(math.sqrt(1.5)), "loop", "run2")]
