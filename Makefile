@@ -63,6 +63,7 @@ bench: models
 	$(PY) bench/bench_vllm_cpu.py
 	$(PY) bench/bench_preflight.py
 	$(PY) bench/bench_ray.py
+	$(PY) bench/gate_sim.py
 
 # The GPU figures (bench/gpu_check.sh says how to carry it to a machine without network); on CPU, CPU figures.
 gpu-check: models
