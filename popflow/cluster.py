@@ -177,7 +177,7 @@ class Pool:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        queue, idle, running, deaths = list(reversed(items)), list(self.actors), {}, {}
+        queue, idle, running, deaths, unavailable = list(reversed(items)), list(self.actors), {}, {}, {}
         while queue or running:
             while queue and idle:
                 actor = idle.pop()
@@ -195,7 +195,12 @@ class Pool:
             try:
                 result = get(done[0])
             except ActorUnavailableError as exc:
+                unavailable[key] = unavailable.get(key, 0) + 1
+                if unavailable[key] > 30:  # not a moment any more: count it as the replica's death
+                    raise ReplicaFailed(f"{self.name}: item {key!r} met an unavailable replica 30 times ({exc})"
+                                        ) from None
                 log.warning("%s: a replica is unavailable for now (%s); %r goes back to the queue", self.name, exc, key)
+                time.sleep(min(2.0 ** unavailable[key], 30.0))  # give it time to come back
                 queue.append((key, args))
                 idle.append(actor)
                 continue
@@ -219,7 +224,8 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
     {pid: [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of several
     stages, of several widths and restarted replicas never share a core while the owner lives. `slot` picks the
     preferred block of cores when it is free; else the lowest free cores. With too few free cores it waits up
-    to `wait_s` for owners to exit, then fails naming them."""
+    to `wait_s` for owners to exit, then fails naming them. A fractional replica (cpus < 1: Ray packs several
+    on a core) shares the least-claimed core instead, without waiting."""
     from filelock import FileLock
 
     cores, width, pid = sorted(os.sched_getaffinity(0)), max(int(cpus), 1), pid or os.getpid()
@@ -232,10 +238,15 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
             claims = {int(p): c for p, c in _read_claims(path).items() if _alive(int(p)) and int(p) != pid}
             taken = {core for owned in claims.values() for core in owned}
             free = [c for c in cores if c not in taken]
-            if len(free) >= width:
-                start = (slot * width) % len(cores)
-                block = cores[start:start + width]
+            start = (slot * width) % len(cores)
+            block = cores[start:start + width]
+            chosen = None
+            if cpus < 1:  # shared by design: the core fewest live replicas hold, the slot's own on a tie
+                load = {c: sum(c in owned for owned in claims.values()) for c in cores}
+                chosen = [min(cores, key=lambda c: (load[c], (c - cores[start]) % len(cores)))]
+            elif len(free) >= width:
                 chosen = block if len(block) == width and not taken & set(block) else free[:width]
+            if chosen:
                 claims[pid] = chosen
                 tmp = path.with_name(f"{path.name}.{pid}.tmp")
                 tmp.write_text(json.dumps({str(p): c for p, c in claims.items()}))

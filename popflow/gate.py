@@ -75,10 +75,12 @@ def decide(outcomes: list[tuple[str, float]], accuracy: float | None, gate: Gate
         checks.append((accuracy is not None and accuracy >= gate.min_heldout_accuracy,
                        f"held-out accuracy {shown} < {gate.min_heldout_accuracy}"))
     failed = [why for ok, why in checks if not ok]
-    passed = ("gate open (min_win_rate: null)" if gate.min_win_rate is None
-              else f"win rate lower bound {low:.3f} > {gate.min_win_rate}")
-    if gate.min_heldout_accuracy is not None and not failed:
-        passed += f", held-out accuracy {accuracy:.3f} >= {gate.min_heldout_accuracy}"
+    passed = ""
+    if not failed:  # every figure it names exists
+        passed = ("gate open (min_win_rate: null)" if gate.min_win_rate is None
+                  else f"win rate lower bound {low:.3f} > {gate.min_win_rate}")
+        if gate.min_heldout_accuracy is not None:
+            passed += f", held-out accuracy {accuracy:.3f} >= {gate.min_heldout_accuracy}"
     return {"comparisons": len(outcomes), "prompts": len(rates),
             "win_rate": float(np.mean(list(rates.values()))) if rates else None,
             "win_lower": low, "win_upper": high, "bound": "t over prompts", "alpha": gate.alpha,

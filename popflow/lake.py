@@ -251,9 +251,11 @@ class Lake:
         if not (self.root / CATALOG).is_file():
             self.rebuild_catalog()
         con = duckdb.connect(str(self.root / CATALOG), read_only=True)
-        con.execute(f"set allowed_directories = [{lit(str(self.root) + os.sep)}]")
-        con.execute("set enable_external_access = false")
-        con.execute("set lock_configuration = true")
+        # one database instance per file and process: a second connection finds the first's settings, locked
+        if not con.execute("select current_setting('lock_configuration')").fetchall()[0][0]:
+            con.execute(f"set allowed_directories = [{lit(str(self.root) + os.sep)}]")
+            con.execute("set enable_external_access = false")
+            con.execute("set lock_configuration = true")
         return con
 
 

@@ -205,19 +205,32 @@ def pinned_runs(lake: Lake, pipeline: str) -> set[str]:
             for p in record_pins(r) if p.get("pipeline") == pipeline and p.get("run_id")}
 
 
+def round_of(record: dict | None) -> int | None:
+    return (((record or {}).get("pins") or {}).get("loop") or {}).get("round")
+
+
 def check_rerun(lake: Lake, pipeline: str, run_id: str, from_stage: str | None) -> None:
-    """A loop round's promote may not run again (--from-stage) once other runs pinned what it promoted: their
-    samples and lineage would name weights that this rerun's gate never saw."""
-    users = pinned_by(lake, pipeline, run_id) if from_stage else []
+    """A loop round's promote may not run again (--from-stage) once other runs pinned what it promoted (their
+    samples and lineage would name weights that this rerun's gate never saw), nor once a later round has
+    started (it chose its parent by this round's verdict)."""
+    if not from_stage:
+        return
+    users = pinned_by(lake, pipeline, run_id)
     if users:
         raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} promoted a policy that later "
                            f"runs pinned ({', '.join(users[:5])}); rerunning its gate would change what they "
                            "sampled from. Start a new round instead (omit --run-id)")
+    number = round_of(lake.read_run(pipeline, run_id))
+    later = [r["run_id"] for r in lake.read_runs(pipeline) if number and (round_of(r) or 0) > number]
+    if later:
+        raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} was round {number}, and a "
+                           f"later round has started since ({', '.join(later[:5])}); it chose its parent by this "
+                           "round's verdict. Start a new round instead (omit --run-id)")
 
 
 def round_taken(lake: Lake, pipeline: str, record: dict) -> dict | None:
     """The lineage row of another run that completed this loop run's round (or a later one), if any."""
-    number = ((record.get("pins") or {}).get("loop") or {}).get("round")
+    number = round_of(record)
     later = [r for r in complete_rounds(lake, pipeline) if number and r["round"] >= number
              and r["run_id"] != record["run_id"]]
     return later[0] if later else None

@@ -56,17 +56,24 @@ def connect():
 def check_query(con, query: str) -> None:
     """Refuse anything but queries (SELECT and its forms: WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN)
     before DuckDB runs it: `popflow sql` reads the lake and writes nothing (no COPY, CREATE, ATTACH, SET ...)."""
+    import re
+
     import duckdb
 
     from popflow.errors import PopflowError
 
-    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.MULTI}  # MULTI: PIVOT
+    queries = {duckdb.StatementType.SELECT, duckdb.StatementType.MULTI}  # MULTI: what PIVOT parses to
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
         raise PopflowError(f"SQL error: {exc}") from None
     for statement in statements:
-        if statement.type not in allowed:
+        kind = statement.type
+        if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs what it explains: check that instead
+            inner = re.sub(r"^\s*explain\s+(analy[sz]e\s+)?", "", statement.query, flags=re.IGNORECASE)
+            kinds = {s.type for s in con.extract_statements(inner)} if inner != statement.query else {kind}
+            kind = next(iter(kinds - queries), duckdb.StatementType.SELECT)
+        if kind not in queries:
             raise PopflowError(f"SQL: only queries are allowed here (the lake is read-only); got a "
-                               f"{statement.type.name} statement")
+                               f"{kind.name} statement")
 

@@ -204,8 +204,8 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     """Generate and score every policy's samples (tables eval_samples, eval_rewards); return the metrics
     SQL (policies and the base policy) and a report."""
     lake, n = ctx.lake, ctx.config.evaluate.n
-    base = models.resolve(ctx.config.sample.policy, lake.data_dir, "sample.policy")
-    prompts, rendered, too_long = eval_prompts(ctx, con, base.path)
+    trained = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
+    prompts, rendered, too_long = eval_prompts(ctx, con, trained.path)  # rendered as the trained policies see them
     if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens

@@ -21,6 +21,7 @@ CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow.parquet as pq
@@ -31,6 +32,8 @@ from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage
 from tasks.rewards.aggregate import aggregate_sql
+
+log = logging.getLogger(__name__)
 
 _SIGMA_MULTIPLE = {"mu-2sigma": -2, "mu-sigma": -1, "mu": 0, "mu+sigma": 1, "mu+2sigma": 2}
 
@@ -175,26 +178,36 @@ def earlier_rounds(ctx: RunContext) -> list[tuple[int, str]]:
 
 def rescaled_pairs_sql(pairs: str, rewards_then: str, rewards_now: str, score: ScoreConfig, prefix: str,
                        pipeline: str, run_id: str) -> str:
-    """An earlier round's pairs as this round's: ids prefixed, and gt_margin recomputed from that round's raw
+    """An earlier round's pairs as this round's: ids prefixed, and their rewards recomputed from that round's raw
     per-model scores on this round's scale (each model z-normalised with this round's mean and std, then
-    aggregated as score.aggregate says), so the gaps PoP labels and margins compare are in one unit whatever
-    round a pair came from."""
+    aggregated as score.aggregate says): chosen_reward, rejected_reward, gt_margin, and the prompt's reward_mean
+    and reward_std over that round's samples. So the gaps PoP labels and margins compare are in one unit
+    whatever round a pair came from. A pair whose chosen side no longer scores above its rejected one on this
+    scale is dropped, as the pair stage drops it (not_ordered); a sample that no reward model of this round
+    scored drops its pairs too. Columns: the pairs' own, plus `ordered` (false: to drop)."""
     return f"""
     with rescaled as ({aggregate_sql(rewards_then, score, rewards_now)}),
+    per_prompt as (
+        select prompt_id, avg(reward) as mu, stddev_pop(reward) as sigma from rescaled group by prompt_id
+    ),
     final as (
         select p.* replace ({lit(prefix)} || p.pair_id as pair_id, {lit(pipeline)} as pipeline,
-                           {lit(run_id)} as run_id, c.reward - r.reward as gt_margin)
+                           {lit(run_id)} as run_id, c.reward as chosen_reward, r.reward as rejected_reward,
+                           s.mu as reward_mean, s.sigma as reward_std, c.reward - r.reward as gt_margin),
+               c.reward > r.reward as ordered
         from {pairs} p
         join rescaled c on c.prompt_id = p.prompt_id and c.sample_idx = p.chosen_idx
         join rescaled r on r.prompt_id = p.prompt_id and r.sample_idx = p.rejected_idx
+        join per_prompt s on s.prompt_id = p.prompt_id
     )
     select * from final order by pair_id"""
 
 
-def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_dir: str) -> dict[str, int]:
+def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_dir: str) -> dict[str, dict]:
     """Copy each earlier round's own pairs (its part-00000, not what it accumulated itself) into this round's
-    staged pairs, ids prefixed r<round>/ so they never collide with this round's, their gt_margin on this
-    round's reward scale (rescaled_pairs_sql). Returns pairs per round."""
+    staged pairs, ids prefixed r<round>/ so they never collide with this round's, their rewards on this
+    round's scale (rescaled_pairs_sql). Returns per round the pairs kept and those dropped (no longer ordered
+    on this scale, or scored by no reward model of this round)."""
     added = {}
     for round_no, run_id in earlier:
         own = ctx.lake.partition("pairs", ctx.pipeline, run_id) / "part-00000.parquet"
@@ -205,9 +218,15 @@ def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_
                                "keep more runs")
         query = rescaled_pairs_sql(sql.parquet(own), sql.parquet(scores / "*.parquet"), ctx.table("rewards"),
                                    ctx.config.score, f"r{round_no}/", ctx.pipeline, ctx.run_id)
+        con.execute(f"create or replace temp table earlier as {query}")
         part = os.path.join(out_dir, f"part-r{round_no:05d}.parquet")
-        _copy(con, query, part)
-        added[f"round {round_no}"] = pq.ParquetFile(part).metadata.num_rows
+        _copy(con, "select * exclude (ordered) from earlier where ordered order by pair_id", part)
+        kept = pq.ParquetFile(part).metadata.num_rows
+        total = pq.ParquetFile(own).metadata.num_rows
+        added[f"round {round_no}"] = {"kept": kept, "dropped": total - kept}
+        if total - kept:
+            log.warning("pair: %d of round %d's %d pairs dropped: not ordered on this round's reward scale, or "
+                        "scored by no reward model of this round", total - kept, round_no, total)
     return added
 
 

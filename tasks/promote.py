@@ -80,6 +80,10 @@ def content_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def promoted_dir(ctx: RunContext) -> Path:
+    return ctx.lake.data_dir / "models" / "promoted" / ctx.pipeline / ctx.run_id
+
+
 MARKER = "popflow_candidate.json"  # in a promoted folder: which candidate (and base) its weights were made from
 
 
@@ -88,7 +92,7 @@ def store_promoted(ctx: RunContext, candidate: dict) -> Path:
     merged into the weights it was trained from), written to a temporary folder and renamed. The folder holds
     a marker naming the candidate and its fingerprint: a resumed stage reuses a folder made from this very
     candidate, and rebuilds one made from another (a rerun that retrained the round: --from-stage train)."""
-    out = ctx.lake.data_dir / "models" / "promoted" / ctx.pipeline / ctx.run_id
+    out = promoted_dir(ctx)
     start = (models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy").path
              if candidate["adapter"] else None)
     marker = {"candidate": candidate["path"], "fingerprint": models.fingerprint(Path(candidate["path"])),
@@ -108,6 +112,12 @@ def store_promoted(ctx: RunContext, candidate: dict) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def drop_promoted(ctx: RunContext) -> None:
+    """A rerun of this round's gate that does not promote leaves no promoted folder of an earlier verdict behind
+    (lineage.check_rerun refused the rerun if another run had pinned it)."""
+    shutil.rmtree(promoted_dir(ctx), ignore_errors=True)
 
 
 def round_rows(rows: list[dict], rewards: dict[str, list[dict]]) -> list[dict]:
@@ -163,11 +173,11 @@ def promote(ctx: RunContext) -> Output:
     candidate = con.sql(f"select path, adapter from {ctx.table('policies')} where method = {lit(method)} "
                         f"and seed = {lit(seed)}").to_arrow_table().to_pylist()[0]
     outcomes = con.sql(outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
-                                    method, seed)).fetchall()
+                                    method, seed)).fetchall() if ctx.has("eval_samples") else []  # none fitted
     accuracy = con.sql(f"select avg(value) from {ctx.table('eval_metrics')} where method = {lit(method)} and "
                        f"seed = {lit(seed)} and metric = 'accuracy'").fetchall()[0][0]
     verdict = decide(outcomes, accuracy, loop.gate)
-    stored = store_promoted(ctx, candidate) if verdict["promoted"] else None
+    stored = store_promoted(ctx, candidate) if verdict["promoted"] else drop_promoted(ctx)
     train_pairs = con.sql(f"select count(*) from {ctx.table('train_pairs')}").fetchall()[0][0]
     parent, reference, info = pins["sample.policy"], pins["train.reference"], pins["loop"]
     row = {"round": info["round"], "method": method, "seed": seed, "policy_path": candidate["path"],

@@ -13,6 +13,7 @@ reject` fails the stage naming the first such pair; `truncate` drops them with a
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 
@@ -69,6 +70,14 @@ def count_dropped(pairs: pa.Table, kept: pa.Table, cfg) -> int:
     return dropped
 
 
+BATCH_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "precompute_ref_batch_size")
+
+
+def reference_trl(cfg) -> dict:
+    """The train.trl options the reference pass computes with (and records): all but batch sizes."""
+    return {k: v for k, v in cfg.trl.items() if k not in BATCH_KEYS}
+
+
 def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.Table:
     """TRL's precompute pass over `pairs` with the reference model; returns the prepared dataset as Arrow."""
     import datasets
@@ -76,23 +85,22 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
     from tasks.trainer import PopDPOTrainer, dpo_args
 
-    prec = precision.training_precision(cfg.dtype)
+    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)  # the weights the policy starts from
     tok = models.load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
     with tempfile.TemporaryDirectory() as out:
         # train.trl too: options such as ld_alpha change how TRL computes a sequence's log-prob, and the stored
-        # reference must be computed as the trained policy's will be
-        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, dict(cfg.trl),
+        # reference must be computed as the trained policy's will be (its batch sizes are this pass's own)
+        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, reference_trl(cfg),
                         per_device_train_batch_size=cfg.ref_batch_size, precompute_ref_batch_size=cfg.ref_batch_size)
         trainer = PopDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(pairs), processing_class=tok)
         return trainer.train_dataset.data.table.combine_chunks()
 
 
-# not train.reference / max_length: the train stage checks those against the stored log-probs and says which
-# stage to rerun, rather than a generic "different config"
-@stage("ref_logps", reads=("pair", "import_pairs"),
-       sections=("annotate.pairs", "train.long_prompts", "train.dtype", "train.trl"),
+# not train.reference / max_length / trl: the train stage checks those against the stored log-probs and says
+# which stage to rerun, rather than a generic "different config"
+@stage("ref_logps", reads=("pair", "import_pairs"), sections=("annotate.pairs", "train.long_prompts", "train.dtype"),
        writes=("ref_logps",), retries=1, when=lambda cfg: cfg.train is not None)
 def ref_logps(ctx: RunContext) -> Output:
     """Write ref_logps (pair_id, split, ref_chosen_logps, ref_rejected_logps, token counts, reference)."""
@@ -115,6 +123,7 @@ def ref_logps(ctx: RunContext) -> Output:
         "rejected_tokens": pc.list_value_length(prepared.column("rejected_ids")),
         "reference": [ref.ref] * n, "ref_fingerprint": [ref.fingerprint] * n,
         "max_length": pa.array([cfg.max_length] * n, pa.int32()),
+        "trl": [json.dumps(reference_trl(cfg), sort_keys=True)] * n,
     })
     ctx.lake.write_table("ref_logps", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,

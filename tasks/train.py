@@ -23,6 +23,7 @@ A rerun of the run id skips the methods already done.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -149,11 +150,17 @@ def check_reference(ctx: RunContext, con) -> None:
         models.check_same_tokenizer(models.load_tokenizer(policy.path, policy.ref, "train.policy"),
                                     models.load_tokenizer(ref.path, ref.ref, "train.reference"),
                                     "train.policy", "train.reference")
-    stored = con.sql(f"select distinct reference, ref_fingerprint, max_length from {ctx.table('ref_logps')}"
+    from tasks.ref_logps import reference_trl
+
+    columns = {c[0] for c in con.sql(f"describe {ctx.table('ref_logps')}").fetchall()}
+    trl = "trl" if "trl" in columns else "'{}'"  # ref_logps written before it recorded train.trl: none was used
+    stored = con.sql(f"select distinct reference, ref_fingerprint, max_length, {trl} from {ctx.table('ref_logps')}"
                      ).fetchall()
-    if stored != [(ref.ref, ref.fingerprint, ctx.config.train.max_length)]:
+    wanted = json.dumps(reference_trl(ctx.config.train), sort_keys=True)
+    if stored != [(ref.ref, ref.fingerprint, ctx.config.train.max_length, wanted)]:
         raise PopflowError(
-            f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {ctx.config.train.max_length}) does "
+            f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {ctx.config.train.max_length}, train.trl "
+            f"{wanted}) does "
             f"not match run {ctx.run_id}'s stored reference log-probs {stored}; rerun with --from-stage ref_logps")
 
 

@@ -70,12 +70,15 @@ def test_sql_reads_the_lake_and_writes_nothing(cli, tmp_path):
     assert "tiny_loop" in cli("sql", "select pipeline from lineage").stdout
     assert "1" in cli("sql", "pivot (select round, pipeline from lineage) on pipeline using count(*)").stdout
     out = tmp_path / "out.csv"
+    lake_file = cli.data_dir / "lake" / "evil.csv"
     for query, message in ((f"copy (select 1) to '{out}'", "got a COPY statement"),
+                           (f"explain analyze copy (select 1) to '{lake_file}'", "got a COPY statement"),
                            (f"attach '{tmp_path}/x.db'", "got a ATTACH statement"),
                            ("set enable_external_access = true", "got a SET statement"),
                            ("select * from read_csv('/etc/passwd')", "file system operations are disabled")):
         assert message in error_line(cli("sql", query, expect=2).stderr)
-    assert not out.exists() and not (tmp_path / "x.db").exists()
+    assert not out.exists() and not (tmp_path / "x.db").exists() and not lake_file.exists()
+    cli("sql", "explain analyze select count(*) from lineage")  # what a query costs: allowed
     assert error_line(cli("policies", "nope", expect=2).stderr) == (
         f"popflow: error: pipeline 'nope' has no runs in {cli.data_dir / 'lake'}; pipelines with runs: tiny_loop")
 

@@ -126,12 +126,18 @@ def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
                            ).read_text())
     assert manifest["report"]["resumed_shards"] == len(staged)
     assert not (cli.data_dir / "models" / "promoted").exists()
-    # loop.pairs: all: round 1's own pairs joined round 2's, ids prefixed r1/, and went on to annotation
+    # loop.pairs: all: round 1's own pairs joined round 2's, ids prefixed r1/, rewards on round 2's scale (those
+    # no longer ordered there dropped and counted), and went on to annotation
     first_run = rows[0]["run_id"]
     own = cli.query(f"select count(*) from pairs where run_id = '{first_run}'")[0][0]
-    assert own > 0 and cli.query(f"select count(*) from pairs where run_id = '{killed_run}' and pair_id like 'r1/%'"
-                                 ) == [(own,)]
+    report = json.loads((cli.data_dir / f"lake/_runs/pipeline=tiny_loop/run={killed_run}/stages/pair.json"
+                         ).read_text())["report"]["earlier_rounds"]["round 1"]
+    joined = cli.query(f"select count(*), bool_and(gt_margin > 0), "
+                       f"bool_and(abs(gt_margin - (chosen_reward - rejected_reward)) < 1e-9) from pairs "
+                       f"where run_id = '{killed_run}' and pair_id like 'r1/%'")
+    assert own > 0 and joined == [(report["kept"], True, True)] and report["kept"] + report["dropped"] == own
     assert cli.query("select pair_runs, pairs from lineage where round = 2") == [([killed_run, first_run], "all")]
-    annotated = cli.query(f"select count(*) from pairs where run_id = '{first_run}' and strategy = 'seven_point'")
+    annotated = cli.query(f"select count(*) from pairs where run_id = '{killed_run}' and pair_id like 'r1/%' "
+                          "and strategy = 'seven_point'")
     assert cli.query(f"select count(*) from ref_logps where run_id = '{killed_run}' and pair_id like 'r1/%'"
                      ) == annotated

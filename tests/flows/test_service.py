@@ -217,7 +217,7 @@ def test_a_served_loop_pipeline_does_one_round_per_run(server, tmp_path):
     serve = start([sys.executable, "-m", "popflow.cli", "serve", "tiny_loop", "--data-dir", str(data)], env,
                   tmp_path / "serve.log")
     name = "preference-pipeline/tiny_loop"
-    params = 'overrides={"sample": {"engine": "transformers"}, "loop": {"gate": {"min_win_rate": 0}}}'
+    params = 'overrides={"sample": {"engine": "transformers"}, "loop": {"gate": {"min_win_rate": null}}}'
     try:
         wait_for(lambda: httpx.get(f"{api}/deployments/name/{name}", timeout=5).status_code == 200,
                  "deployment registered", serve, tmp_path / "serve.log")

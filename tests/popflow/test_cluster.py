@@ -120,3 +120,24 @@ def test_a_launch_past_its_timeout_is_stopped_with_its_log(tmp_path):
     child = int(pidfile.read_text())
     time.sleep(0.2)  # gone with the group (or a zombie no one reaped: it runs no more)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_fractional_replicas_share_the_least_claimed_core(tmp_path):
+    """cpus 0.5 (Ray packs two replicas a core): three live claimants on two cores get core 0, core 1, then the
+    core with fewer claimants (a tie: the slot's own), never a wait or an error."""
+    import subprocess
+
+    all_cores = os.sched_getaffinity(0)
+    cores = sorted(all_cores)[:2]
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    os.sched_setaffinity(0, cores)
+    others = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        got = [cluster.claim_cores(0, 0.5, lock_dir=str(tmp_path), pid=p.pid, wait_s=0) for p in others]
+        assert sorted(got) == [cores[:1], cores[1:2]]
+        assert cluster.claim_cores(1, 0.5, lock_dir=str(tmp_path), wait_s=0) == cores[1:2]
+    finally:
+        for p in others:
+            p.kill()
+        os.sched_setaffinity(0, all_cores)

@@ -54,8 +54,9 @@ def test_open_gate_accuracy_criterion_and_no_comparisons():
     assert decide(losing, 0.75, gate)["promoted"]
     none = decide(losing, None, gate)
     assert not none["promoted"] and "held-out accuracy none (no held-out pairs" in none["reason"]
-    empty = decide([], 0.9, GateConfig(min_win_rate=None))
-    assert not empty["promoted"] and "no held-out comparisons" in empty["reason"] and empty["win_rate"] is None
+    for gate in (GateConfig(min_win_rate=None), GateConfig(), GateConfig(min_heldout_accuracy=0.5)):
+        empty = decide([], 0.9, gate)
+        assert not empty["promoted"] and "no held-out comparisons" in empty["reason"] and empty["win_rate"] is None
 
 
 def simulate(rng, p: np.ndarray, samples: int, tie: float) -> np.ndarray:

@@ -116,3 +116,23 @@ def test_catalog_rebuilds_race_with_other_processes_publishing_and_deleting(tmp_
     views = {v for (v,) in lake.connect().sql("select view_name from duckdb_views() where not internal").fetchall()}
     tables = {f"t{i}" for i in range(n)} | {"churn"}
     assert views == tables | {f"latest_{t}" for t in tables} | {"runs", "latest_runs"}
+
+
+def test_catalog_connections_read_only_the_lake(tmp_path):
+    """A catalog connection reads the lake and no file outside it, and cannot turn that off; a second connection
+    to the same catalog in the same process (DuckDB shares one instance per file) works the same way."""
+    import pytest
+
+    lake = Lake(tmp_path)
+    lake.write_table("t", "p", "r1", pa.table({"a": [1]}))
+    lake.rebuild_catalog()
+    outside = tmp_path / "outside.csv"
+    outside.write_text("x\n1\n")
+    first = lake.connect()
+    second = lake.connect()
+    for con in (first, second):
+        assert con.sql("select a from t").fetchall() == [(1,)]
+        with pytest.raises(duckdb.Error, match="disabled by configuration"):
+            con.sql(f"select * from read_csv('{outside}')").fetchall()
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute("set enable_external_access = true")

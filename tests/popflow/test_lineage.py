@@ -194,3 +194,17 @@ def test_an_abandoned_round_cannot_complete_a_round_another_run_completed(lake):
         prepare_run(cfg, "tiny_loop", lake, "r2", None)
     assert unfinished_round(lake, "tiny_loop", cfg) == "r2"  # the same config, never finished ...
     assert prepare_run(cfg, "tiny_loop", lake, None, None)[0] is None  # ... but its round is taken: a new round
+
+
+def test_a_round_cannot_be_regated_once_a_later_round_started(lake):
+    """Round 1 was not promoted, so round 2 (started, unfinished) pinned the base, not round 1: nothing pinned
+    round 1's promoted folder, yet regating round 1 would change the parent round 2 chose: refused."""
+    from popflow.lineage import prepare_run
+
+    cfg = loop_cfg()
+    start_run(lake, "tiny_loop", "r1", cfg, pins=pin(cfg, "tiny_loop", lake, None, None)[1])
+    add_round(lake, "tiny_loop", 1, "r1", promoted=False)
+    start_run(lake, "tiny_loop", "r2", cfg, pins=pin(cfg, "tiny_loop", lake, None, None)[1])
+    with pytest.raises(PopflowError, match=r"run 'r1' of 'tiny_loop' was round 1, and a later round has started "
+                                           r"since \(r2\)"):
+        prepare_run(cfg, "tiny_loop", lake, "r1", None, "promote")

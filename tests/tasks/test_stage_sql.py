@@ -159,17 +159,24 @@ def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_r
 
 
 def test_earlier_rounds_pairs_are_rescaled_to_this_rounds_reward_scale():
-    """loop.pairs: all. An earlier round's pair (chosen sample 0, raw score 3; rejected sample 1, raw 1; its own
-    round's gt_margin 99) joins a round whose scores of model a are 0, 2, 4 (mean 2, population std
-    sqrt(8/3)): on this round's z-scale the gap is (3 - 2) / sqrt(8/3) - (1 - 2) / sqrt(8/3) = sqrt(3/2)."""
+    """loop.pairs: all. An earlier round's prompt p1 had samples scored 3, 1, 2 by model a; its pair (chosen 0,
+    rejected 1, rewards and gap 99 on its own round's scale) joins a round whose scores of model a are 0, 2, 4
+    (mean 2, population std sqrt(8/3)). On this scale the samples are (3 - 2) / sqrt(8/3), -1 / sqrt(8/3) and 0:
+    chosen sqrt(3/8), rejected -sqrt(3/8), gap sqrt(3/2); the prompt's mean 0, std sqrt(2/3) / sqrt(8/3) = 1/2.
+    A second pair (chosen 1, rejected 2: -sqrt(3/8) < 0) is no longer ordered: flagged to be dropped."""
     from popflow.config import ScoreConfig
     from tasks.pair import rescaled_pairs_sql
 
     score = ScoreConfig(models=[{"name": "a", "kind": "constraints"}], normalize="zscore", aggregate="mean")
-    pairs = ("(select * from (values ('p1|x', 'p1', 0, 1, 99.0, 'loop', 'run1')) "
-             "t(pair_id, prompt_id, chosen_idx, rejected_idx, gt_margin, pipeline, run_id))")
+    pairs = ("(select * from (values ('p1|x', 'p1', 0, 1, 99.0, 99.0, 99.0, 99.0, 99.0, 'loop', 'run1'), "
+             "('p1|y', 'p1', 1, 2, 99.0, 99.0, 99.0, 99.0, 99.0, 'loop', 'run1')) t(pair_id, prompt_id, chosen_idx, "
+             "rejected_idx, chosen_reward, rejected_reward, reward_mean, reward_std, gt_margin, pipeline, run_id))")
     cols = "t(prompt_id, sample_idx, reward_model, score)"
-    then = f"(select * from (values ('p1', 0, 'a', 3.0), ('p1', 1, 'a', 1.0)) {cols})"
+    then = f"(select * from (values ('p1', 0, 'a', 3.0), ('p1', 1, 'a', 1.0), ('p1', 2, 'a', 2.0)) {cols})"
     now = f"(select * from (values ('q', 0, 'a', 0.0), ('q', 1, 'a', 2.0), ('q', 2, 'a', 4.0)) {cols})"
     got = sql.connect().sql(rescaled_pairs_sql(pairs, then, now, score, "r1/", "loop", "run2")).fetchall()
-    assert got == [("r1/p1|x", "p1", 0, 1, pytest.approx(math.sqrt(1.5)), "loop", "run2")]
+    r = math.sqrt(3 / 8)
+    assert got == [("r1/p1|x", "p1", 0, 1, pytest.approx(r), pytest.approx(-r), pytest.approx(0.0, abs=1e-12),
+                    pytest.approx(0.5), pytest.approx(math.sqrt(1.5)), "loop", "run2", True),
+                   ("r1/p1|y", "p1", 1, 2, pytest.approx(-r), pytest.approx(0.0, abs=1e-12),
+                    pytest.approx(0.0, abs=1e-12), pytest.approx(0.5), pytest.approx(-r), "loop", "run2", False)]
