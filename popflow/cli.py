@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logs.configure(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
+    if args.command in ("run", "loop", "experiment"):
+        logs.quiet_console_tracebacks()
     try:
         return COMMANDS[args.command](args)
     except PopflowError as err:
@@ -273,6 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("popflow: interrupted; rerun with the same --run-id to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # not bad input: its root cause once, the traceback in a file
+        if logs.verbose():
+            raise
+        print(unexpected(exc), file=sys.stderr)
+        return 1
+
+
+def unexpected(exc: BaseException) -> str:
+    """One line for an error that is not bad input: its type and root cause (a replica's own, when the message
+    carries one: popflow/replicas.py), and the file its full traceback was written to."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / f"popflow-error-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(exc)))
+    lines = str(exc).strip().splitlines() or [""]
+    causes = [ln[ln.index("root cause: "):] for ln in lines if "root cause: " in ln]
+    line = causes[-1] if causes else lines[-1]  # a replica's root cause, else the error's last line
+    return (f"popflow: error: unexpected {type(exc).__name__}: {line[:1000]} (full traceback: {path}; --verbose "
+            "prints it)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,25 @@ class _NoEmptyTraceback(logging.Filter):
         return True
 
 
+class _NoConsoleTraceback(logging.Filter):
+    """On the console without --verbose, a failed task's or flow's traceback is left out: `popflow` prints the
+    error once at the end and writes its traceback to a file. Only console handlers get this filter; Prefect's
+    API handler (the UI's logs) keeps every traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not verbose():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_console_tracebacks() -> None:
+    """Add _NoConsoleTraceback to this process's console handlers (the root logger's stream handlers)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _NoConsoleTraceback) for f in handler.filters):
+            handler.addFilter(_NoConsoleTraceback())
+
+
 def configure(verbose_flag: bool = False) -> None:
     """Set engine log levels for this process and the processes it starts (vLLM reads its level from the
     environment when imported, its engine processes when spawned)."""

@@ -36,3 +36,43 @@ def test_an_explicit_engine_level_is_kept(monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     logs.configure()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_file(monkeypatch, tmp_path):
+    """A replica's error as Ray wraps it (several lines, popflow's root cause inside): the CLI's line names the
+    type and that cause and where the traceback went; the console handler drops tracebacks unless --verbose,
+    while other handlers (Prefect's API handler: the UI) keep them."""
+    import io
+    import sys
+
+    from popflow.cli import unexpected
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    try:
+        raise RuntimeError("The actor died because of an error raised in its creation task\n"
+                           "RuntimeError: Engine core initialization failed; root cause: ValueError: no memory "
+                           "(full log: /tmp/ray/worker-1.err on host)\nmore context from Ray")
+    except RuntimeError as exc:
+        line = unexpected(exc)
+    assert line.startswith("popflow: error: unexpected RuntimeError: root cause: ValueError: no memory (full log: "
+                           "/tmp/ray/worker-1.err on host) (full traceback: ")
+    written = next(tmp_path.glob("popflow-error-*.txt")).read_text()
+    assert written.startswith("Traceback") and "more context from Ray" in written
+
+    monkeypatch.delenv("POPFLOW_VERBOSE", raising=False)
+    console, api = io.StringIO(), io.StringIO()
+    root, logger = logging.getLogger(), logging.getLogger("popflow.test.task_runs")
+    console_handler, api_handler = logging.StreamHandler(console), logging.Handler()
+    api_handler.emit = lambda record: api.write(logging.Formatter().format(record))
+    logger.addHandler(api_handler)
+    root.addHandler(console_handler)
+    try:
+        logs.quiet_console_tracebacks()
+        try:
+            raise KeyError("boom")
+        except KeyError:
+            logger.error("Task run failed", exc_info=sys.exc_info())
+    finally:
+        root.removeHandler(console_handler)
+        logger.removeHandler(api_handler)
+    assert console.getvalue() == "Task run failed\n" and "Traceback" in api.getvalue()
