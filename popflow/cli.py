@@ -293,10 +293,15 @@ def unexpected(exc: BaseException) -> str:
 
     path = Path(tempfile.gettempdir()) / f"popflow-error-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt"
     path.write_text("".join(traceback.format_exception(exc)))
-    lines = str(exc).strip().splitlines() or [""]
-    causes = [ln[ln.index("root cause: "):] for ln in lines if "root cause: " in ln]
-    line = causes[-1] if causes else lines[-1]  # a replica's root cause, else the error's last line
-    return (f"popflow: error: unexpected {type(exc).__name__}: {line[:1000]} (full traceback: {path}; --verbose "
+    chain = [exc]  # the error, what it was raised from, ... down to the innermost
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    lines = [ln for e in chain for ln in str(e).splitlines()]
+    causes = [ln[ln.index("root cause: "):] for ln in lines if "root cause: " in ln]  # a replica's, when told
+    root = chain[-1]
+    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
+    cause = causes[-1] if causes else (first if root is exc else f"root cause: {type(root).__name__}: {first}")
+    return (f"popflow: error: unexpected {type(exc).__name__}: {cause[:1000]} (full traceback: {path}; --verbose "
             "prints it)")
 
 

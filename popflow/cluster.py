@@ -177,7 +177,7 @@ class Pool:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        queue, idle, running, deaths, unavailable = list(reversed(items)), list(self.actors), {}, {}, {}
+        queue, idle, running, deaths, strikes = list(reversed(items)), list(self.actors), {}, {}, {}
         while queue or running:
             while queue and idle:
                 actor = idle.pop()
@@ -195,14 +195,16 @@ class Pool:
             try:
                 result = get(done[0])
             except ActorUnavailableError as exc:
-                unavailable[key] = unavailable.get(key, 0) + 1
-                if unavailable[key] > 30:  # not a moment any more: count it as the replica's death
-                    raise ReplicaFailed(f"{self.name}: item {key!r} met an unavailable replica 30 times ({exc})"
-                                        ) from None
-                log.warning("%s: a replica is unavailable for now (%s); %r goes back to the queue", self.name, exc, key)
-                time.sleep(min(2.0 ** unavailable[key], 30.0))  # give it time to come back
+                strikes[actor] = strikes.get(actor, 0) + 1
                 queue.append((key, args))
-                idle.append(actor)
+                if strikes[actor] > 10:  # not a moment any more: the replica is gone (its item went back)
+                    log.warning("%s: a replica stayed unavailable (%s); %r goes back to the queue", self.name, exc,
+                                key)
+                    continue
+                log.warning("%s: a replica is unavailable for now (%s); %r goes back to the queue", self.name, exc, key)
+                idle.insert(0, actor)  # the other idle replicas first
+                if len(idle) == 1 and not running:  # only it: give it time to come back
+                    time.sleep(min(2.0 ** strikes[actor], 30.0))
                 continue
             except RayActorError as exc:
                 deaths[key] = deaths.get(key, 0) + 1
@@ -214,6 +216,7 @@ class Pool:
                             type(exc).__name__, key)
                 queue.append((key, args))
                 continue
+            strikes.pop(actor, None)
             idle.append(actor)
             yield key, result
 
@@ -243,7 +246,7 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
             chosen = None
             if cpus < 1:  # shared by design: the core fewest live replicas hold, the slot's own on a tie
                 load = {c: sum(c in owned for owned in claims.values()) for c in cores}
-                chosen = [min(cores, key=lambda c: (load[c], (c - cores[start]) % len(cores)))]
+                chosen = [min(cores, key=lambda c: (load[c], (cores.index(c) - start) % len(cores)))]
             elif len(free) >= width:
                 chosen = block if len(block) == width and not taken & set(block) else free[:width]
             if chosen:

@@ -115,6 +115,16 @@ class Lake:
         self.write_staged_part(table, pipeline, run_id, "part-00000", data)
         return self.publish(table, pipeline, run_id)
 
+    def drop_table(self, table: str, pipeline: str, run_id: str) -> None:
+        """Remove one run's published partition of a table (an earlier attempt's, which a rerun that writes none
+        must not leave behind), renamed out of the lake first as delete_run does."""
+        part = self.partition(table, pipeline, run_id)
+        if part.exists():
+            trash = self.trash()
+            with self.catalog_lock():
+                os.replace(part, trash / "partition")
+            shutil.rmtree(trash)
+
     def discard_staging(self, table: str, pipeline: str, run_id: str) -> None:
         shutil.rmtree(self.staging(table, pipeline, run_id), ignore_errors=True)
 

@@ -28,23 +28,36 @@ class _NoEmptyTraceback(logging.Filter):
         return True
 
 
-class _NoConsoleTraceback(logging.Filter):
-    """On the console without --verbose, a failed task's or flow's traceback is left out: `popflow` prints the
-    error once at the end and writes its traceback to a file. Only console handlers get this filter; Prefect's
-    API handler (the UI's logs) keeps every traceback."""
+class _NoTracebackFormatter(logging.Formatter):
+    """A console handler's own formatter, without the traceback unless --verbose: `popflow` prints the error
+    once at the end and writes its traceback to a file. The record itself is left whole (restored after
+    formatting), so every other handler, Prefect's API handler (the UI's logs) among them, keeps it."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and not verbose():
-            record.exc_info, record.exc_text = None, None
-        return True
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if verbose() or not record.exc_info:
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
 
 
 def quiet_console_tracebacks() -> None:
-    """Add _NoConsoleTraceback to this process's console handlers (the root logger's stream handlers)."""
+    """Give this process's console handlers (the root logger's handlers writing to stderr or stdout) the
+    traceback-free formatter."""
+    import sys
+
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _NoConsoleTraceback) for f in handler.filters):
-            handler.addFilter(_NoConsoleTraceback())
+        console = isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+            sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+        if console and not isinstance(handler.formatter, _NoTracebackFormatter):
+            handler.setFormatter(_NoTracebackFormatter(handler.formatter))
 
 
 def configure(verbose_flag: bool = False) -> None:

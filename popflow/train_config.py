@@ -55,6 +55,12 @@ class Method(Strict):
         return value
 
 
+# train.trl keys (prefixes) that never change a sequence's log-prob
+TRAINING_ONLY_TRL = ("per_device_", "precompute_ref_batch_size", "gradient_accumulation", "learning_rate", "lr_",
+                     "warmup", "weight_decay", "adam", "optim", "max_grad_norm", "num_train_epochs", "max_steps",
+                     "logging", "save_", "eval_", "report_to", "seed", "data_seed", "dataloader_")
+
+
 class TrainConfig(Strict):
     methods: list[Method] = Field(default_factory=lambda: [Method()], min_length=1,
                                   description="Methods trained on the same pairs (each x every seed).")
@@ -92,6 +98,18 @@ class TrainConfig(Strict):
             raise ValueError(f"{', '.join(owned)}: set by popflow; use train.<field> (beta, max_length, seeds, "
                              "dtype, gradient_checkpointing) instead of train.trl")
         return value
+
+    def reference_trl(self) -> dict:
+        """The train.trl options the reference pass computes with and records (ref_logps): those that may change
+        a sequence's log-prob, i.e. all but the optimiser's, scheduler's, batching's, logging's and saving's."""
+        return {k: v for k, v in self.trl.items() if not k.startswith(TRAINING_ONLY_TRL)}
+
+    def reference_weights(self) -> str:
+        """The dtype the reference's weights load in: the policy's starting weights' (fp32 for full fine-tuning
+        on CUDA: popflow/precision.py), so that h = 0 before the first step."""
+        from popflow.precision import training_precision
+
+        return training_precision(self.dtype, full=self.lora is None).weights
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainConfig:

@@ -206,7 +206,9 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     lake, n = ctx.lake, ctx.config.evaluate.n
     trained = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
     prompts, rendered, too_long = eval_prompts(ctx, con, trained.path)  # rendered as the trained policies see them
-    if prompts.num_rows == 0 or not policies:
+    if prompts.num_rows == 0 or not policies:  # nothing generated: no earlier attempt's samples may stay
+        for table in ("eval_samples", "eval_rewards"):
+            lake.drop_table(table, ctx.pipeline, ctx.run_id)
         return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
     serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))

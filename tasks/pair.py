@@ -184,7 +184,8 @@ def rescaled_pairs_sql(pairs: str, rewards_then: str, rewards_now: str, score: S
     and reward_std over that round's samples. So the gaps PoP labels and margins compare are in one unit
     whatever round a pair came from. A pair whose chosen side no longer scores above its rejected one on this
     scale is dropped, as the pair stage drops it (not_ordered); a sample that no reward model of this round
-    scored drops its pairs too. Columns: the pairs' own, plus `ordered` (false: to drop)."""
+    scored drops its pairs too (add_earlier_pairs leaves out a round not scored by all of them). Columns: the
+    pairs' own, plus `ordered` (false: to drop)."""
     return f"""
     with rescaled as ({aggregate_sql(rewards_then, score, rewards_now)}),
     per_prompt as (
@@ -216,8 +217,15 @@ def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_
             raise PopflowError(f"pair: loop.pairs is 'all', and round {round_no}'s pairs or rewards (run {run_id}) "
                                f"are gone ({own.parent}); retention removed them? Use loop.pairs: this_round or "
                                "keep more runs")
-        query = rescaled_pairs_sql(sql.parquet(own), sql.parquet(scores / "*.parquet"), ctx.table("rewards"),
-                                   ctx.config.score, f"r{round_no}/", ctx.pipeline, ctx.run_id)
+        then = sql.parquet(scores / "*.parquet")
+        missing = {m.name for m in ctx.config.score.models} - {
+            r[0] for r in con.execute(f"select distinct reward_model from {then}").fetchall()}
+        query = rescaled_pairs_sql(sql.parquet(own), then, ctx.table("rewards"), ctx.config.score,
+                                   f"r{round_no}/", ctx.pipeline, ctx.run_id)
+        if missing:  # its aggregate would mean another thing than this round's: none of its pairs
+            log.warning("pair: round %d's samples were not scored by %s (this round's reward models): its pairs "
+                        "are left out", round_no, ", ".join(sorted(missing)))
+            query = f"select * from ({query}) where false"
         con.execute(f"create or replace temp table earlier as {query}")
         part = os.path.join(out_dir, f"part-r{round_no:05d}.parquet")
         _copy(con, "select * exclude (ordered) from earlier where ordered order by pair_id", part)

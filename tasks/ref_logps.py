@@ -70,14 +70,6 @@ def count_dropped(pairs: pa.Table, kept: pa.Table, cfg) -> int:
     return dropped
 
 
-BATCH_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "precompute_ref_batch_size")
-
-
-def reference_trl(cfg) -> dict:
-    """The train.trl options the reference pass computes with (and records): all but batch sizes."""
-    return {k: v for k, v in cfg.trl.items() if k not in BATCH_KEYS}
-
-
 def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.Table:
     """TRL's precompute pass over `pairs` with the reference model; returns the prepared dataset as Arrow."""
     import datasets
@@ -85,14 +77,14 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
     from tasks.trainer import PopDPOTrainer, dpo_args
 
-    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)  # the weights the policy starts from
+    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)  # reference_weights: the policy's
     tok = models.load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
     with tempfile.TemporaryDirectory() as out:
         # train.trl too: options such as ld_alpha change how TRL computes a sequence's log-prob, and the stored
         # reference must be computed as the trained policy's will be (its batch sizes are this pass's own)
-        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, reference_trl(cfg),
+        args = dpo_args(out, "dpo", cfg.beta, cfg.max_length, 0, prec.mixed, False, cfg.reference_trl(),
                         per_device_train_batch_size=cfg.ref_batch_size, precompute_ref_batch_size=cfg.ref_batch_size)
         trainer = PopDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(pairs), processing_class=tok)
         return trainer.train_dataset.data.table.combine_chunks()
@@ -123,7 +115,8 @@ def ref_logps(ctx: RunContext) -> Output:
         "rejected_tokens": pc.list_value_length(prepared.column("rejected_ids")),
         "reference": [ref.ref] * n, "ref_fingerprint": [ref.fingerprint] * n,
         "max_length": pa.array([cfg.max_length] * n, pa.int32()),
-        "trl": [json.dumps(reference_trl(cfg), sort_keys=True)] * n,
+        "trl": [json.dumps(cfg.reference_trl(), sort_keys=True)] * n,
+        "weights": [cfg.reference_weights()] * n,
     })
     ctx.lake.write_table("ref_logps", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,

@@ -150,17 +150,18 @@ def check_reference(ctx: RunContext, con) -> None:
         models.check_same_tokenizer(models.load_tokenizer(policy.path, policy.ref, "train.policy"),
                                     models.load_tokenizer(ref.path, ref.ref, "train.reference"),
                                     "train.policy", "train.reference")
-    from tasks.ref_logps import reference_trl
-
+    cfg = ctx.config.train
     columns = {c[0] for c in con.sql(f"describe {ctx.table('ref_logps')}").fetchall()}
-    trl = "trl" if "trl" in columns else "'{}'"  # ref_logps written before it recorded train.trl: none was used
-    stored = con.sql(f"select distinct reference, ref_fingerprint, max_length, {trl} from {ctx.table('ref_logps')}"
-                     ).fetchall()
-    wanted = json.dumps(reference_trl(ctx.config.train), sort_keys=True)
-    if stored != [(ref.ref, ref.fingerprint, ctx.config.train.max_length, wanted)]:
+    # ref_logps written before these were recorded: no train.trl was used, weights as LoRA's
+    trl = "trl" if "trl" in columns else "'{}'"
+    weights = "weights" if "weights" in columns else lit(precision.training_precision(cfg.dtype).weights)
+    stored = con.sql(f"select distinct reference, ref_fingerprint, max_length, {trl}, {weights} "
+                     f"from {ctx.table('ref_logps')}").fetchall()
+    wanted = json.dumps(cfg.reference_trl(), sort_keys=True)
+    if stored != [(ref.ref, ref.fingerprint, cfg.max_length, wanted, cfg.reference_weights())]:
         raise PopflowError(
-            f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {ctx.config.train.max_length}, train.trl "
-            f"{wanted}) does "
+            f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {cfg.max_length}, train.trl {wanted}, "
+            f"weights {cfg.reference_weights()}) does "
             f"not match run {ctx.run_id}'s stored reference log-probs {stored}; rerun with --from-stage ref_logps")
 
 

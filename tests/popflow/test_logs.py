@@ -58,11 +58,19 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
                            "/tmp/ray/worker-1.err on host) (full traceback: ")
     written = next(tmp_path.glob("popflow-error-*.txt")).read_text()
     assert written.startswith("Traceback") and "more context from Ray" in written
+    try:  # no replica's cause in the message: the innermost exception is the root cause
+        try:
+            open(tmp_path / "missing")
+        except FileNotFoundError as inner:
+            raise RuntimeError("engine failed to load\nsee above") from inner
+    except RuntimeError as exc:
+        assert "unexpected RuntimeError: root cause: FileNotFoundError: [Errno 2] No such file" in unexpected(exc)
 
     monkeypatch.delenv("POPFLOW_VERBOSE", raising=False)
     console, api = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", console)
     root, logger = logging.getLogger(), logging.getLogger("popflow.test.task_runs")
-    console_handler, api_handler = logging.StreamHandler(console), logging.Handler()
+    console_handler, api_handler = logging.StreamHandler(sys.stderr), logging.Handler()
     api_handler.emit = lambda record: api.write(logging.Formatter().format(record))
     logger.addHandler(api_handler)
     root.addHandler(console_handler)
@@ -76,3 +84,7 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
         root.removeHandler(console_handler)
         logger.removeHandler(api_handler)
     assert console.getvalue() == "Task run failed\n" and "Traceback" in api.getvalue()
+    record = logging.LogRecord("x", logging.ERROR, "f", 1, "m", None, (KeyError, KeyError("k"), None))
+    assert console_handler.format(record) == "m"
+    monkeypatch.setenv("POPFLOW_VERBOSE", "1")  # --verbose: the console shows it too
+    assert console_handler.format(record) == "m\nKeyError: 'k'"

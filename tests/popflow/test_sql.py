@@ -7,6 +7,7 @@ import math
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from popflow import sql
 
@@ -42,3 +43,27 @@ def test_identifiers_are_quoted():
     name = sql.ident('we"ird name')
     con.execute(f"create view {name} as select 1 as one")
     assert con.sql(f"select one from {name}").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize("query, allowed", [
+    ("select 1", True), ("with a as (select 1) select * from a", True), ("explain select 1", True),
+    ("explain analyze select 1", True), ("/* why */ explain analyze select 1", True),
+    ("pivot (select 1 as a, 'x' as m) on m using sum(a)", True),
+    ("copy (select 1) to 'x.csv'", False), ("attach 'x.db'", False), ("set threads = 1", False),
+    ("explain analyze copy (select 1) to 'x.csv'", False),  # EXPLAIN ANALYZE runs the COPY
+    ("explain /* c */ analyze copy (select 1) to 'x.csv'", False),
+    ("explain (analyze) copy (select 1) to 'x.csv'", False),  # options: refused, not parsed by hand
+    ("explain (format json) select 1", False), ("select 1; copy (select 1) to 'x.csv'", False),
+])
+def test_only_queries_pass_the_read_only_check(query, allowed):
+    import duckdb
+
+    from popflow.errors import PopflowError
+    from popflow.sql import check_query
+
+    con = duckdb.connect()
+    if allowed:
+        check_query(con, query)
+    else:
+        with pytest.raises(PopflowError, match="only queries are allowed here"):
+            check_query(con, query)
