@@ -208,3 +208,14 @@ def test_a_round_cannot_be_regated_once_a_later_round_started(lake):
     with pytest.raises(PopflowError, match=r"run 'r1' of 'tiny_loop' was round 1, and a later round has started "
                                            r"since \(r2\)"):
         prepare_run(cfg, "tiny_loop", lake, "r1", None, "promote")
+
+
+def test_a_chain_is_as_long_as_its_last_round(lake):
+    """retention.keep_runs 1 deleted rounds 1 and 2 (and their lineage rows) of a 3-round chain: the chain still
+    has 3 rounds, so `popflow loop --rounds 3` has nothing left to do and `--rounds 4` runs round 4."""
+    from flows.loop import chain_length
+
+    add_round(lake, "tiny_loop", 3, "r3", promoted=True)
+    rows = complete_rounds(lake, "tiny_loop")
+    assert len(rows) == 1 and chain_length(rows) == 3 and chain_length([]) == 0
+    assert pin(loop_cfg(), "tiny_loop", lake, None, None)[1]["loop"]["round"] == 4
