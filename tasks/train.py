@@ -151,7 +151,7 @@ def check_reference(ctx: RunContext, con) -> None:
                                     models.load_tokenizer(ref.path, ref.ref, "train.reference"),
                                     "train.policy", "train.reference")
     cfg = ctx.config.train
-    columns = {c[0] for c in con.sql(f"describe {ctx.table('ref_logps')}").fetchall()}
+    columns = {c[0] for c in con.sql(f"describe select * from {ctx.table('ref_logps')}").fetchall()}
     # ref_logps written before these were recorded: no train.trl was used, weights as LoRA's
     trl = "trl" if "trl" in columns else "'{}'"
     weights = "weights" if "weights" in columns else lit(precision.training_precision(cfg.dtype).weights)
