@@ -293,9 +293,12 @@ def unexpected(exc: BaseException) -> str:
 
     path = Path(tempfile.gettempdir()) / f"popflow-error-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt"
     path.write_text("".join(traceback.format_exception(exc)))
+    def inner(e: BaseException) -> BaseException | None:  # what it was raised from (`from None` hides it)
+        return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
     chain = [exc]  # the error, what it was raised from, ... down to the innermost
-    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while inner(chain[-1]) is not None and len(chain) < 20:
+        chain.append(inner(chain[-1]))
     lines = [ln for e in chain for ln in str(e).splitlines()]
     causes = [ln[ln.index("root cause: "):] for ln in lines if "root cause: " in ln]  # a replica's, when told
     root = chain[-1]

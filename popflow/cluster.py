@@ -166,45 +166,58 @@ class Pool:
 
         return ray.get([a.ready.remote() for a in self.actors])
 
-    def map(self, method: str, items: list[tuple[object, tuple]], poison: int = 2,
-            report_every_s: float = 300.0) -> Iterator[tuple[object, object]]:
+    def map(self, method: str, items: list[tuple[object, tuple]], poison: int = 2, report_every_s: float = 300.0,
+            unavailable_s: float = 300.0) -> Iterator[tuple[object, object]]:
         """(key, result) of `actor.<method>(*args)` for every (key, args), in completion order; each item runs on
-        the next free replica. A replica that is gone for good hands its item back to the queue; one only
-        unavailable for a moment (ActorUnavailableError: restarting, a network blip) stays in the pool. An item
-        in flight when `poison` replicas died is the cause, not the victim: the stage fails naming it rather
-        than killing every replica in turn. While nothing finishes, a line every `report_every_s` says what is
-        in flight (a hung replica shows there)."""
+        the next free replica. A replica that is gone for good hands its item back to the queue. One only
+        unavailable for a while (ActorUnavailableError: restarting, a network blip) hands its item back and
+        rests (1, 2, 4 ... 30 s) before it gets another, while the others go on; unavailable for `unavailable_s`
+        it counts as gone. An item in flight when `poison` replicas died is the cause, not the victim: the stage
+        fails naming it rather than killing every replica in turn. While nothing finishes, a line every
+        `report_every_s` says what is in flight (a hung replica shows there)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        queue, idle, running, deaths, strikes = list(reversed(items)), list(self.actors), {}, {}, {}
+        queue, idle, running, deaths = list(reversed(items)), list(self.actors), {}, {}
+        resting: dict = {}  # actor -> when it may have an item again
+        unavailable: dict = {}  # actor -> (first seen unavailable, times)
+        last_report = time.time()
         while queue or running:
+            now = time.time()
+            for actor in [a for a, until in resting.items() if until <= now]:
+                del resting[actor]
+                idle.insert(0, actor)
             while queue and idle:
                 actor = idle.pop()
                 key, args = queue.pop()
                 running[getattr(actor, method).remote(*args)] = (key, args, actor)
             if not running:
-                raise ReplicaFailed(f"{self.name}: every replica died; {len(queue)} item(s) not done")
-            started = time.time()
-            done, _ = ray.wait(list(running), num_returns=1, timeout=report_every_s)
-            if not done:
-                log.warning("%s: nothing finished in %.0f s; in flight: %s", self.name, time.time() - started,
-                            ", ".join(repr(k) for k, _, _ in running.values()))
+                if not resting:
+                    raise ReplicaFailed(f"{self.name}: every replica died; {len(queue)} item(s) not done")
+                time.sleep(max(0.0, min(resting.values()) - time.time()))
                 continue
+            wait = report_every_s if not resting else max(0.05, min(resting.values()) - now)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=min(wait, report_every_s))
+            if not done:
+                if time.time() - last_report >= report_every_s:
+                    last_report = time.time()
+                    log.warning("%s: nothing finished in %.0f s; in flight: %s", self.name, report_every_s,
+                                ", ".join(repr(k) for k, _, _ in running.values()))
+                continue
+            last_report = time.time()
             key, args, actor = running.pop(done[0])
             try:
                 result = get(done[0])
             except ActorUnavailableError as exc:
-                strikes[actor] = strikes.get(actor, 0) + 1
                 queue.append((key, args))
-                if strikes[actor] > 10:  # not a moment any more: the replica is gone (its item went back)
-                    log.warning("%s: a replica stayed unavailable (%s); %r goes back to the queue", self.name, exc,
-                                key)
+                first, times = unavailable.get(actor, (time.time(), 0))
+                unavailable[actor] = (first, times + 1)
+                if time.time() - first > unavailable_s:  # not a while any more: gone (its item went back)
+                    log.warning("%s: a replica stayed unavailable for %.0f s (%s); %r goes back to the queue",
+                                self.name, time.time() - first, exc, key)
                     continue
                 log.warning("%s: a replica is unavailable for now (%s); %r goes back to the queue", self.name, exc, key)
-                idle.insert(0, actor)  # the other idle replicas first
-                if len(idle) == 1 and not running:  # only it: give it time to come back
-                    time.sleep(min(2.0 ** strikes[actor], 30.0))
+                resting[actor] = time.time() + min(2.0 ** times, 30.0)
                 continue
             except RayActorError as exc:
                 deaths[key] = deaths.get(key, 0) + 1
@@ -216,7 +229,7 @@ class Pool:
                             type(exc).__name__, key)
                 queue.append((key, args))
                 continue
-            strikes.pop(actor, None)
+            unavailable.pop(actor, None)
             idle.append(actor)
             yield key, result
 

@@ -124,6 +124,7 @@ class Lake:
             with self.catalog_lock():
                 os.replace(part, trash / "partition")
             shutil.rmtree(trash)
+            self.rebuild_catalog()  # a view over a table with no file left would fail every query
 
     def discard_staging(self, table: str, pipeline: str, run_id: str) -> None:
         shutil.rmtree(self.staging(table, pipeline, run_id), ignore_errors=True)

@@ -264,6 +264,9 @@ def evaluate(ctx: RunContext) -> Output:
         report.update(gen_report)
         if metrics_sql:
             parts.append(metrics_sql)
+    else:  # no generation this time: an earlier attempt's samples would describe replaced policies
+        for table in ("eval_samples", "eval_rewards"):
+            ctx.lake.drop_table(table, ctx.pipeline, ctx.run_id)
     metrics = con.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()
     metrics = metrics.cast(pa.schema([("method", pa.string()), ("seed", pa.int64()), ("metric", pa.string()),
                                       ("value", pa.float64())]))

@@ -141,3 +141,35 @@ def test_fractional_replicas_share_the_least_claimed_core(tmp_path):
         for p in others:
             p.kill()
         os.sched_setaffinity(0, all_cores)
+
+
+def test_an_unavailable_replica_rests_and_comes_back(monkeypatch):
+    """Ray stood in by fakes: replica B answers ActorUnavailableError for its first 0.6 s (restarting). Its
+    items go back to the queue, B rests (1 s, then longer) while A goes on, and every item comes back once;
+    with both unavailable for 0.6 s the pool waits for them instead of failing at once."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    class Ref:
+        def __init__(self, actor, x):
+            self.actor, self.x = actor, x
+
+    class Actor:
+        def __init__(self, name, down_until):
+            self.name, self.down_until = name, down_until
+            self.square = type("M", (), {"remote": lambda _, x: Ref(self, x)})()
+
+    def fake_get(ref):
+        if time.time() < ref.actor.down_until:
+            raise ActorUnavailableError("restarting", None)
+        return ref.x * ref.x, ref.actor.name
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (refs[:1], refs[1:]))
+    monkeypatch.setattr(cluster, "get", fake_get)
+    for down in ({"a": 0.0, "b": 0.6}, {"a": 0.6, "b": 0.6}):
+        pool = cluster.Pool.__new__(cluster.Pool)
+        pool.name, t0 = "squares", time.time()
+        pool.actors = [Actor(n, t0 + d) for n, d in down.items()]
+        results = list(pool.map("square", [(x, (x,)) for x in range(8)]))
+        assert sorted(k for k, _ in results) == list(range(8))
+        assert {k: v for k, (v, _) in results} == {x: x * x for x in range(8)}

@@ -65,6 +65,13 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
             raise RuntimeError("engine failed to load\nsee above") from inner
     except RuntimeError as exc:
         assert "unexpected RuntimeError: root cause: FileNotFoundError: [Errno 2] No such file" in unexpected(exc)
+    try:  # raised `from None`: what it replaced stays hidden
+        try:
+            raise KeyError("actor died")
+        except KeyError:
+            raise ValueError("item 'shard-3' killed 2 replicas") from None
+    except ValueError as exc:
+        assert "unexpected ValueError: item 'shard-3' killed 2 replicas (full traceback" in unexpected(exc)
 
     monkeypatch.delenv("POPFLOW_VERBOSE", raising=False)
     console, api = io.StringIO(), io.StringIO()

@@ -47,13 +47,13 @@ def test_identifiers_are_quoted():
 
 @pytest.mark.parametrize("query, allowed", [
     ("select 1", True), ("with a as (select 1) select * from a", True), ("explain select 1", True),
-    ("explain analyze select 1", True), ("/* why */ explain analyze select 1", True),
-    ("pivot (select 1 as a, 'x' as m) on m using sum(a)", True),
+    ("/* why */ explain select 1", True), ("pivot (select 1 as a, 'x' as m) on m using sum(a)", True),
     ("copy (select 1) to 'x.csv'", False), ("attach 'x.db'", False), ("set threads = 1", False),
-    ("explain analyze copy (select 1) to 'x.csv'", False),  # EXPLAIN ANALYZE runs the COPY
-    ("explain /* c */ analyze copy (select 1) to 'x.csv'", False),
-    ("explain (analyze) copy (select 1) to 'x.csv'", False),  # options: refused, not parsed by hand
-    ("explain (format json) select 1", False), ("select 1; copy (select 1) to 'x.csv'", False),
+    ("explain analyze select 1", False),  # EXPLAIN ANALYZE runs what it explains: refused whatever it is
+    ("explain analyze copy (select 1) to 'x.csv'", False), ("explain /* c */ analyze copy (select 1) to 'x'", False),
+    ("explain (analyze) copy (select 1) to 'x.csv'", False),
+    ("explain --\ranalyze copy (select 1) to 'x.csv'", False),  # a comment DuckDB ends at a carriage return
+    ("select 1; copy (select 1) to 'x.csv'", False),
 ])
 def test_only_queries_pass_the_read_only_check(query, allowed):
     import duckdb
@@ -65,5 +65,5 @@ def test_only_queries_pass_the_read_only_check(query, allowed):
     if allowed:
         check_query(con, query)
     else:
-        with pytest.raises(PopflowError, match="only queries are allowed here"):
+        with pytest.raises(PopflowError, match="only queries are allowed here|EXPLAIN ANALYZE runs"):
             check_query(con, query)
