@@ -214,6 +214,10 @@ class ImportPairsConfig(Strict):
     limit: int | None = Field(None, ge=1, description="Keep at most this many pairs (first in the source).")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation "
                                  "(by a hash of prompt_id, stable across runs).")
+    normalize: Literal["zscore", "none"] = Field(
+        "zscore", description="zscore: the scores z-normalised over the import (mean and population std of every "
+        "chosen and rejected score), so gt_margin, the ground-truth margins and distillation targets are in the "
+        "units score.normalize: zscore gives generated pairs; none: the source's own units (e.g. 1-10).")
 
 
 class AnnotateConfig(Strict):

@@ -4,7 +4,8 @@ Set `import_pairs:` in a pipeline and it replaces sample/score/pair; annotate, m
 read the same `pairs` table either way. Sources: .jsonl, .parquet or `hf:<dataset>`, with a column map.
 Chosen/rejected may be plain text or conversations (lists of {role, content}); when they hold the whole
 conversation the prompt is their common prefix (TRL's `extract_prompt`). Scores are optional; with both,
-gt_margin = chosen_score - rejected_score.
+gt_margin = chosen_score - rejected_score, both z-normalised over the import by default
+(`import_pairs.normalize`), the unit of generated pairs.
 
     .venv/bin/popflow run imported
 """
@@ -91,7 +92,27 @@ def build_imported_pairs(records: list[dict], cfg: ImportPairsConfig, unit: str)
             "chosen_reward": cs, "rejected_reward": rs,
             "gt_margin": cs - rs if cs is not None and rs is not None else None, "strategy": "imported",
         })
+    if cfg.normalize == "zscore":
+        rows = zscored(rows)
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def zscored(rows: list[dict]) -> list[dict]:
+    """Chosen and rejected scores z-normalised over every score of the import (population std), gt_margin their
+    difference: the unit a generated pair's aggregate reward has under score.normalize: zscore. With fewer than
+    two distinct scores there is no spread to divide by: the rows stay as they are."""
+    import numpy as np
+
+    values = np.array([r[k] for r in rows for k in ("chosen_reward", "rejected_reward") if r[k] is not None])
+    if values.size < 2 or values.std() == 0:
+        return rows
+    mu, sd = float(values.mean()), float(values.std())
+    out = []
+    for r in rows:
+        c, j = ((r[k] - mu) / sd if r[k] is not None else None for k in ("chosen_reward", "rejected_reward"))
+        out.append(r | {"chosen_reward": c, "rejected_reward": j,
+                        "gt_margin": c - j if c is not None and j is not None else None})
+    return out
 
 
 def load_imported_pairs(cfg: ImportPairsConfig) -> pa.Table:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 SOURCE = "data/pairs/ultrafeedback_small.jsonl"  # 12 prompts x 3 pairs, scores on a 1-10 scale
 NO_TRAIN = ("--set", "train=null", "--set", "import_pairs.eval_fraction=0")  # every pair annotated, no training
 
@@ -19,9 +21,14 @@ def test_imported_pairs_through_annotate_and_margins(cli):
     # conversations were split TRL-style: the user turn is the prompt, chosen/rejected keep the answer only
     assert q("select bool_and(len(prompt) = 1 and prompt[1].role = 'user' and len(chosen) = 1 "
              "and chosen[1].role = 'assistant' and rejected[1].role = 'assistant') from pairs") == [(True,)]
-    first = json.loads(open(f"{cli.env['PYTHONPATH']}/{SOURCE}").readline())
-    assert q(f"select gt_margin from pairs where pair_id = '{first['prompt_id']}|imported:0'") == [
-        (first["score_chosen"] - first["score_rejected"],)]
+    # gt_margin in z-units of every imported score (import_pairs.normalize: zscore)
+    records = [json.loads(line) for line in open(f"{cli.env['PYTHONPATH']}/{SOURCE}")]
+    scores = [r[k] for r in records for k in ("score_chosen", "score_rejected")]
+    mean = sum(scores) / len(scores)
+    std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
+    first = records[0]
+    got = q(f"select gt_margin from pairs where pair_id = '{first['prompt_id']}|imported:0'")[0][0]
+    assert got == pytest.approx((first["score_chosen"] - first["score_rejected"]) / std)
     # iterative, k = 2: every pair anchors exactly two comparisons
     assert q("select min(c), max(c) from (select pair_a, count(*) c from pop_labels group by pair_a)") == [(2, 2)]
     assert q("select count(*), count(distinct pair_id), min(copies) from train_pairs") == [(36, 36, 1)]
