@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from popflow.lake import Lake
+from popflow.sql import lit
 from tests.conftest import REPO
 from tests.fixtures.lake import add_round
 
@@ -72,7 +73,7 @@ def test_sql_reads_the_lake_and_writes_nothing(cli, tmp_path):
     out = tmp_path / "out.csv"
     lake_file = cli.data_dir / "lake" / "evil.csv"
     for query, message in ((f"copy (select 1) to '{out}'", "got a COPY statement"),
-                           (f"explain analyze copy (select 1) to '{lake_file}'", "EXPLAIN ANALYZE runs"),
+                           (f"explain analyze copy (select 1) to {lit(str(lake_file))}", "EXPLAIN ANALYZE runs"),
                            (f"attach '{tmp_path}/x.db'", "got a ATTACH statement"),
                            ("set enable_external_access = true", "got a SET statement"),
                            ("select * from read_csv('/etc/passwd')", "file system operations are disabled")):

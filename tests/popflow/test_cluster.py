@@ -57,7 +57,9 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
 def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
     """Items 0..9 squared by two replicas; the one handed 5 dies. restarts 0: the dead replica's item goes back
     to the queue and the survivor squares it; restarts 1: Ray restarts the replica and retries the item. Either
-    way every key comes back once with its square (0, 1, 4, ..., 81), and 5 from a live process."""
+    way every key comes back once with its square (0, 1, 4, ..., 81), and 5 from a live process. Then, in the
+    same Ray session, an item that kills every replica it reaches (no restarts) stops the pool once two replicas
+    died with it in flight, naming it, instead of going to replica after replica."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     marker = tmp_path / "died"
     opts = Replicas(backend="ray", replicas=2, cpus=1, max_restarts=restarts)
@@ -66,23 +68,18 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
         with cluster.Pool(Squarer, (str(marker), 5), opts, 0, "squares") as pool:
             first = {r["pid"] for r in pool.ready()}
             results = list(pool.map("square", [(x, (x,)) for x in range(10)]))
+        if restarts == 0:
+            three = Replicas(backend="ray", replicas=3, cpus=0.5, max_restarts=0)
+            with cluster.Pool(PoisonSquarer, (str(tmp_path / "poison"), 3), three, 0, "poisoned") as pool:
+                with pytest.raises(cluster.ReplicaFailed, match=r"poisoned: item 3 was in flight when 2 replicas "
+                                                                r"died"):
+                    list(pool.map("square", [(x, (x,)) for x in range(6)]))
     keys = [k for k, _ in results]
     assert sorted(keys) == list(range(10))
     assert {k: v for k, (v, _) in results} == {x: x * x for x in range(10)}
     dead = int(marker.read_text())
     assert dead in first
     assert dict((k, pid) for k, (_, pid) in results)[5] != dead
-
-
-def test_a_poison_item_fails_the_pool_naming_it(tmp_path, monkeypatch):
-    """Item 3 kills every replica it reaches (no restarts): after two replicas died with it in flight the pool
-    stops and names it, instead of handing it to replica after replica until none is left."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    opts = Replicas(backend="ray", replicas=3, cpus=0.5, max_restarts=0)
-    with cluster.session(RayOptions(num_cpus=2)):
-        with cluster.Pool(PoisonSquarer, (str(tmp_path / "died"), 3), opts, 0, "squares") as pool:
-            with pytest.raises(cluster.ReplicaFailed, match=r"squares: item 3 was in flight when 2 replicas died"):
-                list(pool.map("square", [(x, (x,)) for x in range(6)]))
 
 
 def test_a_replica_error_carries_its_root_cause():

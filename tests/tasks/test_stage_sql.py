@@ -180,3 +180,29 @@ def test_earlier_rounds_pairs_are_rescaled_to_this_rounds_reward_scale():
                     pytest.approx(0.5), pytest.approx(math.sqrt(1.5)), "loop", "run2", True),
                    ("r1/p1|y", "p1", 1, 2, pytest.approx(-r), pytest.approx(0.0, abs=1e-12),
                     pytest.approx(0.0, abs=1e-12), pytest.approx(0.5), pytest.approx(-r), "loop", "run2", False)]
+
+
+def test_train_checks_the_stored_reference_log_probs(tmp_path, monkeypatch):
+    """check_reference: stored log-probs of the configured reference, max_length, train.trl and weights pass;
+    another train.trl (ld_alpha changes a sequence's log-prob) is refused naming the way out; a table written
+    before trl and weights were recorded counts as no trl and LoRA's weights, so old runs resume."""
+    import pyarrow as pa
+
+    from popflow import models
+    from popflow.config import load_pipeline
+    from popflow.errors import PopflowError
+    from popflow.stage import RunContext
+    from tasks.train import check_reference
+
+    monkeypatch.setenv("POPFLOW_MODELS_DIR", str(models.Path(__file__).resolve().parents[2] / "data" / "models"))
+    ctx = RunContext(str(tmp_path / "data"), "tiny", "r1", load_pipeline("tiny"))
+    ref = models.resolve("builtin:tiny-llama", ctx.lake.data_dir)
+    row = {"pair_id": "p", "reference": ref.ref, "ref_fingerprint": ref.fingerprint, "max_length": 256}
+    ctx.lake.write_table("ref_logps", "tiny", "r1", pa.Table.from_pylist([row]))  # an older table: no trl, weights
+    check_reference(ctx, sql.connect())
+    ctx.lake.write_table("ref_logps", "tiny", "r1", pa.Table.from_pylist([row | {"trl": "{}", "weights": "float32"}]))
+    check_reference(ctx, sql.connect())
+    ld = load_pipeline("tiny", overrides=["train.trl={ld_alpha: 0.5}"])
+    other = RunContext(str(tmp_path / "data"), "tiny", "r1", ld)
+    with pytest.raises(PopflowError, match=r'train.trl \{"ld_alpha": 0.5\}.* does not match run r1.*ref_logps'):
+        check_reference(other, sql.connect())
