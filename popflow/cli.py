@@ -183,9 +183,8 @@ def cmd_policies(args) -> int:
 
     lake = Lake(resolve_data_dir(args.data_dir))
     if args.pipeline and not lake.read_runs(args.pipeline):
-        known = sorted(p.name.removeprefix("pipeline=") for p in (lake.root / "_runs").glob("pipeline=*"))
         raise PopflowError(f"pipeline {args.pipeline!r} has no runs in {lake.root}; pipelines with runs: "
-                           f"{', '.join(known) or 'none'}")
+                           f"{', '.join(lake.pipelines()) or 'none'}")
     if "lineage" not in lake.tables():
         print("no loop rounds yet (a pipeline with a loop: section records one per run)")
         return 0

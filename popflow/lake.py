@@ -147,6 +147,10 @@ class Lake:
         folder = self.run_dir(pipeline, run_id) / "stages"
         return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
+    def pipelines(self) -> list[str]:
+        """The pipelines with run records in this lake, by name."""
+        return sorted(p.name.removeprefix("pipeline=") for p in (self.root / "_runs").glob("pipeline=*"))
+
     def read_runs(self, pipeline: str) -> list[dict]:
         """The run records of one pipeline (any status), oldest first."""
         paths = self.root.glob(f"_runs/pipeline={pipeline}/run=*/run.json")

@@ -168,9 +168,9 @@ def prepare_run(cfg: PipelineConfig, pipeline: str, lake: Lake, run_id: str | No
         found = unfinished_round(lake, pipeline, cfg)
         if found and not round_taken(lake, pipeline, lake.read_run(pipeline, found)):  # else a new round
             run_id = found
-    if run_id and cfg.loop is not None:
-        check_rerun(lake, pipeline, run_id, from_stage)
     record = lake.read_run(pipeline, run_id) if run_id else None
+    if run_id and cfg.loop is not None:
+        check_rerun(lake, pipeline, run_id, record, from_stage)
     if record and cfg.loop is not None:
         check_round_free(lake, pipeline, record)
     run_cfg, pins = pin(cfg, pipeline, lake, record, config_path)
@@ -186,8 +186,7 @@ def record_pins(record: dict) -> list[dict]:
 
 def all_records(lake: Lake) -> list[dict]:
     """The run records of every pipeline in the lake."""
-    names = (p.name.removeprefix("pipeline=") for p in (lake.root / "_runs").glob("pipeline=*"))
-    return [r for name in sorted(names) for r in lake.read_runs(name)]
+    return [r for name in lake.pipelines() for r in lake.read_runs(name)]
 
 
 def pinned_by(lake: Lake, pipeline: str, run_id: str) -> list[str]:
@@ -209,7 +208,7 @@ def round_of(record: dict | None) -> int | None:
     return (((record or {}).get("pins") or {}).get("loop") or {}).get("round")
 
 
-def check_rerun(lake: Lake, pipeline: str, run_id: str, from_stage: str | None) -> None:
+def check_rerun(lake: Lake, pipeline: str, run_id: str, record: dict | None, from_stage: str | None) -> None:
     """A loop round's promote may not run again (--from-stage) once other runs pinned what it promoted (their
     samples and lineage would name weights that this rerun's gate never saw), nor once a later round has
     started (it chose its parent by this round's verdict)."""
@@ -220,7 +219,7 @@ def check_rerun(lake: Lake, pipeline: str, run_id: str, from_stage: str | None) 
         raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} promoted a policy that later "
                            f"runs pinned ({', '.join(users[:5])}); rerunning its gate would change what they "
                            "sampled from. Start a new round instead (omit --run-id)")
-    number = round_of(lake.read_run(pipeline, run_id))
+    number = round_of(record)
     later = [r["run_id"] for r in lake.read_runs(pipeline) if number and (round_of(r) or 0) > number]
     if later:
         raise PopflowError(f"--from-stage {from_stage}: run {run_id!r} of {pipeline!r} was round {number}, and a "
@@ -241,7 +240,7 @@ def check_round_free(lake: Lake, pipeline: str, record: dict) -> None:
     later one) meanwhile: a chain has one lineage row per round."""
     later = round_taken(lake, pipeline, record)
     if later:
-        number = record["pins"]["loop"]["round"]
+        number = round_of(record)
         raise PopflowError(f"run {record['run_id']!r} of {pipeline!r} was round {number}, and run "
                            f"{later['run_id']!r} has completed round {later['round']} since; start a new round "
                            "(omit --run-id)")
