@@ -8,10 +8,12 @@ The same SmolLM2-135M-Instruct workload (demo prompts, popflow's VllmEngine, tem
   vllm_auto   cpu_threads_bind: auto, vLLM's own binding (it leaves a core to its scheduler process)
   bf16        dtype bfloat16 forced (on a CPU without native bf16: vLLM's fallback path)
   omp2        OMP_NUM_THREADS=2 (vLLM-CPU otherwise sets torch to fewer threads "for serving")
+  multiproc   VLLM_ENABLE_V1_MULTIPROCESSING=1: vLLM's engine core and worker in processes of their own
+              (popflow runs them in the sampling process on CPU; compare the start-up column)
   preload     LD_PRELOAD of Intel OpenMP (shipped with vllm-cpu) and tcmalloc when installed, as vLLM's
               CPU guide recommends
 Each arm runs in its own process (the variables are read at engine start); output tokens/s after one
-warm-up call, engine start-up excluded. Ratios are against `default`, measured in the same run.
+warm-up call, engine start-up timed apart. Ratios are against `default`, measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ ARMS = {  # name: (environment, sample.dtype, sample.vllm.cpu_threads_bind)
     "bf16": ({}, "bfloat16", "all"),
     "omp2": ({"OMP_NUM_THREADS": "2"}, "auto", "all"),
     "preload": ({"LD_PRELOAD": "@preload"}, "auto", "all"),
+    "multiproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, "auto", "all"),
 }
 
 

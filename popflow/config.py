@@ -443,6 +443,30 @@ def format_errors(exc: ValidationError, source: str, name: str, node: yaml.Node 
     return "\n".join(lines)
 
 
+def deep_merge(base: dict, own: dict) -> dict:
+    """`own` over `base`: mappings merge key by key, any other value (a list included) replaces."""
+    out = dict(base)
+    for key, value in own.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def extended(raw: dict, name: str, path: Path, node: yaml.Node | None, chain: tuple = ()) -> dict:
+    """Pipeline `name`'s mapping with `extends: <pipeline>` resolved: the named pipeline's settings (its own
+    `extends` first) deep-merged under this one's, so pipelines share settings instead of copying them."""
+    own = raw[name]
+    parent = own.get("extends")
+    if parent is None:
+        return own
+    where = f"{path}:{_line_of(node, (name, 'extends'))}: pipeline {name!r}: extends"
+    if not isinstance(parent, str) or parent not in raw:
+        raise PopflowError(f"{where} {parent!r}: no such pipeline in this file")
+    if parent in (*chain, name):
+        raise PopflowError(f"{where} {parent!r}: a cycle ({' -> '.join((*chain, name, parent))})")
+    return deep_merge(extended(raw, parent, path, node, (*chain, name)),
+                      {k: v for k, v in own.items() if k != "extends"})
+
+
 def load_pipeline(name: str, config_path: Path | None = None, overrides: list[str] | tuple = ()) -> PipelineConfig:
     """Load and validate one named pipeline, with `key.path=value` overrides applied first."""
     path = Path(config_path or DEFAULT_CONFIG).resolve()
@@ -450,7 +474,7 @@ def load_pipeline(name: str, config_path: Path | None = None, overrides: list[st
     raw, node = read_pipelines(path)
     if name not in raw:
         raise PopflowError(f"{path}: no pipeline named {name!r}; available: {', '.join(raw)}")
-    data = json.loads(json.dumps(raw[name]))  # deep copy so overrides never touch the parsed file
+    data = json.loads(json.dumps(extended(raw, name, path, node)))  # a copy: overrides never touch the file
     for assignment in overrides:
         apply_override(data, assignment)
     try:

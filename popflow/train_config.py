@@ -104,12 +104,13 @@ class TrainConfig(Strict):
         a sequence's log-prob, i.e. all but the optimiser's, scheduler's, batching's, logging's and saving's."""
         return {k: v for k, v in self.trl.items() if not k.startswith(TRAINING_ONLY_TRL)}
 
-    def reference_weights(self) -> str:
-        """The dtype the reference's weights load in: the policy's starting weights' (fp32 for full fine-tuning
-        on CUDA: popflow/precision.py), so that h = 0 before the first step."""
+    def precision(self):
+        """`train.dtype` resolved for this machine (popflow/precision.py), one decision for the policy and the
+        reference pass: the reference's weights load as the policy's starting weights do (fp32 for full
+        fine-tuning on CUDA), so that h = 0 before the first step."""
         from popflow.precision import training_precision
 
-        return training_precision(self.dtype, full=self.lora is None).weights
+        return training_precision(self.dtype, full=self.lora is None)
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainConfig:

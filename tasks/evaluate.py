@@ -206,9 +206,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     lake, n = ctx.lake, ctx.config.evaluate.n
     trained = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
     prompts, rendered, too_long = eval_prompts(ctx, con, trained.path)  # rendered as the trained policies see them
-    if prompts.num_rows == 0 or not policies:  # nothing generated: no earlier attempt's samples may stay
-        for table in ("eval_samples", "eval_rewards"):
-            lake.drop_table(table, ctx.pipeline, ctx.run_id)
+    if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
     serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))
@@ -255,16 +253,16 @@ def evaluate(ctx: RunContext) -> Output:
                        "select * from final order by method, seed").to_arrow_table().to_pylist()
     parts = [heldout_metrics_sql(ctx.table("heldout_margins"))]
     report: dict = {"policies": len(policies)}
-    tables = {}
+    tables, metrics_sql = {}, None
     if ctx.config.evaluate.generate:
         metrics_sql, gen_report = generation_metrics(ctx, con, policies)
         if "eval_samples" in gen_report:
             tables = {"eval_rewards": gen_report["eval_samples"] * len(ctx.config.score.models),
                       "eval_samples": gen_report.pop("eval_samples")}
         report.update(gen_report)
-        if metrics_sql:
-            parts.append(metrics_sql)
-    else:  # no generation this time: an earlier attempt's samples would describe replaced policies
+    if metrics_sql:
+        parts.append(metrics_sql)
+    else:  # nothing generated this time: an earlier attempt's samples would describe replaced policies
         for table in ("eval_samples", "eval_rewards"):
             ctx.lake.drop_table(table, ctx.pipeline, ctx.run_id)
     metrics = con.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()

@@ -232,9 +232,9 @@ def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_
         kept = pq.ParquetFile(part).metadata.num_rows
         total = pq.ParquetFile(own).metadata.num_rows
         added[f"round {round_no}"] = {"kept": kept, "dropped": total - kept}
-        if total - kept:
-            log.warning("pair: %d of round %d's %d pairs dropped: not ordered on this round's reward scale, or "
-                        "scored by no reward model of this round", total - kept, round_no, total)
+        if total - kept and not missing:  # (all of them when some were missing: said once above)
+            log.warning("pair: %d of round %d's %d pairs dropped: not ordered on this round's reward scale",
+                        total - kept, round_no, total)
     return added
 
 

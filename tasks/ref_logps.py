@@ -77,7 +77,7 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
     from tasks.trainer import PopDPOTrainer, dpo_args
 
-    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)  # reference_weights: the policy's
+    prec = cfg.precision()  # the policy's starting weights' (train_config.py)
     tok = models.load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)
@@ -116,7 +116,7 @@ def ref_logps(ctx: RunContext) -> Output:
         "reference": [ref.ref] * n, "ref_fingerprint": [ref.fingerprint] * n,
         "max_length": pa.array([cfg.max_length] * n, pa.int32()),
         "trl": [json.dumps(cfg.reference_trl(), sort_keys=True)] * n,
-        "weights": [cfg.reference_weights()] * n,
+        "weights": [cfg.precision().weights] * n,
     })
     ctx.lake.write_table("ref_logps", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     report = {"pairs": n, "reference": ref.ref, "dropped_long_prompts": dropped,

@@ -158,10 +158,11 @@ def check_reference(ctx: RunContext, con) -> None:
     stored = con.sql(f"select distinct reference, ref_fingerprint, max_length, {trl}, {weights} "
                      f"from {ctx.table('ref_logps')}").fetchall()
     wanted = json.dumps(cfg.reference_trl(), sort_keys=True)
-    if stored != [(ref.ref, ref.fingerprint, cfg.max_length, wanted, cfg.reference_weights())]:
+    weights_now = cfg.precision().weights
+    if stored != [(ref.ref, ref.fingerprint, cfg.max_length, wanted, weights_now)]:
         raise PopflowError(
             f"train.reference {ref.ref!r} ({ref.fingerprint[:19]}, max_length {cfg.max_length}, train.trl {wanted}, "
-            f"weights {cfg.reference_weights()}) does "
+            f"weights {weights_now}) does "
             f"not match run {ctx.run_id}'s stored reference log-probs {stored}; rerun with --from-stage ref_logps")
 
 
@@ -191,7 +192,7 @@ def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldou
 
     cfg = ctx.config.train
     policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
-    prec = precision.training_precision(cfg.dtype, full=cfg.lora is None)
+    prec = cfg.precision()
     tok = models.load_tokenizer(policy.path, policy.ref, "train.policy")
     curve: list[dict] = []
 

@@ -62,6 +62,38 @@ def test_bad_values_are_named(tmp_path, body, expected):
     assert expected in str(err.value)
 
 
+def test_a_pipeline_extends_another_key_by_key(tmp_path):
+    """`extends` deep-merges: c extends b extends a; c's sample.n (6) wins over b's (5), the sampling seed and
+    max_tokens come from a and b, a list (extra_strategies) is replaced whole; an unknown parent and a cycle
+    are named with their line, and an override applies after the merge."""
+    path = write(tmp_path, """\
+        a:
+          sample: {n: 4, max_tokens: 32, seed: 7}
+          pair: {extra_strategies: [max_min, random]}
+        b:
+          extends: a
+          sample: {n: 5}
+        c:
+          extends: b
+          sample: {n: 6}
+          pair: {extra_strategies: [random]}
+        d:
+          extends: nope
+        e:
+          extends: f
+        f:
+          extends: e
+        """)
+    c = load_pipeline("c", path)
+    assert (c.sample.n, c.sample.max_tokens, c.sample.seed, c.pair.extra_strategies) == (6, 32, 7, ["random"])
+    assert load_pipeline("b", path).pair.extra_strategies == ["max_min", "random"]
+    assert load_pipeline("c", path, ["sample.max_tokens=48"]).sample.max_tokens == 48
+    with pytest.raises(PopflowError, match=rf"{path}:12: pipeline 'd': extends 'nope': no such pipeline"):
+        load_pipeline("d", path)
+    with pytest.raises(PopflowError, match="a cycle \\(e -> f -> e\\)"):
+        load_pipeline("e", path)
+
+
 def test_overrides_are_validated_like_the_file():
     overrides = ["sample.n=6", "pair.extra_strategies=[random]", "sample.engine=transformers"]
     cfg = load_pipeline("tiny", overrides=overrides)

@@ -40,3 +40,21 @@ def test_what_is_deterministic_on_vllm_cpu(tmp_path):
     out = run_script(tmp_path, script)
     assert out["first"] == out["again"] and all(len(g) == 1 and g[0] for g in out["first"])
     assert out["per_request_seed"] is False
+
+
+def test_the_cpu_kv_cache_is_sized_from_the_shard():
+    """SmolLM2-135M in bf16 holds 2 (keys, values) * 30 layers * 3 KV heads * 64 dims * 2 bytes = 23,040 bytes a
+    token. The demo's shard (8 prompts x n 8 = 64 sequences) of max_tokens 96 after a prompt budget of 512 and
+    one partly filled block of 128 needs 64 * (96 + 512 + 128) * 23,040 = 1,085,276,160 bytes, not the 8,192-token
+    context of every sequence (12.3 GB). The tiny Llama's max_model_len 512 is below 12 + 512 tokens: the
+    context bounds a sequence there: 4 * (512 + 128) tokens * (2 * 2 layers * 1 head * 64 * 4 bytes, float32)
+    = 2,621,440 bytes."""
+    from popflow.config import SampleConfig
+    from popflow.engines import cpu_kv_budget
+
+    smol = str(REPO / "data/models/SmolLM2-135M-Instruct")
+    demo = SampleConfig(policy=smol, n=8, max_tokens=96, shard_size=8)
+    assert cpu_kv_budget(smol, demo, "bfloat16") == 1_085_276_160
+    tiny = SampleConfig(policy="x", n=4, max_tokens=12, shard_size=1, vllm={"max_model_len": 512,
+                                                                            "gpu_memory_utilization": 0.5})
+    assert cpu_kv_budget(str(REPO / "data/models/tiny-llama"), tiny, "float32") == 2_621_440
