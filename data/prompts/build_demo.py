@@ -1,11 +1,16 @@
-"""Build data/prompts/demo.jsonl: popflow's shipped demo prompt set (written for this project).
+"""Build popflow's shipped prompt sets (written for this project) deterministically, without network.
 
-    .venv/bin/python data/prompts/build_demo.py      # rewrites demo.jsonl deterministically
+    .venv/bin/python data/prompts/build_demo.py      # rewrites demo.jsonl, proof.jsonl and proof_tune.jsonl
 
-112 hand-written base instructions, each in three variants that carry different verifiable constraints
-(stored as structured data under "constraints", rendered in words inside the prompt); every seventh prompt
-is left unconstrained. All variants of a base instruction share a split (about 1 in 6 bases is eval), so
-held-out prompts are new instructions, not rephrasings of trained ones.
+112 hand-written base instructions, each in variants that carry different verifiable constraints (stored as
+structured data under "constraints", rendered in words inside the prompt); every seventh prompt is left
+unconstrained. All variants of a base instruction share a split (about 1 in 6 bases is eval), so held-out
+prompts are new instructions, not rephrasings of trained ones.
+
+    demo.jsonl        3 variants a base: 336 prompts (282 train, 54 eval)
+    proof.jsonl       6 variants a base: 672 prompts (564 train, 108 eval), the proof pipelines' set
+    proof_tune.jsonl  proof.jsonl's train prompts only, 1 in 6 of their bases marked eval: the validation split
+                      a recipe is tuned on, so that the held-out prompts the gate and the report use never are
 """
 
 from __future__ import annotations
@@ -176,21 +181,35 @@ def render(constraints: dict) -> str:
     return " ".join(p if p.endswith((".", "'")) else p + "." for p in parts)
 
 
-def build() -> list[dict]:
+def build(variants: int = 3, prefix: str = "demo") -> list[dict]:
     rows, n = [], 0
     for b, (instruction, words) in enumerate(BASES):
         split = "eval" if b % 6 == 5 else "train"
-        for v in range(3):
-            constraints = None if n % 7 == 6 else recipe(b * 3 + v, words)
+        for v in range(variants):
+            constraints = None if n % 7 == 6 else recipe(b * variants + v, words)
             prompt = instruction if constraints is None else f"{instruction} {render(constraints)}"
-            rows.append({"prompt_id": f"demo-{n:04d}", "prompt": prompt, "split": split,
-                         "constraints": constraints, "category": "constrained" if constraints else "open"})
+            rows.append({"prompt_id": f"{prefix}-{n:04d}", "prompt": prompt, "split": split,
+                         "constraints": constraints, "category": "constrained" if constraints else "open",
+                         "base": b})
             n += 1
     return rows
 
 
+def tuning(rows: list[dict]) -> list[dict]:
+    """The train rows only; those of every sixth train base (by base number) become the validation ('eval')."""
+    return [{**r, "split": "eval" if r["base"] % 6 == 2 else "train"} for r in rows if r["split"] == "train"]
+
+
+def write(name: str, rows: list[dict]) -> None:
+    out = Path(__file__).with_name(name)
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "base"}, ensure_ascii=False) + "\n"
+                           for r in rows))
+    splits = [r["split"] for r in rows]
+    print(f"wrote {len(rows)} prompts ({splits.count('train')} train, {splits.count('eval')} eval) to {out}")
+
+
 if __name__ == "__main__":
-    out = Path(__file__).with_name("demo.jsonl")
-    rows = build()
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {len(rows)} prompts to {out}")
+    write("demo.jsonl", build())
+    proof = build(variants=6, prefix="proof")
+    write("proof.jsonl", proof)
+    write("proof_tune.jsonl", tuning(proof))

@@ -126,6 +126,10 @@ def test_tiny_pipeline_with_vllm(cli):
     assert run_id in cli("runs").stdout
     assert cli.query("select run_id from latest_runs") == [(run_id,)]
     assert cli.query("select count(*) from latest_pairs") == cli.query("select count(*) from pairs")
+    report = cli("report", "tiny").stdout  # the policies against the base, with intervals and a verdict
+    assert f"tiny run {run_id}: 3 held-out prompts" in report and "| base |" in report
+    assert any(line.startswith("dpo_pop-s0: ") for line in report.splitlines())
+    assert "has no runs" in cli("report", "nope", expect=2).stderr
     bad = cli("sql", "select * from no_such_table", expect=2)
     assert "SQL error" in bad.stderr
 

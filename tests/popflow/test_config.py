@@ -23,8 +23,8 @@ def test_every_shipped_pipeline_validates(name):
     preflight(cfg)  # built-in refs known, local paths exist, python rewards import
     assert cfg.sample.n >= 2
     first_comment = DEFAULT_CONFIG.read_text().split(f"\n{name}:\n", 1)[1].lstrip().splitlines()[0]
-    assert first_comment.startswith("#") and any(cmd in first_comment for cmd in ("popflow run", "popflow loop",
-                                                                               "make demo"))
+    assert first_comment.startswith("#") and any(cmd in first_comment for cmd in (
+        "popflow run", "popflow loop", "popflow experiment", "make demo"))
 
 
 def test_shipped_set_includes_the_three_required():
@@ -165,3 +165,27 @@ def test_shipped_accelerate_configs_load_with_accelerate():
         assert f"config: {path.stem}" in path.read_text().split("compute_environment")[0]
     assert kinds == {"ddp": ("MULTI_GPU", None), "fsdp": ("FSDP", None), "zero2": ("DEEPSPEED", 2),
                      "zero3": ("DEEPSPEED", 3)}
+
+
+def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts():
+    """proof_loop and proof_tune extend proof (same sampling and training); proof has >= 512 train and >= 96
+    held-out prompts at n >= 8; proof_tune holds none of proof's held-out prompts, and its validation prompts
+    are whole base instructions (no train prompt shares an instruction with a validation one)."""
+    import json
+
+    proof, loop, tune = (load_pipeline(n) for n in ("proof", "proof_loop", "proof_tune"))
+    for other in (loop, tune):
+        assert other.sample == proof.sample and other.train == proof.train and other.annotate == proof.annotate
+    assert loop.loop is not None and proof.loop is None and loop.loop.gate.min_win_rate == 0.5
+    assert proof.sample.n >= 8 and proof.sample.policy == "builtin:smollm2-135m-instruct"
+
+    def rows(cfg):
+        return [json.loads(line) for line in open(cfg.prompts.source)]
+
+    held = {r["prompt"] for r in rows(proof) if r["split"] == "eval"}
+    assert sum(r["split"] == "train" for r in rows(proof)) >= 512 and len(held) >= 96 <= proof.prompts.eval_limit
+    tuning = rows(tune)
+    assert not held & {r["prompt"] for r in tuning}
+    instruction = {r["prompt_id"]: r["prompt"].split(". ")[0].rstrip(".") for r in tuning}
+    valid = {instruction[r["prompt_id"]] for r in tuning if r["split"] == "eval"}
+    assert valid and not valid & {instruction[r["prompt_id"]] for r in tuning if r["split"] == "train"}

@@ -124,12 +124,40 @@ def test_evaluate_metrics_by_hand(ctx):
     metrics = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
                                      ids, 2, constraints)
     got = {(m, k): v for m, _, k, v in con.sql(metrics).fetchall()}
-    assert got == pytest.approx({("m", "win_rate"): 2 / 4, ("m", "mean_reward"): 3.2 / 4,
-                                 ("m", "constraint_rate"): 0.75, ("base", "win_rate"): 0.5,
-                                 ("base", "mean_reward"): 1.7 / 4, ("base", "constraint_rate"): 0.5})
+    point = {k: v for k, v in got.items() if not k[1].endswith(("_low", "_high"))}
+    assert point == pytest.approx({("m", "win_rate"): 2 / 4, ("m", "mean_reward"): 3.2 / 4,
+                                   ("m", "constraint_rate"): 0.75, ("base", "win_rate"): 0.5,
+                                   ("base", "mean_reward"): 1.7 / 4, ("base", "constraint_rate"): 0.5,
+                                   ("m", "prompts"): 2, ("base", "prompts"): 2, ("m", "constraint_gain"): 0.25})
+    # per prompt: wins 0.75 and 0.25 (sd 0.354, t(0.975, 1) = 12.7: the interval is clipped to [0, 1]);
+    # pass rates 0.5 and 1 against the base's 1 and 0: gains -0.5 and 1, clipped to [-1, 1]
+    assert (got[("m", "win_rate_low")], got[("m", "win_rate_high")]) == (0.0, 1.0)
+    assert (got[("m", "constraint_gain_low")], got[("m", "constraint_gain_high")]) == (-1.0, 1.0)
     plain = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
                                    ids, 2)
-    assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {"mean_reward", "win_rate"}  # no constraints model
+    assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {  # no constraints model
+        "prompts", "mean_reward", "win_rate", "win_rate_low", "win_rate_high"}
+    one = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
+                                 ids[:1], 2)
+    assert {k for _, _, k, _ in con.sql(one).fetchall()} == {"prompts", "mean_reward", "win_rate"}  # no interval
+
+
+def test_an_interval_over_prompts_by_hand():
+    """Per-prompt rates 0.5, 0.6, 0.7, 0.8: mean 0.65, sd sqrt(0.05 / 3) = 0.129099, t(0.975, 3) = 3.182446,
+    half width 3.182446 * 0.129099 / 2 = 0.205426: [0.444574, 0.855426], scipy's t.interval too. Rates 0, 1:
+    mean 0.5 and a half width of 12.7 * 0.707 / 1.414, clipped to [0, 1]."""
+    from scipy import stats
+
+    from tasks.evaluate import interval_sql, student_t
+
+    con, rates = sql.connect(), [0.5, 0.6, 0.7, 0.8]
+    query = (f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 3)), 0, 1)} "
+             f"from (select unnest({rates}::double[]) as x)")
+    mean, low, high = con.execute(query).fetchall()[0]
+    assert (mean, low, high) == pytest.approx((0.65, 0.444574, 0.855426), abs=1e-6)
+    assert (low, high) == pytest.approx(stats.t.interval(0.95, 3, loc=0.65, scale=stats.sem(rates)))
+    query = f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 1)), 0, 1)} from (select unnest([0.0, 1.0]) as x)"
+    assert con.execute(query).fetchall()[0] == (0.5, 0.0, 1.0)
 
 
 def test_experiment_comparison(ctx):
