@@ -7,8 +7,11 @@ It runs the pipeline flow once (a subflow, one run id) with `train.methods`, `tr
 `annotate.sampling` taken from the pipeline's `experiment:` section (default: DPO-PoP's Table 1 -- dpo,
 fixed margin, ground-truth margin, dpo_pop with iterative and with random PoP sampling, distill; two seeds),
 so every method trains on the same sampled pairs against the same stored reference log-probs. Then it
-writes the comparison: the lake table `comparison` (method, metric, mean, std, seeds), and beside the run
-comparison.md and comparison.png, plus a Prefect markdown artifact.
+writes the comparison: the lake table `comparison` (method, metric, mean, std, seeds, low, high, units), and
+beside the run comparison.md and comparison.png, plus a Prefect markdown artifact. mean and std are over
+seeds; low and high are the two-sided 95% Student t interval over held-out prompts (pairs, for accuracy) of
+each unit's value averaged over seeds (pooled_sql), for win_rate, constraint_gain, accuracy and
+win_rate_vs_dpo (a method's per-prompt win rate minus dpo's, paired by prompt: the claim "beats DPO").
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from flows.pipeline import as_assignments, preference_pipeline
 from popflow import sql
 from popflow.config import load_pipeline
 from popflow.runs import resolve_data_dir
+from popflow.sql import lit
 from popflow.stage import RunContext, artifact_key, with_run_columns
 
-METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate")
+METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate", "constraint_gain")
 
 
 def experiment_overrides(cfg) -> list[str]:
@@ -41,27 +45,105 @@ def experiment_overrides(cfg) -> list[str]:
             f"annotate.sampling={json.dumps(samplings)}", "loop=null", *exp.set]
 
 
-def comparison_sql(metrics: str) -> str:
-    """mean and std over seeds of every (method, metric) of the relation `metrics` (eval_metrics)."""
+LEGEND = "mean [95% interval over held-out prompts (pairs for accuracy), seeds pooled], else mean ± std over seeds"
+REFERENCE = "dpo"  # the method the others are compared with, prompt by prompt, when the experiment has it
+
+
+def comparison_sql(metrics: str, pooled: str | None = None) -> str:
+    """mean and std over seeds of every (method, metric) of the relation `metrics` (eval_metrics); with `pooled`
+    (pooled_sql's rows), the seeds-pooled 95% interval (low, high) over its units where it has one, and the
+    metrics only it has (the comparison with the reference method)."""
+    if pooled is None:
+        pooled = ("(select null::varchar as method, null::varchar as metric, null::double as mean, "
+                  "null::double as low, null::double as high, null::bigint as units, null::bigint as seeds "
+                  "where false)")
     return f"""
     with metrics as (
         select method, seed, metric, value from {metrics} where value is not null
     ),
-    final as (
+    spread as (
         select method, metric, avg(value) as mean, coalesce(stddev_samp(value), 0.0) as std,
                count(*) as seeds
         from metrics group by method, metric
+    ),
+    pooled as (
+        select method, metric, mean, low, high, units, seeds from {pooled}
+    ),
+    final as (
+        select s.method, s.metric, s.mean, s.std, s.seeds, p.low, p.high, p.units
+        from spread s left join pooled p using (method, metric)
+        union all by name
+        select p.method, p.metric, p.mean, null::double as std, p.seeds, p.low, p.high, p.units
+        from pooled p anti join spread s using (method, metric)
     )
     select * from final order by method, metric
     """
 
 
+def pooled_sql(outcomes: str, heldout: str, prompts: int, pairs: int, reference: str = REFERENCE) -> str:
+    """Each trained method with its seeds pooled: a held-out prompt's win and constraint gain (eval_outcomes)
+    and a held-out pair's correctness (beta * h > 0, heldout_margins) averaged over seeds, then the mean over
+    prompts (pairs) with a two-sided 95% Student t interval over them: (method, metric, mean, low, high, units,
+    seeds). `win_rate_vs_<reference>`: a method's per-prompt win rate minus the reference method's, paired by
+    prompt (how much more often it beats the base than the reference does)."""
+    from tasks.evaluate import interval_sql, student_t
+
+    def t(units: int) -> str:
+        return lit(student_t(0.975, units - 1)) if units > 1 else "null::double"
+
+    return f"""
+    with per_prompt as (
+        select method, prompt_id, avg(win) as win, avg(gain) as gain, count(distinct seed) as seeds
+        from {outcomes} where method <> 'base' group by method, prompt_id
+    ),
+    per_pair as (
+        select method, pair_id, avg((beta_h > 0)::double) as correct, count(distinct seed) as seeds
+        from {heldout} group by method, pair_id
+    ),
+    versus as (
+        select p.method, p.prompt_id, p.win - r.win as diff, p.seeds
+        from per_prompt p join per_prompt r on r.method = {lit(reference)} and r.prompt_id = p.prompt_id
+        where p.method <> {lit(reference)}
+    ),
+    win as (
+        select method, 'win_rate' as metric, {interval_sql("win", "v", t(prompts), 0, 1)}, count(win) as units,
+               max(seeds) as seeds
+        from per_prompt group by method
+    ),
+    gain as (
+        select method, 'constraint_gain' as metric, {interval_sql("gain", "v", t(prompts), -1, 1)},
+               count(gain) as units, max(seeds) as seeds
+        from per_prompt group by method
+    ),
+    accuracy as (
+        select method, 'accuracy' as metric, {interval_sql("correct", "v", t(pairs), 0, 1)}, count(*) as units,
+               max(seeds) as seeds
+        from per_pair group by method
+    ),
+    vs_reference as (
+        select method, {lit("win_rate_vs_" + reference)} as metric, {interval_sql("diff", "v", t(prompts), -1, 1)},
+               count(*) as units, max(seeds) as seeds
+        from versus group by method
+    ),
+    final as (
+        select method, metric, v as mean, v_low as low, v_high as high, units, seeds from win
+        union all select method, metric, v, v_low, v_high, units, seeds from gain
+        union all select method, metric, v, v_low, v_high, units, seeds from accuracy
+        union all select method, metric, v, v_low, v_high, units, seeds from vs_reference
+    )
+    select * from final where mean is not null order by method, metric
+    """
+
+
 def comparison_markdown(table: pa.Table) -> str:
-    """methods x metrics, 'mean ± std' over seeds."""
+    """methods x metrics: 'mean [low, high]' where the seeds-pooled 95% interval exists, else 'mean ± std'."""
     cells: dict = {}
     for row in table.to_pylist():
-        cells.setdefault(row["method"], {})[row["metric"]] = f"{row['mean']:.3f} ± {row['std']:.3f}"
-    metrics = [m for m in METRICS if any(m in c for c in cells.values())]
+        cells.setdefault(row["method"], {})[row["metric"]] = (
+            f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]" if row.get("low") is not None
+            else f"{row['mean']:.3f} ± {row['std']:.3f}")
+    extra = sorted({m for c in cells.values() for m in c} - set(METRICS))
+    metrics = [m for m in (*METRICS, *extra) if any(m in c for c in cells.values())]
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for method in sorted(cells, key=lambda m: (m != "base", m)):
         lines.append(f"| {method} | " + " | ".join(cells[method].get(m, "") for m in metrics) + " |")
@@ -84,7 +166,14 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     result = state.result()
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],
                      load_pipeline(pipeline, config_path, sets))
-    table = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).to_arrow_table()
+    con = sql.connect()
+    pooled = None
+    if ctx.lake.partition("eval_outcomes", pipeline, ctx.run_id).is_dir():
+        prompts, pairs = con.execute(
+            f"select (select count(distinct prompt_id) from {ctx.table('eval_outcomes')}), "
+            f"(select count(distinct pair_id) from {ctx.table('heldout_margins')})").fetchall()[0]
+        pooled = f"({pooled_sql(ctx.table('eval_outcomes'), ctx.table('heldout_margins'), prompts, pairs)})"
+    table = con.sql(comparison_sql(ctx.table("eval_metrics"), pooled)).to_arrow_table()
     ctx.lake.write_table("comparison", pipeline, ctx.run_id, with_run_columns(ctx, table))
     ctx.lake.rebuild_catalog()
     markdown = comparison_markdown(table)
@@ -92,7 +181,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     plot = plot_comparison(table.to_pylist(), [m for m in METRICS if m in table.column("metric").to_pylist()],
                            ctx.run_dir / "comparison.png", f"{pipeline} {ctx.run_id}")
     create_markdown_artifact(key=artifact_key(pipeline, "comparison"), markdown=(
-        f"# {pipeline} experiment, run {ctx.run_id}\n\nmean ± std over seeds {cfg.experiment.seeds}\n\n"
+        f"# {pipeline} experiment, run {ctx.run_id}\n\nseeds {cfg.experiment.seeds}: {LEGEND}\n\n"
         f"{markdown}\n\nPlot: `{plot}`\n"))
-    get_run_logger().info("comparison (mean ± std over seeds):\n%s", markdown)
+    get_run_logger().info("comparison (%s):\n%s", LEGEND, markdown)
     return {"run_id": ctx.run_id, "comparison": markdown, "plot": str(plot)}

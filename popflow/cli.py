@@ -264,7 +264,9 @@ def cmd_experiment(args) -> int:
 
     result = preference_experiment(pipeline=args.pipeline, overrides=args.overrides, data_dir=args.data_dir,
                                    run_id=args.run_id, config_path=args.config)
-    print(f"experiment run {result['run_id']} completed (mean ± std over seeds)\n{result['comparison']}")
+    from flows.experiment import LEGEND
+
+    print(f"experiment run {result['run_id']} completed ({LEGEND})\n{result['comparison']}")
     print(f"plot: {result['plot']}")
     return 0
 

@@ -94,7 +94,8 @@ def plot_margins(gt, margins, strengths, out: Path, title: str) -> Path:
 
 
 def plot_comparison(rows: list[dict], metrics: list[str], out: Path, title: str) -> Path:
-    """One bar panel per metric: each method's mean over seeds with the std as an error bar."""
+    """One bar panel per metric: each method's mean over seeds, its error bar the seeds-pooled 95% interval
+    over held-out prompts (pairs) where the row has one (low, high), else the std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,12 +106,17 @@ def plot_comparison(rows: list[dict], metrics: list[str], out: Path, title: str)
     for ax, metric in zip(axes[0], metrics, strict=True):
         by = {r["method"]: r for r in rows if r["metric"] == metric}
         shown = [m for m in methods if m in by]
-        ax.bar(range(len(shown)), [by[m]["mean"] for m in shown], yerr=[by[m]["std"] for m in shown],
+        means = [by[m]["mean"] for m in shown]
+        below = [mean - by[m]["low"] if by[m].get("low") is not None else by[m]["std"] or 0.0
+                 for m, mean in zip(shown, means, strict=True)]
+        above = [by[m]["high"] - mean if by[m].get("high") is not None else by[m]["std"] or 0.0
+                 for m, mean in zip(shown, means, strict=True)]
+        ax.bar(range(len(shown)), means, yerr=[below, above],
                color=["#999999" if m == "base" else "#4393c3" for m in shown], capsize=3)
         ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.axhline(0, color="black", lw=0.5)
-    fig.suptitle(f"{title}: mean ± std over seeds", fontsize=9)
+    fig.suptitle(f"{title}: mean, 95% interval over prompts (else ± std over seeds)", fontsize=9)
     fig.tight_layout()
     return save(fig, out)
 

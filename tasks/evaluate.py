@@ -11,6 +11,8 @@
                      constraint_gain  constraint_rate minus the base policy's, paired by prompt
                      prompts          the held-out prompts generated for
                      <rate>_low, <rate>_high   its two-sided 95% Student t interval over prompts
+Beside them `eval_outcomes`: each policy's figures per held-out prompt (reward, win, passed, gain), the unit
+of every interval (a prompt's samples share its difficulty) and what the experiment pools seeds over.
 The base policy gets its own rows (method 'base'). Generation uses stage 1's engine and sampling settings
 (popflow/engines.py). LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter;
 on CPU, when a policy generates enough tokens, each adapter is merged into a temporary copy of the base
@@ -92,15 +94,15 @@ def student_t(level: float, df: int) -> float:
     return float(t.ppf(level, df))
 
 
-def generation_metrics_sql(eval_samples: str, sample_rewards: str, samples: str, ids: list[str], n: int,
-                           constraints: tuple[str, str, str] | None = None) -> str:
-    """mean_reward, win_rate (vs the base policy's sample of the same prompt and index; the same text is a tie)
-    and constraint_rate per (method, seed), the base policy included. The base policy's samples are stage 1's
-    first `n` of each held-out prompt in `ids` (texts from `samples`); `constraints`: (eval_rewards, rewards, the
-    constraints reward model's name). Beside each rate its two-sided 95% Student t interval over prompts
-    (<name>_low, <name>_high; none with fewer than two prompts), and constraint_gain: the policy's pass rate
-    minus the base policy's, paired by prompt, with its interval; `prompts` counts the prompts."""
-    t = lit(student_t(0.975, len(ids) - 1)) if len(ids) > 1 else "null::double"
+def prompt_outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, ids: list[str], n: int,
+                        constraints: tuple[str, str, str] | None = None) -> str:
+    """Per (method, seed, held-out prompt), the base policy included: reward (mean aggregate reward of its
+    samples), win (mean outcome against the base policy's sample of the same prompt and index: 1, a tie 1/2
+    (the same text is a tie), 0), passed (share of samples meeting every constraint) and gain (passed minus the
+    base policy's; null for the base). The base policy's samples are stage 1's first `n` of each held-out
+    prompt in `ids` (texts from `samples`); `constraints`: (eval_rewards, rewards, the constraints reward
+    model's name), else passed and gain are null. The prompt is the unit of every interval built on these:
+    a prompt's samples share its difficulty."""
     ctes = [f"""base as (
         select 'base' as method, null::bigint as seed, r.prompt_id, r.sample_idx, r.reward, s.response
         from {sample_rewards} r join {samples} s using (prompt_id, sample_idx)
@@ -127,28 +129,36 @@ def generation_metrics_sql(eval_samples: str, sample_rewards: str, samples: str,
         from policy_rewards s
         join base b on b.prompt_id = s.prompt_id and b.sample_idx = s.sample_idx
         {join}
-    )""", f"""per_prompt as (  -- the prompt is the unit of every interval: its samples share its difficulty
+    )""", f"""per_prompt as (
         select method, seed, prompt_id, avg(reward) as reward,
                avg({win_outcome_sql("reward", "base_reward", "same_text")}) as win, {rate} as passed
         from scored group by method, seed, prompt_id
-    )""", """gains as (  -- a policy's constraint pass rate minus the base policy's, prompt by prompt
-        select p.method, p.seed, p.prompt_id, p.passed - b.passed as gain
-        from per_prompt p join per_prompt b on b.method = 'base' and b.prompt_id = p.prompt_id
-        where p.method <> 'base'
-    )""", f"""per_policy as (
+    )""", """final as (
+        select p.method, p.seed, p.prompt_id, p.reward, p.win, p.passed,
+               case when p.method <> 'base' then p.passed - b.passed end as gain
+        from per_prompt p left join per_prompt b on b.method = 'base' and b.prompt_id = p.prompt_id
+    )"""]
+    return "with " + ",\n    ".join(ctes) + "\nselect * from final order by method, seed, prompt_id"
+
+
+def generation_metrics_sql(outcomes: str, prompts: int) -> str:
+    """mean_reward, win_rate, constraint_rate and constraint_gain per (method, seed) from `outcomes`
+    (prompt_outcomes_sql's rows over `prompts` held-out prompts), each rate with its two-sided 95% Student t
+    interval over prompts (<name>_low, <name>_high; none with fewer than two prompts); `prompts` counts them."""
+    t = lit(student_t(0.975, prompts - 1)) if prompts > 1 else "null::double"
+    return f"""
+    with per_policy as (
         select method, seed, count(*)::double as prompts, avg(reward) as mean_reward,
                {interval_sql("win", "win_rate", t, 0, 1)},
-               {interval_sql("passed", "constraint_rate", t, 0, 1)}
-        from per_prompt group by method, seed
-    )""", f"""per_gain as (
-        select method, seed, {interval_sql("gain", "constraint_gain", t, -1, 1)}
-        from gains group by method, seed
-    )""", """wide as (
-        select * from per_policy left join per_gain using (method, seed)
-    )""", f"""final as (
-        unpivot wide on {", ".join(GENERATION_METRICS)} into name metric value value
-    )"""]
-    return "with " + ",\n    ".join(ctes) + "\nselect method, seed, metric, value from final where value is not null"
+               {interval_sql("passed", "constraint_rate", t, 0, 1)},
+               {interval_sql("gain", "constraint_gain", t, -1, 1)}
+        from {outcomes} group by method, seed
+    ),
+    final as (
+        unpivot per_policy on {", ".join(GENERATION_METRICS)} into name metric value value
+    )
+    select method, seed, metric, value from final where value is not null
+    """
 
 
 def eval_prompts_sql(prompts: str, max_prompts: int | None) -> str:
@@ -261,13 +271,15 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
     names = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), names[0]) if names else None
-    metrics_sql = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
-                                         prompts.column("prompt_id").to_pylist(), n, constraints)
-    return (metrics_sql,
+    ids = prompts.column("prompt_id").to_pylist()
+    outcomes = con.sql(prompt_outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
+                                           ctx.table("samples"), ids, n, constraints)).to_arrow_table()
+    lake.write_table("eval_outcomes", ctx.pipeline, ctx.run_id, with_run_columns(ctx, outcomes))
+    return (generation_metrics_sql(ctx.table("eval_outcomes"), len(ids)),
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
-             "eval_samples": samples.num_rows})
+             "eval_samples": samples.num_rows, "eval_outcomes": outcomes.num_rows})
 
 
 def markdown_table(con, metrics: pa.Table) -> str:
@@ -286,7 +298,8 @@ def markdown_table(con, metrics: pa.Table) -> str:
 
 
 @stage("evaluate", reads=("train", "ingest", "score"), sections=("evaluate",),
-       writes=("eval_rewards", "eval_samples", "eval_metrics"), retries=1, when=lambda cfg: cfg.train is not None)
+       writes=("eval_rewards", "eval_samples", "eval_outcomes", "eval_metrics"), retries=1,
+       when=lambda cfg: cfg.train is not None)
 def evaluate(ctx: RunContext) -> Output:
     """Write eval_metrics (run_id, method, seed, metric, value) for every trained policy and the base."""
     con = sql.connect()
@@ -300,12 +313,13 @@ def evaluate(ctx: RunContext) -> Output:
         metrics_sql, gen_report = generation_metrics(ctx, con, policies)
         if "eval_samples" in gen_report:
             tables = {"eval_rewards": gen_report["eval_samples"] * len(ctx.config.score.models),
-                      "eval_samples": gen_report.pop("eval_samples")}
+                      "eval_samples": gen_report.pop("eval_samples"),
+                      "eval_outcomes": gen_report.pop("eval_outcomes")}
         report.update(gen_report)
     if metrics_sql:
         parts.append(metrics_sql)
     else:  # nothing generated this time: an earlier attempt's samples would describe replaced policies
-        for table in ("eval_samples", "eval_rewards"):
+        for table in ("eval_samples", "eval_rewards", "eval_outcomes"):
             ctx.lake.drop_table(table, ctx.pipeline, ctx.run_id)
     metrics = con.sql(" union all ".join(f"({p})" for p in parts)).to_arrow_table()
     metrics = metrics.cast(pa.schema([("method", pa.string()), ("seed", pa.int64()), ("metric", pa.string()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 
 from flows.experiment import comparison_sql
@@ -15,6 +16,7 @@ from tasks.evaluate import (
     eval_prompts_sql,
     generation_metrics_sql,
     heldout_metrics_sql,
+    prompt_outcomes_sql,
 )
 from tasks.margins import pop_labels_of, train_pairs_sql
 from tasks.pair import write_pairs
@@ -121,8 +123,15 @@ def test_evaluate_metrics_by_hand(ctx):
     assert ids == [E1, E2]
     assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1)).fetchall()[0][0] == E1
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), "a")
-    metrics = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
-                                     ids, 2, constraints)
+
+    def outcomes(ids, constraints=None) -> str:
+        return "(" + prompt_outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
+                                         ids, 2, constraints) + ")"
+
+    per_prompt = con.sql(f"select method, prompt_id, win, passed, gain from {outcomes(ids, constraints)}").fetchall()
+    assert per_prompt == [("base", E1, 0.5, 1.0, None), ("base", E2, 0.5, 0.0, None),
+                          ("m", E1, 0.75, 0.5, -0.5), ("m", E2, 0.25, 1.0, 1.0)]
+    metrics = generation_metrics_sql(outcomes(ids, constraints), len(ids))
     got = {(m, k): v for m, _, k, v in con.sql(metrics).fetchall()}
     point = {k: v for k, v in got.items() if not k[1].endswith(("_low", "_high"))}
     assert point == pytest.approx({("m", "win_rate"): 2 / 4, ("m", "mean_reward"): 3.2 / 4,
@@ -133,12 +142,10 @@ def test_evaluate_metrics_by_hand(ctx):
     # pass rates 0.5 and 1 against the base's 1 and 0: gains -0.5 and 1, clipped to [-1, 1]
     assert (got[("m", "win_rate_low")], got[("m", "win_rate_high")]) == (0.0, 1.0)
     assert (got[("m", "constraint_gain_low")], got[("m", "constraint_gain_high")]) == (-1.0, 1.0)
-    plain = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
-                                   ids, 2)
+    plain = generation_metrics_sql(outcomes(ids), len(ids))
     assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {  # no constraints model
         "prompts", "mean_reward", "win_rate", "win_rate_low", "win_rate_high"}
-    one = generation_metrics_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"), ctx.table("samples"),
-                                 ids[:1], 2)
+    one = generation_metrics_sql(outcomes(ids[:1]), 1)
     assert {k for _, _, k, _ in con.sql(one).fetchall()} == {"prompts", "mean_reward", "win_rate"}  # no interval
 
 
@@ -165,7 +172,52 @@ def test_experiment_comparison(ctx):
     ctx.lake.write_table("eval_metrics", "tiny", "r1", __import__("pyarrow").table(
         {"method": ["m", "m"], "seed": [0, 1], "metric": ["accuracy"] * 2, "value": [0.5, 0.7]}))
     got = sql.connect().sql(comparison_sql(ctx.table("eval_metrics"))).fetchall()
-    assert got == [("m", "accuracy", pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)]
+    assert got == [("m", "accuracy", pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2, None, None, None)]
+
+
+def test_experiment_intervals_pool_seeds_prompt_by_prompt():
+    """Two seeds of dpo and dpo_pop on 3 held-out prompts (and 3 pairs); t(0.975, 2) = 4.302653.
+    dpo_pop wins (seed 0 | seed 1): p1 1 | 1, p2 0.5 | 1, p3 0.75 | 0.25 -> per prompt 1, 0.75, 0.5: mean 0.75,
+    sd 0.25, half width 4.302653 * 0.25 / sqrt(3) = 0.621035 -> [0.128965, 1 (clipped)]. dpo wins 0.5 everywhere
+    (per prompt 0.5): against dpo, dpo_pop's differences 0.5, 0.25, 0: [0.25 - 0.621035, 0.25 + 0.621035].
+    Gains 0.5 | 0.5, 0 | 0.5, 0.5 | 0 -> 0.5, 0.25, 0.25: mean 1/3, sd 0.144338, half 0.358555. dpo's
+    held-out beta * h: q1 1 | 1, q2 1 | 1, q3 -1 | 1 -> correct 1, 1, 0.5: mean 5/6, sd 0.288675, half 0.717109
+    -> [0.116224, 1 (clipped)]. The base's rows are left out; scipy's t interval agrees."""
+    from scipy import stats
+
+    from flows.experiment import comparison_sql, pooled_sql
+
+    wins = {("dpo_pop", 0): (1.0, 0.5, 0.75), ("dpo_pop", 1): (1.0, 1.0, 0.25),
+            ("dpo", 0): (0.5, 0.5, 0.5), ("dpo", 1): (0.5, 0.5, 0.5), ("base", None): (0.5, 0.5, 0.5)}
+    gains = {("dpo_pop", 0): (0.5, 0.0, 0.5), ("dpo_pop", 1): (0.5, 0.5, 0.0)}
+    outcomes = pa.Table.from_pylist([
+        {"method": m, "seed": s, "prompt_id": f"p{i + 1}", "win": w, "gain": gains.get((m, s), (0.0,) * 3)[i]
+         if m != "base" else None} for (m, s), ws in wins.items() for i, w in enumerate(ws)])
+    signs = {("dpo", 0): (1, 1, -1), ("dpo", 1): (1, 1, 1), ("dpo_pop", 0): (1, 1, 1), ("dpo_pop", 1): (1, 1, 1)}
+    heldout = pa.Table.from_pylist([{"method": m, "seed": s, "pair_id": f"q{i + 1}", "beta_h": float(b)}
+                                    for (m, s), bs in signs.items() for i, b in enumerate(bs)])
+    con = sql.connect()
+    con.register("outcomes", outcomes)
+    con.register("heldout", heldout)
+    got = {(r[0], r[1]): r[2:] for r in con.execute(pooled_sql("outcomes", "heldout", 3, 3)).fetchall()}
+    assert got[("dpo_pop", "win_rate")] == pytest.approx((0.75, 0.128965, 1.0, 3, 2), abs=1e-6)
+    assert got[("dpo_pop", "win_rate_vs_dpo")] == pytest.approx((0.25, 0.25 - 0.621035, 0.25 + 0.621035, 3, 2),
+                                                                abs=1e-6)
+    assert got[("dpo_pop", "constraint_gain")] == pytest.approx((1 / 3, 1 / 3 - 0.358555, 1 / 3 + 0.358555, 3, 2),
+                                                                abs=1e-6)
+    assert got[("dpo", "accuracy")] == pytest.approx((5 / 6, 0.116224, 1.0, 3, 2), abs=1e-6)
+    assert got[("dpo", "win_rate")] == pytest.approx((0.5, 0.5, 0.5, 3, 2))  # no spread: a zero-width interval
+    assert ("dpo", "win_rate_vs_dpo") not in got and not any(m == "base" for m, _ in got)
+    low, _ = stats.t.interval(0.95, 2, loc=5 / 6, scale=stats.sem([1, 1, 0.5]))
+    assert got[("dpo", "accuracy")][1] == pytest.approx(low)
+    # the comparison: seeds' mean and std from eval_metrics, the pooled interval beside them
+    metrics = pa.table({"method": ["dpo", "dpo"], "seed": [0, 1], "metric": ["accuracy"] * 2,
+                        "value": [2 / 3, 1.0]})
+    con.register("metrics", metrics)
+    rows = con.execute(comparison_sql("metrics", f"({pooled_sql('outcomes', 'heldout', 3, 3)})")).fetchall()
+    assert rows[0] == ("dpo", "accuracy", pytest.approx(5 / 6), pytest.approx(math.sqrt(1 / 18)), 2,
+                       pytest.approx(0.116224, abs=1e-6), 1.0, 3)
+    assert ("dpo_pop", "win_rate_vs_dpo") in {(r[0], r[1]) for r in rows}  # only the pooled rows have it
 
 
 def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_rewards(ctx):
