@@ -58,8 +58,8 @@ def comparison_sql(metrics: str, pooled: str | None = None) -> str:
                   "null::double as low, null::double as high, null::bigint as units, null::bigint as seeds "
                   "where false)")
     return f"""
-    with metrics as (
-        select method, seed, metric, value from {metrics} where value is not null
+    with metrics as (  -- not the per-seed intervals (their average means nothing) nor the prompt count
+        select method, seed, metric, value from {metrics} where value is not null and metric in {sql.values(METRICS)}
     ),
     spread as (
         select method, metric, avg(value) as mean, coalesce(stddev_samp(value), 0.0) as std,

@@ -46,11 +46,15 @@ def test_experiment_writes_the_comparison_table(cli):
     methods = "experiment.methods=[{loss: dpo}, {loss: dpo_pop}, {loss: dpo_pop, sampling: random}]"
     out = cli("experiment", "tiny", *TINY, "--set", methods, "--set", "experiment.seeds=[0, 1]")
     run_id = out.stdout.split("experiment run ")[1].split()[0]
-    rows = cli.query(f"select method, metric, seeds, std >= 0 from comparison where run_id = '{run_id}' "
-                     "order by all")
+    rows = cli.query(f"select method, metric, seeds, low <= mean and mean <= high from comparison "
+                     f"where run_id = '{run_id}' order by all")
     assert {r[0] for r in rows} == {"base", "dpo", "dpo_pop", "dpo_pop_random"}
     assert {(r[1], r[2]) for r in rows if r[0] == "dpo_pop_random"} == {
-        (m, 2) for m in ("accuracy", "constraint_rate", "mean_reward", "pearson", "spearman", "win_rate")}
+        (m, 2) for m in ("accuracy", "constraint_rate", "constraint_gain", "mean_reward", "pearson", "spearman",
+                         "win_rate", "win_rate_vs_dpo")}
+    # seeds pooled prompt by prompt: an interval around the mean for these, none for the others
+    assert {r[1] for r in rows if r[0] == "dpo_pop" and r[3]} == {"accuracy", "constraint_gain", "win_rate",
+                                                                  "win_rate_vs_dpo"}
     # both PoP samplings were annotated in the one run, and the random one trained on its own composition
     assert cli.query(f"select sampling, min(train_on) from train_pairs where run_id = '{run_id}' group by 1 "
                      "order by 1") == [("iterative", "all_pairs"), ("random", "pop_winners")]

@@ -44,5 +44,6 @@ def test_the_report_table_from_eval_metrics():
     assert got[3] == "| base |  | 0.250 [0.050, 0.450] |  |"
     assert got[4] == "| dpo_pop-s0 | 0.562 [0.400, 0.725] |  | 0.750 |"
     assert got[5] == ("dpo_pop-s0: no detectable difference from the base at this size: win rate 0.562 "
-                      "[0.400, 0.725] over 8 held-out prompts (the interval holds 0.5)")
+                      "[0.400, 0.725] over 8 held-out prompts (the interval holds 0.5; README 'Does it work?' "
+                      "measures popflow at a size that can tell)")
     assert len(got) == 6
