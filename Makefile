@@ -12,7 +12,7 @@ CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 SETUP := $(VENV)/.setup-done
 MODELS := data/models/.materialised
 
-.PHONY: setup models demo test lint bench gpu-check clean
+.PHONY: setup models demo proof test lint bench gpu-check clean
 
 setup: $(SETUP)
 
@@ -45,6 +45,15 @@ demo: models
 	$(VENV)/bin/popflow sql "select method, count(*) as pairs, round(avg(margin), 3) as mean_margin, round(corr(margin, gt_margin), 3) as pearson_vs_gt from margins where pipeline = 'demo' group by all"
 	$(VENV)/bin/popflow sql "select method, seed, path, steps, tokens_per_s from latest_policies where pipeline = 'demo'"
 	$(VENV)/bin/popflow report demo
+
+# The proof (README "Does it work?"): the climbing loop, then the papers' claims. Hours on 2 CPU cores; rerun
+# after a kill and every run continues where it stopped (the loop resumes its unfinished round, the experiment
+# its run id), nothing is done twice.
+proof: models
+	$(VENV)/bin/popflow loop proof_loop --rounds 3
+	$(VENV)/bin/popflow policies proof_loop
+	$(VENV)/bin/popflow experiment proof --run-id claims
+	$(VENV)/bin/popflow report proof --run-id claims
 
 test: models
 	$(VENV)/bin/ruff check .

@@ -45,6 +45,8 @@ def experiment_overrides(cfg) -> list[str]:
             f"annotate.sampling={json.dumps(samplings)}", "loop=null", *exp.set]
 
 
+NO_OUTCOMES = ("(select null::varchar as method, null::bigint as seed, null::varchar as prompt_id, "
+               "null::double as win, null::double as gain where false)")
 LEGEND = "mean [95% interval over held-out prompts (pairs for accuracy), seeds pooled], else mean ± std over seeds"
 REFERENCE = "dpo"  # the method the others are compared with, prompt by prompt, when the experiment has it
 
@@ -80,12 +82,15 @@ def comparison_sql(metrics: str, pooled: str | None = None) -> str:
     """
 
 
-def pooled_sql(outcomes: str, heldout: str, prompts: int, pairs: int, reference: str = REFERENCE) -> str:
-    """Each trained method with its seeds pooled: a held-out prompt's win and constraint gain (eval_outcomes)
-    and a held-out pair's correctness (beta * h > 0, heldout_margins) averaged over seeds, then the mean over
-    prompts (pairs) with a two-sided 95% Student t interval over them: (method, metric, mean, low, high, units,
-    seeds). `win_rate_vs_<reference>`: a method's per-prompt win rate minus the reference method's, paired by
-    prompt (how much more often it beats the base than the reference does)."""
+def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_prompts: int,
+               reference: str = REFERENCE) -> str:
+    """Each trained method with its seeds pooled, the held-out prompt the unit: a prompt's win and constraint
+    gain (`outcomes`: eval_outcomes, over `prompts` prompts) and the share of its held-out pairs the policy
+    orders right (beta * h > 0; `heldout`: heldout_margins, joined to `pairs` for the prompt, over
+    `heldout_prompts` prompts), each averaged over seeds, then the mean over prompts with a two-sided 95%
+    Student t interval: (method, metric, mean, low, high, units, seeds). `win_rate_vs_<reference>`: a method's
+    per-prompt win rate minus the reference method's, paired by prompt (how much more often it beats the base
+    than the reference does)."""
     from tasks.evaluate import interval_sql, student_t
 
     def t(units: int) -> str:
@@ -96,9 +101,9 @@ def pooled_sql(outcomes: str, heldout: str, prompts: int, pairs: int, reference:
         select method, prompt_id, avg(win) as win, avg(gain) as gain, count(distinct seed) as seeds
         from {outcomes} where method <> 'base' group by method, prompt_id
     ),
-    per_pair as (
-        select method, pair_id, avg((beta_h > 0)::double) as correct, count(distinct seed) as seeds
-        from {heldout} group by method, pair_id
+    per_heldout_prompt as (  -- a prompt's held-out pairs share its samples: the prompt is the unit here too
+        select h.method, p.prompt_id, avg((h.beta_h > 0)::double) as correct, count(distinct h.seed) as seeds
+        from {heldout} h join {pairs} p using (pair_id) group by h.method, p.prompt_id
     ),
     versus as (
         select p.method, p.prompt_id, p.win - r.win as diff, p.seeds
@@ -116,9 +121,9 @@ def pooled_sql(outcomes: str, heldout: str, prompts: int, pairs: int, reference:
         from per_prompt group by method
     ),
     accuracy as (
-        select method, 'accuracy' as metric, {interval_sql("correct", "v", t(pairs), 0, 1)}, count(*) as units,
-               max(seeds) as seeds
-        from per_pair group by method
+        select method, 'accuracy' as metric, {interval_sql("correct", "v", t(heldout_prompts), 0, 1)},
+               count(*) as units, max(seeds) as seeds
+        from per_heldout_prompt group by method
     ),
     vs_reference as (
         select method, {lit("win_rate_vs_" + reference)} as metric, {interval_sql("diff", "v", t(prompts), -1, 1)},
@@ -139,9 +144,12 @@ def comparison_markdown(table: pa.Table) -> str:
     """methods x metrics: 'mean [low, high]' where the seeds-pooled 95% interval exists, else 'mean ± std'."""
     cells: dict = {}
     for row in table.to_pylist():
-        cells.setdefault(row["method"], {})[row["metric"]] = (
-            f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]" if row.get("low") is not None
-            else f"{row['mean']:.3f} ± {row['std']:.3f}")
+        cell = f"{row['mean']:.3f}"
+        if row.get("low") is not None:
+            cell += f" [{row['low']:.3f}, {row['high']:.3f}]"
+        elif row.get("std") is not None:
+            cell += f" ± {row['std']:.3f}"
+        cells.setdefault(row["method"], {})[row["metric"]] = cell
     extra = sorted({m for c in cells.values() for m in c} - set(METRICS))
     metrics = [m for m in (*METRICS, *extra) if any(m in c for c in cells.values())]
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -167,12 +175,12 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],
                      load_pipeline(pipeline, config_path, sets))
     con = sql.connect()
-    pooled = None
-    if ctx.lake.partition("eval_outcomes", pipeline, ctx.run_id).is_dir():
-        prompts, pairs = con.execute(
-            f"select (select count(distinct prompt_id) from {ctx.table('eval_outcomes')}), "
-            f"(select count(distinct pair_id) from {ctx.table('heldout_margins')})").fetchall()[0]
-        pooled = f"({pooled_sql(ctx.table('eval_outcomes'), ctx.table('heldout_margins'), prompts, pairs)})"
+    outcomes = ctx.table("eval_outcomes") if ctx.has("eval_outcomes") else NO_OUTCOMES  # evaluate.generate false
+    heldout, pairs = ctx.table("heldout_margins"), ctx.table("pairs")
+    prompts, heldout_prompts = con.execute(
+        f"select (select count(distinct prompt_id) from {outcomes}), (select count(distinct p.prompt_id) "
+        f"from {heldout} h join {pairs} p using (pair_id))").fetchall()[0]
+    pooled = f"({pooled_sql(outcomes, heldout, pairs, prompts, heldout_prompts)})"
     table = con.sql(comparison_sql(ctx.table("eval_metrics"), pooled)).to_arrow_table()
     ctx.lake.write_table("comparison", pipeline, ctx.run_id, with_run_columns(ctx, table))
     ctx.lake.rebuild_catalog()

@@ -19,7 +19,10 @@ from tests.conftest import REPO
 
 TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
 PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
-METRICS = ["accuracy", "constraint_rate", "mean_reward", "pearson", "spearman", "win_rate"]
+BASE_METRICS = ["constraint_rate", "constraint_rate_high", "constraint_rate_low", "mean_reward", "prompts", "win_rate",
+                "win_rate_high", "win_rate_low"]  # the rates with their 95% intervals over prompts
+METRICS = sorted([*BASE_METRICS, "accuracy", "constraint_gain", "constraint_gain_high", "constraint_gain_low",
+                  "pearson", "spearman"])
 
 
 def check_tiny_run(cli, run_id: str, engine: str) -> None:
@@ -87,7 +90,7 @@ def check_trained(cli, run_id: str, methods: tuple = ("dpo_pop",)) -> None:
     assert q(f"select method, count(*) from heldout_margins {where} group by 1 order by 1") == [
         (m, pairs[0][1]) for m in sorted(methods)]
     got = q(f"select method, list(distinct metric order by metric) from eval_metrics {where} group by 1 order by 1")
-    assert got == [("base", ["constraint_rate", "mean_reward", "win_rate"])] + [(m, METRICS) for m in sorted(methods)]
+    assert got == [("base", BASE_METRICS)] + [(m, METRICS) for m in sorted(methods)]
     assert q(f"select value from eval_metrics {where} and method = 'base' and metric = 'win_rate'") == [(0.5,)]
     # the base policy's constraint rate, recomputed from stage 2's scores of its first n = 2 held-out samples
     assert q(f"select value from eval_metrics {where} and method = 'base' and metric = 'constraint_rate'") == q(

@@ -176,16 +176,18 @@ def test_experiment_comparison(ctx):
 
 
 def test_experiment_intervals_pool_seeds_prompt_by_prompt():
-    """Two seeds of dpo and dpo_pop on 3 held-out prompts (and 3 pairs); t(0.975, 2) = 4.302653.
+    """Two seeds of dpo and dpo_pop on 3 held-out prompts (q1 and q4 on prompt p1: the prompt is the unit, its
+    pairs averaged; q2 on p2, q3 on p3); t(0.975, 2) = 4.302653.
     dpo_pop wins (seed 0 | seed 1): p1 1 | 1, p2 0.5 | 1, p3 0.75 | 0.25 -> per prompt 1, 0.75, 0.5: mean 0.75,
     sd 0.25, half width 4.302653 * 0.25 / sqrt(3) = 0.621035 -> [0.128965, 1 (clipped)]. dpo wins 0.5 everywhere
     (per prompt 0.5): against dpo, dpo_pop's differences 0.5, 0.25, 0: [0.25 - 0.621035, 0.25 + 0.621035].
     Gains 0.5 | 0.5, 0 | 0.5, 0.5 | 0 -> 0.5, 0.25, 0.25: mean 1/3, sd 0.144338, half 0.358555. dpo's
-    held-out beta * h: q1 1 | 1, q2 1 | 1, q3 -1 | 1 -> correct 1, 1, 0.5: mean 5/6, sd 0.288675, half 0.717109
-    -> [0.116224, 1 (clipped)]. The base's rows are left out; scipy's t interval agrees."""
+    held-out beta * h: q1 1 | 1 and q4 1 | 1 (p1), q2 1 | 1, q3 -1 | 1 -> correct 1, 1, 0.5: mean 5/6, sd
+    0.288675, half 0.717109 -> [0.116224, 1 (clipped)]. The base's rows are left out; scipy's t interval agrees.
+    A metric only the pooled rows have and no interval (one prompt) prints as its mean, not a crash."""
     from scipy import stats
 
-    from flows.experiment import comparison_sql, pooled_sql
+    from flows.experiment import comparison_markdown, comparison_sql, pooled_sql
 
     wins = {("dpo_pop", 0): (1.0, 0.5, 0.75), ("dpo_pop", 1): (1.0, 1.0, 0.25),
             ("dpo", 0): (0.5, 0.5, 0.5), ("dpo", 1): (0.5, 0.5, 0.5), ("base", None): (0.5, 0.5, 0.5)}
@@ -193,13 +195,16 @@ def test_experiment_intervals_pool_seeds_prompt_by_prompt():
     outcomes = pa.Table.from_pylist([
         {"method": m, "seed": s, "prompt_id": f"p{i + 1}", "win": w, "gain": gains.get((m, s), (0.0,) * 3)[i]
          if m != "base" else None} for (m, s), ws in wins.items() for i, w in enumerate(ws)])
-    signs = {("dpo", 0): (1, 1, -1), ("dpo", 1): (1, 1, 1), ("dpo_pop", 0): (1, 1, 1), ("dpo_pop", 1): (1, 1, 1)}
+    signs = {("dpo", 0): (1, 1, -1, 1), ("dpo", 1): (1, 1, 1, 1), ("dpo_pop", 0): (1, 1, 1, 1),
+             ("dpo_pop", 1): (1, 1, 1, 1)}
     heldout = pa.Table.from_pylist([{"method": m, "seed": s, "pair_id": f"q{i + 1}", "beta_h": float(b)}
                                     for (m, s), bs in signs.items() for i, b in enumerate(bs)])
+    pairs = pa.table({"pair_id": ["q1", "q2", "q3", "q4"], "prompt_id": ["p1", "p2", "p3", "p1"]})
     con = sql.connect()
-    con.register("outcomes", outcomes)
-    con.register("heldout", heldout)
-    got = {(r[0], r[1]): r[2:] for r in con.execute(pooled_sql("outcomes", "heldout", 3, 3)).fetchall()}
+    for name, table in (("outcomes", outcomes), ("heldout", heldout), ("pairs", pairs)):
+        con.register(name, table)
+    pooled = pooled_sql("outcomes", "heldout", "pairs", 3, 3)
+    got = {(r[0], r[1]): r[2:] for r in con.execute(pooled).fetchall()}
     assert got[("dpo_pop", "win_rate")] == pytest.approx((0.75, 0.128965, 1.0, 3, 2), abs=1e-6)
     assert got[("dpo_pop", "win_rate_vs_dpo")] == pytest.approx((0.25, 0.25 - 0.621035, 0.25 + 0.621035, 3, 2),
                                                                 abs=1e-6)
@@ -214,10 +219,13 @@ def test_experiment_intervals_pool_seeds_prompt_by_prompt():
     metrics = pa.table({"method": ["dpo", "dpo"], "seed": [0, 1], "metric": ["accuracy"] * 2,
                         "value": [2 / 3, 1.0]})
     con.register("metrics", metrics)
-    rows = con.execute(comparison_sql("metrics", f"({pooled_sql('outcomes', 'heldout', 3, 3)})")).fetchall()
+    rows = con.execute(comparison_sql("metrics", f"({pooled})")).fetchall()
     assert rows[0] == ("dpo", "accuracy", pytest.approx(5 / 6), pytest.approx(math.sqrt(1 / 18)), 2,
                        pytest.approx(0.116224, abs=1e-6), 1.0, 3)
     assert ("dpo_pop", "win_rate_vs_dpo") in {(r[0], r[1]) for r in rows}  # only the pooled rows have it
+    one = pooled_sql("(select * from outcomes where prompt_id = 'p1')", "heldout", "pairs", 1, 3)
+    table = con.sql(comparison_sql('metrics', f'({one})')).to_arrow_table()
+    assert "| dpo_pop | " in comparison_markdown(table) and "0.000" in comparison_markdown(table)
 
 
 def test_promote_compares_the_candidate_with_the_sampled_policy_and_sums_round_rewards(ctx):
