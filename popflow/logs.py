@@ -60,6 +60,31 @@ def quiet_console_tracebacks() -> None:
             handler.setFormatter(_NoTracebackFormatter(handler.formatter))
 
 
+# vLLM notices about its own workings, repeated on every in-process engine start, that no user can act on:
+# {logger: text of the message}. The worker's "doesn't allow to use torch.set_num_threads after the thread
+# binding" comes each time something asks for threads; the dispatcher's "Kernel ... is already registered.
+# Overwriting." once per kernel when a second engine starts in one process (sample, then evaluate).
+VLLM_NOTICES = {"vllm.v1.worker.cpu_worker": "torch.set_num_threads` after the thread binding",
+                "vllm.triton_utils.dispatcher": "is already registered. Overwriting."}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_vllm_notices() -> None:
+    """Drop VLLM_NOTICES where they are logged (a filter on each one's logger; idempotent)."""
+    for name, text in VLLM_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(text))
+
+
 def configure(verbose_flag: bool = False) -> None:
     """Set engine log levels for this process and the processes it starts (vLLM reads its level from the
     environment when imported, its engine processes when spawned)."""

@@ -95,3 +95,27 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
     assert console_handler.format(record) == "m"
     monkeypatch.setenv("POPFLOW_VERBOSE", "1")  # --verbose: the console shows it too
     assert console_handler.format(record) == "m\nKeyError: 'k'"
+
+
+def test_vllm_notices_are_dropped_and_other_warnings_kept():
+    """Each of vLLM's repeated notices is dropped by its own logger once popflow quiets them; any other warning
+    passes, and quieting twice adds one filter a logger."""
+    loggers = {name: logging.getLogger(name) for name in logs.VLLM_NOTICES}
+    before = {name: list(lg.filters) for name, lg in loggers.items()}
+    try:
+        logs.quiet_vllm_notices()
+        logs.quiet_vllm_notices()
+
+        def record(name, msg):
+            return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None)
+
+        worker, dispatcher = loggers["vllm.v1.worker.cpu_worker"], loggers["vllm.triton_utils.dispatcher"]
+        assert len(worker.filters) == len(before["vllm.v1.worker.cpu_worker"]) + 1
+        assert not worker.filter(record(worker.name, "CPU backend doesn't allow to use `torch.set_num_threads` "
+                                                     "after the thread binding, skip it."))
+        assert not dispatcher.filter(record(dispatcher.name, "Kernel vllm.v1.sample.x is already registered. "
+                                                             "Overwriting."))
+        assert worker.filter(record(worker.name, "libtcmalloc is not found in LD_PRELOAD."))
+    finally:
+        for name, lg in loggers.items():
+            lg.filters[:] = before[name]
