@@ -91,10 +91,8 @@ def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_pr
     Student t interval: (method, metric, mean, low, high, units, seeds). `win_rate_vs_<reference>`: a method's
     per-prompt win rate minus the reference method's, paired by prompt (how much more often it beats the base
     than the reference does)."""
-    from tasks.evaluate import interval_sql, student_t
-
-    def t(units: int) -> str:
-        return lit(student_t(0.975, units - 1)) if units > 1 else "null::double"
+    from tasks.evaluate import interval_sql
+    from tasks.evaluate import t_literal as t
 
     return f"""
     with per_prompt as (

@@ -170,6 +170,18 @@ def cmd_loop(args) -> int:
     return 0
 
 
+def lake_with_runs(data_dir: str | None, pipeline: str | None):
+    """The lake, once `pipeline` (when named) is known to have runs there; else one line naming those that do."""
+    from popflow.lake import Lake
+    from popflow.runs import resolve_data_dir
+
+    lake = Lake(resolve_data_dir(data_dir))
+    if pipeline and not lake.read_runs(pipeline):
+        raise PopflowError(f"pipeline {pipeline!r} has no runs in {lake.root}; pipelines with runs: "
+                           f"{', '.join(lake.pipelines()) or 'none'}")
+    return lake
+
+
 def cmd_policies(args) -> int:
     from popflow.config_base import check_name
     from popflow.sql import lit
@@ -182,13 +194,8 @@ def cmd_policies(args) -> int:
                   "round(heldout_accuracy, 3) as heldout_acc, promoted, reason "
                   f"from loop_rounds {where} order by pipeline, round")
     args.csv = False
-    from popflow.lake import Lake
-    from popflow.runs import resolve_data_dir
 
-    lake = Lake(resolve_data_dir(args.data_dir))
-    if args.pipeline and not lake.read_runs(args.pipeline):
-        raise PopflowError(f"pipeline {args.pipeline!r} has no runs in {lake.root}; pipelines with runs: "
-                           f"{', '.join(lake.pipelines()) or 'none'}")
+    lake = lake_with_runs(args.data_dir, args.pipeline)
     if "lineage" not in lake.tables():
         print("no loop rounds yet (a pipeline with a loop: section records one per run)")
         return 0
@@ -197,15 +204,12 @@ def cmd_policies(args) -> int:
 
 def cmd_report(args) -> int:
     from popflow.config_base import check_name
-    from popflow.lake import Lake
     from popflow.report import metrics_sql, render
-    from popflow.runs import resolve_data_dir
 
     check_name(args.pipeline, "pipeline")
-    lake = Lake(resolve_data_dir(args.data_dir))
-    if not lake.read_runs(args.pipeline):
-        raise PopflowError(f"pipeline {args.pipeline!r} has no runs in {lake.root}; pipelines with runs: "
-                           f"{', '.join(lake.pipelines()) or 'none'}")
+    if args.run_id:
+        check_name(args.run_id, "--run-id")
+    lake = lake_with_runs(args.data_dir, args.pipeline)
     rows = [] if "eval_metrics" not in lake.tables() else \
         lake.connect().execute(metrics_sql(args.pipeline, args.run_id)).fetchall()
     if not rows:

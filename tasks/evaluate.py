@@ -141,11 +141,16 @@ def prompt_outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, id
     return "with " + ",\n    ".join(ctes) + "\nselect * from final order by method, seed, prompt_id"
 
 
+def t_literal(units: int) -> str:
+    """The two-sided 95% Student t quantile over `units` units as a SQL literal (null: no interval below 2)."""
+    return lit(student_t(0.975, units - 1)) if units > 1 else "null::double"
+
+
 def generation_metrics_sql(outcomes: str, prompts: int) -> str:
     """mean_reward, win_rate, constraint_rate and constraint_gain per (method, seed) from `outcomes`
     (prompt_outcomes_sql's rows over `prompts` held-out prompts), each rate with its two-sided 95% Student t
     interval over prompts (<name>_low, <name>_high; none with fewer than two prompts); `prompts` counts them."""
-    t = lit(student_t(0.975, prompts - 1)) if prompts > 1 else "null::double"
+    t = t_literal(prompts)
     return f"""
     with per_policy as (
         select method, seed, count(*)::double as prompts, avg(reward) as mean_reward,
