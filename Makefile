@@ -52,6 +52,7 @@ demo: models
 proof: models
 	$(VENV)/bin/popflow loop proof_loop --rounds 3
 	$(VENV)/bin/popflow policies proof_loop
+	$(VENV)/bin/popflow run proof_points --run-id points
 	$(VENV)/bin/popflow experiment proof --run-id claims
 	$(VENV)/bin/popflow report proof --run-id claims
 

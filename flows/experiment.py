@@ -12,12 +12,16 @@ beside the run comparison.md and comparison.png, plus a Prefect markdown artifac
 seeds; low and high are the two-sided 95% Student t interval over held-out prompts (pairs, for accuracy) of
 each unit's value averaged over seeds (pooled_sql), for win_rate, constraint_gain, accuracy and
 win_rate_vs_dpo (a method's per-prompt win rate minus dpo's, paired by prompt: the claim "beats DPO").
+A method with `pairs: max_min` (or random) trains on that pair strategy's pairs: the pair-strategy claim.
+Without training, `experiment.pop_sweep` draws PoP labels with each sampling x k x seed on the run's pairs and
+writes how well the fitted margins rank the ground truth: lake table pop_sweep, pop_sweep.md, pop_sweep.png.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -26,7 +30,8 @@ from flows.pipeline import as_assignments, preference_pipeline
 from popflow import sql
 from popflow.config import load_pipeline
 from popflow.runs import resolve_data_dir
-from popflow.sql import lit
+from popflow.sql import interval_sql, lit
+from popflow.sql import t_literal as t
 from popflow.stage import RunContext, artifact_key, with_run_columns
 
 METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate", "constraint_gain")
@@ -91,9 +96,6 @@ def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_pr
     Student t interval: (method, metric, mean, low, high, units, seeds). `win_rate_vs_<reference>`: a method's
     per-prompt win rate minus the reference method's, paired by prompt (how much more often it beats the base
     than the reference does)."""
-    from tasks.evaluate import interval_sql
-    from tasks.evaluate import t_literal as t
-
     return f"""
     with per_prompt as (
         select method, prompt_id, avg(win) as win, avg(gain) as gain, count(distinct seed) as seeds
@@ -138,6 +140,81 @@ def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_pr
     """
 
 
+def pop_sweep(gt: np.ndarray, groups: np.ndarray, annotate, margins, ks: list[int], seeds: int) -> pa.Table:
+    """PoP labels drawn with each sampling (iterative, random) x k x seed over pairs with ground-truth margins
+    `gt` (annotate's noise and partners, seeds annotate.seed + 0, 1, ...), Bradley-Terry margins fitted as the
+    margins stage fits them, and their agreement with the ground truth: (sampling, k, seed, comparisons,
+    uncompared, spearman, pearson). No training: what the choice of sampling and k costs in margin quality."""
+    from tasks.annotate import simulate_pop_labels
+    from tasks.margins import agreement, fit_strengths, strengths_to_margins
+
+    rows = []
+    for sampling in ("iterative", "random"):
+        for k in ks:
+            for i in range(seeds):
+                seed = annotate.seed + i
+                lab = simulate_pop_labels(gt, groups, sampling, k, annotate.noise, annotate.p, annotate.tau,
+                                          annotate.ties, seed, annotate.partners)
+                strength = fit_strengths(len(gt), lab["a"], lab["b"], lab["a_stronger"], margins.prior_sigma)
+                m = strengths_to_margins(strength, margins.scale, margins.max_margin, margins.target_mean)
+                counts = np.bincount(lab["a"], minlength=len(gt)) + np.bincount(lab["b"], minlength=len(gt))
+                agree = agreement(m, gt)
+                rows.append({"sampling": sampling, "k": k, "seed": seed, "comparisons": len(lab["a"]),
+                             "uncompared": int((counts == 0).sum()), "spearman": agree["spearman"],
+                             "pearson": agree["pearson"]})
+    return pa.Table.from_pylist(rows)
+
+
+def pop_sweep_sql(sweep: str, seeds: int) -> str:
+    """Per (sampling, k): the mean Spearman and Pearson of the margins against the ground truth over the label
+    draws, the Spearman's two-sided 95% t interval over them, and the mean uncompared pairs."""
+    return f"""
+    with final as (
+        select sampling, k, {interval_sql("spearman", "spearman", t(seeds), -1, 1)}, avg(pearson) as pearson,
+               avg(comparisons) as comparisons, avg(uncompared) as uncompared, count(*) as draws
+        from {sweep} group by sampling, k
+    )
+    select * from final order by sampling, k"""
+
+
+def run_pop_sweep(ctx: RunContext, con) -> pa.Table | None:
+    """pop_sweep over the run's annotated train pairs, summarised (pop_sweep_sql); written as lake table pop_sweep
+    (the draws). None when the experiment skips it or the pairs carry no ground truth (imported, no scores)."""
+    cfg = ctx.config
+    if cfg.experiment.pop_sweep is None:
+        return None
+    pairs = con.sql(f"""
+        with final as (
+            select pair_id, prompt_id, gt_margin from {ctx.table('pairs')}
+            where strategy = {lit(cfg.annotated_strategy())} and split = 'train'
+        )
+        select * from final order by pair_id""").to_arrow_table()  # the margins stage's pairs, in its order
+    gt = pairs.column("gt_margin").to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(gt) < 3 or np.isnan(gt).any():
+        return None
+    groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
+              if cfg.annotate.partners == "same_prompt" else np.zeros(len(gt), dtype=np.int64))
+    sweep = cfg.experiment.pop_sweep
+    partners = int(np.bincount(groups).min()) - 1  # a pair's possible partners (annotate's check_k)
+    ks = [k for k in sweep.k if k <= partners]
+    if not ks:
+        return None
+    draws = pop_sweep(gt, groups, cfg.annotate, cfg.margins, ks, sweep.seeds)
+    ctx.lake.write_table("pop_sweep", ctx.pipeline, ctx.run_id, with_run_columns(ctx, draws))
+    return con.sql(pop_sweep_sql(ctx.table("pop_sweep"), sweep.seeds)).to_arrow_table()
+
+
+def sweep_markdown(table: pa.Table) -> str:
+    """sampling x k: Spearman [95% interval over label draws], Pearson, comparisons, uncompared pairs."""
+    lines = ["| sampling | k | Spearman vs ground truth | Pearson | comparisons | uncompared pairs |",
+             "|---|---|---|---|---|---|"]
+    for r in table.to_pylist():
+        interval = f" [{r['spearman_low']:.3f}, {r['spearman_high']:.3f}]" if r["spearman_low"] is not None else ""
+        lines.append(f"| {r['sampling']} | {r['k']} | {r['spearman']:.3f}{interval} | {r['pearson']:.3f} | "
+                     f"{r['comparisons']:.0f} | {r['uncompared']:.1f} |")
+    return "\n".join(lines)
+
+
 def comparison_markdown(table: pa.Table) -> str:
     """methods x metrics: 'mean [low, high]' where the seeds-pooled 95% interval exists, else 'mean ± std'."""
     cells: dict = {}
@@ -161,7 +238,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
                           data_dir: str | None = None, run_id: str | None = None,
                           config_path: str | None = None) -> dict:
     """Train the experiment's methods x seeds on one run's pairs; write the comparison table."""
-    from popflow.plots import plot_comparison
+    from popflow.plots import plot_comparison, plot_pop_sweep
 
     cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
     sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
@@ -186,8 +263,17 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     (ctx.run_dir / "comparison.md").write_text(markdown + "\n")
     plot = plot_comparison(table.to_pylist(), [m for m in METRICS if m in table.column("metric").to_pylist()],
                            ctx.run_dir / "comparison.png", f"{pipeline} {ctx.run_id}")
+    sweep = run_pop_sweep(ctx, con)
+    sweep_md = ""
+    if sweep is not None:
+        ctx.lake.rebuild_catalog()
+        sweep_md = sweep_markdown(sweep)
+        (ctx.run_dir / "pop_sweep.md").write_text(sweep_md + "\n")
+        plot_pop_sweep(sweep.to_pylist(), ctx.run_dir / "pop_sweep.png", f"{pipeline} {ctx.run_id}")
     create_markdown_artifact(key=artifact_key(pipeline, "comparison"), markdown=(
         f"# {pipeline} experiment, run {ctx.run_id}\n\nseeds {cfg.experiment.seeds}: {LEGEND}\n\n"
-        f"{markdown}\n\nPlot: `{plot}`\n"))
+        f"{markdown}\n\nPlot: `{plot}`\n" + (f"\n## PoP sampling (no training)\n\n{sweep_md}\n" if sweep_md else "")))
     get_run_logger().info("comparison (%s):\n%s", LEGEND, markdown)
-    return {"run_id": ctx.run_id, "comparison": markdown, "plot": str(plot)}
+    if sweep_md:
+        get_run_logger().info("PoP sampling x k, margins against the ground truth:\n%s", sweep_md)
+    return {"run_id": ctx.run_id, "comparison": markdown, "plot": str(plot), "pop_sweep": sweep_md}

@@ -199,7 +199,27 @@ def cmd_policies(args) -> int:
     if "lineage" not in lake.tables():
         print("no loop rounds yet (a pipeline with a loop: section records one per run)")
         return 0
-    return cmd_sql(args)
+    code = cmd_sql(args)
+    if code == 0 and args.pipeline:
+        print(climb(lake, args.pipeline))
+    return code
+
+
+def climb(lake, pipeline: str) -> str:
+    """The held-out reward of each round's sampled policy and the last candidate (popflow/report.py:climb_sql)."""
+    from popflow.report import climb_sql, render_climb
+    from popflow.sql import lit, t_literal
+
+    con = lake.connect()
+    if not {"rewards", "prompts", "eval_rewards"} <= set(lake.tables()):
+        return ""
+    prompts = con.execute(f"select count(distinct prompt_id) from prompts where pipeline = {lit(pipeline)} "
+                          "and split = 'eval'").fetchall()[0][0]
+    rows = con.sql(climb_sql(pipeline, t_literal(prompts))).to_arrow_table().to_pylist()
+    if not rows:
+        return ""
+    return (f"\nheld-out reward of {pipeline}'s policies, 95% intervals over prompts (gain: paired by prompt "
+            f"against round 1's sampled policy, the base):\n{render_climb(rows)}")
 
 
 def cmd_report(args) -> int:

@@ -265,6 +265,10 @@ class MarginsConfig(Strict):
 OPERATIONAL = ("description", "schedule", "retention", "execution")
 
 
+# stage hash keys that are values derived from several sections (PipelineConfig methods), not a section
+DERIVED = {"trained_strategies": "trained_strategies"}
+
+
 class PipelineConfig(Strict):
     description: str = Field("", description="What this pipeline is for.")
     seed: int = Field(0, description="Run-level seed recorded with every artifact.")
@@ -298,6 +302,14 @@ class PipelineConfig(Strict):
                 if m.loss == "distill_pessimistic" and (self.import_pairs or len(self.score.models) < 2):
                     raise ValueError(f"{section}.methods[{i}]: distill_pessimistic takes the minimum over reward "
                                      "models and needs at least two in score.models")
+                built = [self.pair.strategy, *self.pair.extra_strategies]
+                if m.pairs and (self.import_pairs or m.pairs not in built):
+                    why = "import_pairs brings its own pairs" if self.import_pairs else (
+                        f"pair.strategy and pair.extra_strategies are {built}")
+                    raise ValueError(f"{section}.methods[{i}].pairs {m.pairs!r}: not built ({why})")
+                if m.pairs and m.pairs != self.annotated_strategy() and m.loss == "dpo_pop":
+                    raise ValueError(f"{section}.methods[{i}]: dpo_pop trains on PoP margins, which exist for the "
+                                     f"annotated pairs ({self.annotated_strategy()!r}) only, not {m.pairs!r}")
                 if section == "train" and m.sampling and m.sampling not in self.annotate.sampling:
                     raise ValueError(f"train.methods[{i}].sampling {m.sampling!r}: not annotated (annotate.sampling "
                                      f"is {self.annotate.sampling})")
@@ -337,10 +349,21 @@ class PipelineConfig(Strict):
 
     def method_name(self, method) -> str:
         """A train method's label in the train and eval tables: its name, else its loss (plus _<sampling> when
-        it trains on another annotation than the first)."""
+        it trains on another annotation than the first, _<pairs> when on another pair strategy's pairs)."""
         sampling = method.sampling or self.annotate.sampling[0]
         suffix = f"_{sampling}" if len(self.annotate.sampling) > 1 and sampling != self.annotate.sampling[0] else ""
+        if self.trained_strategy(method) != self.annotated_strategy():
+            suffix += f"_{method.pairs}"
         return method.name or f"{method.loss}{suffix}"
+
+    def trained_strategy(self, method) -> str:
+        """The pair strategy a train method trains on: its `pairs`, else the annotated one."""
+        return method.pairs or self.annotated_strategy()
+
+    def trained_strategies(self) -> list[str]:
+        """Every pair strategy the train methods train on, the annotated one first (ref_logps covers them)."""
+        methods = self.train.methods if self.train else []
+        return list(dict.fromkeys([self.annotated_strategy(), *(self.trained_strategy(m) for m in methods)]))
 
     def candidate_method(self) -> str:
         """The train method whose first seed is a loop round's candidate."""
@@ -366,10 +389,12 @@ class PipelineConfig(Strict):
         return self.annotate.train_on or ("all_pairs" if sampling == "iterative" else "pop_winners")
 
     def hash(self, *sections: str) -> str:
-        """Hash of the whole config, or of the named sections (a stage's own inputs)."""
+        """Hash of the whole config, or of the named sections (a stage's own inputs): a section, one field of it
+        ("train.reference"), or a value derived from several (DERIVED: "trained_strategies")."""
         data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
-        if sections:  # a section, or one field of it: "train.reference"
-            data = {k: data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}
+        if sections:
+            data = {k: getattr(self, DERIVED[k])() if k in DERIVED else
+                    data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

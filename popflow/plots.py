@@ -3,6 +3,7 @@
 reward_distributions.png: for a few prompts, every sample's aggregate reward as a strip, with the seven
 points (min, mu-2sigma, ..., max) marked where the picked samples lie.
 margins_vs_gt.png: inferred PoP margins and strengths against the ground-truth margins.
+point_growth.png: each of the seven points' mean reward as the samples per prompt grow (4, 8, 16, ...).
 loop_rounds.png: an on-policy loop per round: sample score distributions and the gate's win rate.
 """
 
@@ -67,6 +68,60 @@ def plot_reward_distributions(con, rewards: str, seven: str, out: Path, title: s
     axes[0, 0].legend(handles, labels, ncol=8, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02))
     axes[-1, 0].set_xlabel("aggregate reward (markers: picked sample; dashed: target mu + k sigma)")
     fig.suptitle(f"reward distributions and the seven points - {title}", fontsize=9, y=0.995)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_point_growth(rows: list[dict], out: Path, title: str) -> Path:
+    """Mean reward of each point against n (log scale), with its 95% interval over prompts (growth_curve_sql's
+    rows: n, point, reward, reward_low, reward_high)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for point in POINTS[::-1]:
+        mine = sorted((r for r in rows if r["point"] == point), key=lambda r: r["n"])
+        if not mine:
+            continue
+        n, y = [r["n"] for r in mine], [r["reward"] for r in mine]
+        err = [[r["reward"] - (r["reward_low"] if r["reward_low"] is not None else r["reward"]) for r in mine],
+               [(r["reward_high"] if r["reward_high"] is not None else r["reward"]) - r["reward"] for r in mine]]
+        ax.errorbar(n, y, yerr=err, marker="o", ms=4, capsize=3, color=COLORS[point], label=point)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["n"] for r in rows}), [str(v) for v in sorted({r["n"] for r in rows})])
+    ax.set_xlabel("samples per prompt (n)")
+    ax.set_ylabel("mean reward of the point (95% interval)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_title(f"the seven points as n grows - {title}", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_pop_sweep(rows: list[dict], out: Path, title: str) -> Path:
+    """Spearman of PoP margins against the ground truth by k, one line per sampling, 95% intervals over draws
+    (pop_sweep_sql's rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for sampling, color in (("iterative", "#2166ac"), ("random", "#b2182b")):
+        mine = sorted((r for r in rows if r["sampling"] == sampling), key=lambda r: r["k"])
+        if not mine:
+            continue
+        err = [[r["spearman"] - (r["spearman_low"] if r["spearman_low"] is not None else r["spearman"]) for r in mine],
+               [(r["spearman_high"] if r["spearman_high"] is not None else r["spearman"]) - r["spearman"]
+                for r in mine]]
+        ax.errorbar([r["k"] for r in mine], [r["spearman"] for r in mine], yerr=err, marker="o", capsize=3,
+                    color=color, label=sampling)
+    ax.set_xticks(sorted({r["k"] for r in rows}))
+    ax.set_xlabel("PoP labels per pair (k)")
+    ax.set_ylabel("Spearman, margins vs ground truth")
+    ax.legend(fontsize=8)
+    ax.set_title(f"PoP sampling - {title}", fontsize=9)
     fig.tight_layout()
     return save(fig, out)
 

@@ -14,11 +14,15 @@ that rate over the base, paired by prompt, each with its two-sided 95% Student t
                                                   bigger change) are needed to tell
 
 Several policies in one table each get their own verdict at 95%; none is corrected for the others.
+
+For a loop pipeline, `popflow policies PIPELINE` adds the climb (climb_sql): each round's sampled policy on the
+held-out prompts (the round's own samples), and the last round's candidate (its evaluate samples), per reward
+model with a 95% interval over prompts and the gain over round 1's policy (the base), paired by prompt.
 """
 
 from __future__ import annotations
 
-from popflow.sql import lit
+from popflow.sql import interval_sql, lit
 
 HALF = 0.5  # the win rate of a policy no better than the base
 
@@ -93,4 +97,70 @@ def render(pipeline: str, rows: list[tuple]) -> str:
     for (method, seed), m in policies.items():
         if method != "base":
             lines.append(f"{method}-s{seed}: {verdict(m)}")
+    return "\n".join(lines)
+
+
+def climb_sql(pipeline: str, t: str) -> str:
+    """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
+    per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
+    of samples meeting every constraint, score >= 1) with its two-sided 95% interval (`t`: t_literal(prompts)),
+    and the gain over round 1's sampled policy (the base) with its interval, paired by prompt."""
+    p = lit(pipeline)
+    value = "avg(case when kind = 'constraints' then (score >= 1.0)::double else score end)"
+    return f"""
+    with rounds as (
+        select round, run_id, method, seed, promoted from loop_rounds where pipeline = {p}
+    ),
+    held_out as (
+        select run_id, prompt_id from prompts where pipeline = {p} and split = 'eval'
+    ),
+    sampled as (
+        select r.round as step, 'round ' || r.round || ' sampled' as policy, w.reward_model, w.kind, w.prompt_id,
+               w.score
+        from rewards w join rounds r using (run_id) join held_out h using (run_id, prompt_id)
+        where w.pipeline = {p}
+    ),
+    last_round as (
+        select * from rounds order by round desc limit 1
+    ),
+    candidate as (
+        select r.round + 1 as step, 'round ' || r.round || ' candidate'
+               || case when r.promoted then ' (promoted)' else '' end as policy,
+               e.reward_model, e.kind, e.prompt_id, e.score
+        from eval_rewards e join last_round r on e.run_id = r.run_id and e.method = r.method and e.seed = r.seed
+        where e.pipeline = {p}
+    ),
+    per_prompt as (
+        select step, policy, reward_model, any_value(kind) as kind, prompt_id, {value} as v
+        from (select * from sampled union all by name select * from candidate)
+        group by step, policy, reward_model, prompt_id
+    ),
+    paired as (
+        select q.*, q.v - b.v as gain
+        from per_prompt q left join per_prompt b
+             on b.step = 1 and b.reward_model = q.reward_model and b.prompt_id = q.prompt_id
+    ),
+    final as (
+        select step, policy, reward_model, any_value(kind) as kind, count(*) as prompts,
+               {interval_sql("v", "value", t)}, {interval_sql("gain", "gain", t)}
+        from paired group by step, policy, reward_model
+    )
+    select * from final order by step, reward_model"""
+
+
+def render_climb(rows: list[dict]) -> str:
+    """climb_sql's rows as one table: a row per policy, per reward model 'value [low, high]' and the gain."""
+    models = list(dict.fromkeys(r["reward_model"] for r in rows))
+    kinds = {r["reward_model"]: r["kind"] for r in rows}
+    head = [f"{m} {'pass rate' if kinds[m] == 'constraints' else 'mean'}" for m in models]
+    lines = ["| policy | prompts | " + " | ".join(f"{h} | gain vs base" for h in head) + " |",
+             "|---|---|" + "---|---|" * len(models)]
+    for step in dict.fromkeys(r["step"] for r in rows):
+        mine = {r["reward_model"]: r for r in rows if r["step"] == step}
+        first = next(iter(mine.values()))
+        cells = []
+        for m in models:
+            r = mine.get(m, {})
+            cells += [interval(r, "value"), interval(r, "gain", signed=True) if step != 1 else ""]
+        lines.append(f"| {first['policy']} | {first['prompts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -77,3 +77,29 @@ def check_query(con, query: str) -> None:
         if kind not in queries | {duckdb.StatementType.EXPLAIN}:
             raise PopflowError(f"SQL: only queries are allowed here (the lake is read-only); got a {kind.name} "
                                "statement")
+
+
+def interval_sql(column: str, name: str, t: str, lowest: float | None = None, highest: float | None = None) -> str:
+    """Aggregates `name` (the mean of `column` over a group's units) and its interval name_low, name_high:
+    mean -/+ t * sd / sqrt(units), clipped to [lowest, highest] where given (`t`: t_literal(units))."""
+    half, known = f"{t} * stddev_samp({column}) / sqrt(count({column}))", f"count({column}) > 1"
+    low, high = f"avg({column}) - {half}", f"avg({column}) + {half}"
+    # (DuckDB's greatest and least skip a null: the case keeps "no interval" null)
+    if lowest is not None:
+        low = f"greatest({low}, {lit(float(lowest))})"
+    if highest is not None:
+        high = f"least({high}, {lit(float(highest))})"
+    return (f"avg({column}) as {name}, case when {known} then {low} end as {name}_low, "
+            f"case when {known} then {high} end as {name}_high")
+
+
+def student_t(level: float, df: int) -> float:
+    """The Student t quantile at `level` with `df` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(level, df))
+
+
+def t_literal(units: int) -> str:
+    """The two-sided 95% Student t quantile over `units` units as a SQL literal (null: no interval below 2)."""
+    return lit(student_t(0.975, units - 1)) if units > 1 else "null::double"

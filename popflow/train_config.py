@@ -42,6 +42,10 @@ class Method(Strict):
     sampling: Literal["iterative", "random"] | None = Field(
         None, description="Which PoP annotation trains this method (its train_pairs and margins); default: the "
         "first of annotate.sampling.")
+    pairs: Literal["seven_point", "max_min", "random"] | None = Field(
+        None, description="Train on this pair strategy's train pairs, each once, instead of the annotated ones (the "
+        "pair-strategy comparison); it must be built (pair.strategy or pair.extra_strategies). Not with dpo_pop: PoP "
+        "margins exist for the annotated pairs only. Held-out accuracy is always measured on the annotated pairs.")
     gamma: float = Field(0.5, ge=0.0, description="dpo_fixed_margin: the margin of every pair.")
     alpha: float = Field(1.0, gt=0.0, description="dpo_gt_margin: margin = alpha * gt_margin, clipped to [0, "
                          "margins.max_margin] as the margins stage clips PoP's and its own gt margins.")
@@ -133,6 +137,11 @@ class EvaluateConfig(Strict):
         "engine always merges, in memory.")
 
 
+class PopSweep(Strict):
+    k: list[int] = Field([1, 2, 4], min_length=1, description="PoP labels per pair to compare (annotate.k's).")
+    seeds: int = Field(10, ge=2, description="Label draws per sampling x k (the interval is over them).")
+
+
 class ExperimentConfig(Strict):
     methods: list[Method] = Field(
         default_factory=lambda: [Method(loss="dpo"), Method(loss="dpo_fixed_margin"), Method(loss="dpo_gt_margin"),
@@ -141,3 +150,7 @@ class ExperimentConfig(Strict):
         description="The comparison (DPO-PoP Table 1 by default).")
     seeds: list[int] = Field([0, 1], min_length=1, description="Seeds per method: the table shows mean and spread.")
     set: list[str] = Field(default_factory=list, description="Extra key=value overrides for the experiment's run.")
+    pop_sweep: PopSweep | None = Field(
+        default_factory=PopSweep, description="Without training: PoP labels drawn with each sampling (iterative, "
+        "random) x k x seed on the run's annotated train pairs, with annotate's noise and margins' fit; the "
+        "Spearman of the margins against the ground truth (lake table pop_sweep). null: skip.")

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
-from popflow.sql import lit
+from popflow.sql import interval_sql, lit, t_literal
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
@@ -75,23 +75,6 @@ def heldout_metrics_sql(heldout: str) -> str:
 GENERATION_METRICS = ("prompts", "mean_reward", "win_rate", "win_rate_low", "win_rate_high", "constraint_rate",
                       "constraint_rate_low", "constraint_rate_high", "constraint_gain", "constraint_gain_low",
                       "constraint_gain_high")
-
-
-def interval_sql(column: str, name: str, t: str, lowest: float, highest: float) -> str:
-    """Aggregates `name` (the mean of `column` over a group's prompts) and its interval name_low, name_high:
-    mean -/+ t * sd / sqrt(prompts), clipped to [lowest, highest]."""
-    half, known = f"{t} * stddev_samp({column}) / sqrt(count({column}))", f"count({column}) > 1"
-    # (DuckDB's greatest and least skip a null: the case keeps "no interval" null)
-    return (f"avg({column}) as {name}, "
-            f"case when {known} then greatest(avg({column}) - {half}, {lit(float(lowest))}) end as {name}_low, "
-            f"case when {known} then least(avg({column}) + {half}, {lit(float(highest))}) end as {name}_high")
-
-
-def student_t(level: float, df: int) -> float:
-    """The Student t quantile at `level` with `df` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(level, df))
 
 
 def prompt_outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, ids: list[str], n: int,
@@ -139,11 +122,6 @@ def prompt_outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, id
         from per_prompt p left join per_prompt b on b.method = 'base' and b.prompt_id = p.prompt_id
     )"""]
     return "with " + ",\n    ".join(ctes) + "\nselect * from final order by method, seed, prompt_id"
-
-
-def t_literal(units: int) -> str:
-    """The two-sided 95% Student t quantile over `units` units as a SQL literal (null: no interval below 2)."""
-    return lit(student_t(0.975, units - 1)) if units > 1 else "null::double"
 
 
 def generation_metrics_sql(outcomes: str, prompts: int) -> str:

@@ -14,9 +14,12 @@ r<round>/), so annotation, margins, reference log-probs and training see every r
 
 A prompt yields no pair when sigma = 0, when chosen and rejected are the same sample, or when chosen reward
 <= rejected reward; those are counted per reason in the stage report. Everything is DuckDB SQL, one named
-CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns.
+CTE per step; `prompt`/`chosen`/`rejected` are TRL's conversational columns. With n >= 8 samples per prompt,
+`point_growth` holds the seven points recomputed from each prompt's first 4, 8, 16, ... samples (and
+point_growth.png their mean reward against n, with 95% intervals over prompts).
 
     .venv/bin/popflow sql "select chosen_point, rejected_point, count(*) from pairs group by all"
+    .venv/bin/popflow sql "select n, point, avg(reward) from point_growth group by all order by point, n"
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import pyarrow.parquet as pq
 from popflow import sql
 from popflow.config import POINTS, PairConfig, ScoreConfig
 from popflow.errors import PopflowError
-from popflow.sql import lit
-from popflow.stage import Output, RunContext, run_logger, stage
+from popflow.sql import interval_sql, lit, t_literal
+from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import aggregate_sql
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,45 @@ def seven_points_sql(rewards: str) -> str:
     )
     select * from final
     """
+
+
+def growth_sizes(n: int) -> list[int]:
+    """The sample counts the seven points are recomputed at: 4, 8, 16, ... below n, and n (none below 8)."""
+    return [] if n < 8 else [m for m in (2 ** i for i in range(2, n.bit_length())) if m < n] + [n]
+
+
+def point_growth_sql(rewards: str, sizes: list[int]) -> str:
+    """The seven points of every prompt recomputed from its first m samples (sample_idx < m), for each m of
+    `sizes`: (n, prompt_id, point, point_rank, reward, ...). The samples are independent draws, so the first m
+    of n are a sample of size m: how each point's reward moves as n grows, the curve behind "Finding the
+    Sweet Spot" (max climbs, min falls, mu-2sigma holds), from one run and no extra sampling."""
+    parts = "\n        union all\n".join(
+        f"select {m} as n, * from ({seven_points_sql(f'(select * from {rewards} where sample_idx < {m})')})"
+        for m in sizes)
+    return f"""
+    with grown as (
+        {parts}
+    ),
+    final as (
+        select n, prompt_id, point, point_rank, reward, sample_idx, mu, sigma from grown
+    )
+    select * from final order by n, prompt_id, point_rank"""
+
+
+def growth_curve_sql(growth: str, t: str) -> str:
+    """Per (n, point): the mean reward over prompts with a two-sided 95% t interval (`t`: the quantile for the
+    prompt count), and the mean gap from each point to max (what a pair max / point trains on)."""
+    return f"""
+    with gaps as (
+        select g.*, m.reward - g.reward as gap_to_max
+        from {growth} g join {growth} m on m.n = g.n and m.prompt_id = g.prompt_id and m.point = 'max'
+    ),
+    final as (
+        select n, point, any_value(point_rank) as point_rank, {interval_sql("reward", "reward", t)},
+               avg(gap_to_max) as gap_to_max, count(*) as prompts
+        from gaps group by n, point
+    )
+    select * from final order by n, point_rank"""
 
 
 def candidates_sql(strategy: str, cfg: PairConfig) -> str:
@@ -238,11 +280,12 @@ def add_earlier_pairs(con, ctx: RunContext, earlier: list[tuple[int, str]], out_
     return added
 
 
-@stage("pair", reads=("ingest", "sample", "score"), sections=("pair",), writes=("seven_points", "pairs"),
+@stage("pair", reads=("ingest", "sample", "score"), sections=("pair",),
+       writes=("seven_points", "pairs", "point_growth"),
        when=lambda cfg: not cfg.import_pairs)
 def pair(ctx: RunContext) -> Output:
     """Build seven_points and pairs for the run, then plot a few prompts' reward distributions."""
-    from popflow.plots import plot_reward_distributions
+    from popflow.plots import plot_point_growth, plot_reward_distributions
 
     logger, cfg, lake = run_logger(), ctx.config.pair, ctx.lake
     sources = {"samples": ctx.table("samples"), "prompts": ctx.table("prompts"),
@@ -259,10 +302,19 @@ def pair(ctx: RunContext) -> Output:
     for t in out:
         lake.publish(t, ctx.pipeline, ctx.run_id)
     tables = {t: con.execute(f"select count(*) from {ctx.table(t)}").fetchone()[0] for t in out}
+    sizes = growth_sizes(ctx.config.sample.n)
+    if sizes:  # the seven points at 4, 8, ... samples: the pair-strategy claim's curve, from this run's samples
+        growth = con.sql(point_growth_sql(ctx.table("sample_rewards"), sizes)).to_arrow_table()
+        ctx.lake.write_table("point_growth", ctx.pipeline, ctx.run_id, with_run_columns(ctx, growth))
+        tables["point_growth"] = growth.num_rows
+        prompts = growth.num_rows // (len(POINTS) * len(sizes))
+        curve = con.sql(growth_curve_sql(ctx.table("point_growth"), t_literal(prompts))).to_arrow_table()
+        report["point_growth_plot"] = str(plot_point_growth(curve.to_pylist(), ctx.run_dir / "point_growth.png",
+                                                            f"{ctx.pipeline} {ctx.run_id}, {prompts} prompts"))
     plot = plot_reward_distributions(con, ctx.table("sample_rewards"), ctx.table("seven_points"),
                                      ctx.run_dir / "reward_distributions.png", ctx.run_id)
     report["plot"] = str(plot)
     for strategy, counts in report.items():
-        if strategy != "plot":
+        if strategy not in ("plot", "point_growth_plot"):
             logger.info("pairs %s: %s", strategy, counts)
     return Output(tables, report)

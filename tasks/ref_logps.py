@@ -22,19 +22,19 @@ import pyarrow.compute as pc
 
 from popflow import models, precision, sql
 from popflow.errors import PopflowError
-from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
 
-def pair_rows_sql(pairs: str, strategy: str) -> str:
-    """The annotated strategy's pairs as TRL columns (prompt, chosen, rejected are message lists)."""
+def pair_rows_sql(pairs: str, strategies: list[str]) -> str:
+    """The pairs of the strategies trained on (the annotated one and any train method's `pairs`) as TRL columns
+    (prompt, chosen, rejected are message lists)."""
     return f"""
         with final as (
             select pair_id, split, prompt, chosen, rejected
             from {pairs}
-            where strategy = {lit(strategy)}
+            where strategy in {sql.values(strategies)}
         )
         select * from final order by pair_id
     """
@@ -92,17 +92,18 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
 # not train.reference / max_length / trl: the train stage checks those against the stored log-probs and says
 # which stage to rerun, rather than a generic "different config"
-@stage("ref_logps", reads=("pair", "import_pairs"), sections=("annotate.pairs", "train.long_prompts", "train.dtype"),
+@stage("ref_logps", reads=("pair", "import_pairs"), sections=("trained_strategies", "train.long_prompts",
+                                                            "train.dtype"),
        writes=("ref_logps",), retries=1, when=lambda cfg: cfg.train is not None)
 def ref_logps(ctx: RunContext) -> Output:
     """Write ref_logps (pair_id, split, ref_chosen_logps, ref_rejected_logps, token counts, reference)."""
     cfg = ctx.config.train
     dtypes = precision.announce({"train.dtype": cfg.dtype})
     ref = models.resolve(ctx.config.reference_policy(), ctx.lake.data_dir, "train.reference")
-    pairs = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), ctx.config.annotated_strategy())).to_arrow_table()
+    strategies = ctx.config.trained_strategies()
+    pairs = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), strategies)).to_arrow_table()
     if pairs.num_rows == 0:
-        raise PopflowError(f"ref_logps: run {ctx.run_id} has no pairs of strategy "
-                           f"{ctx.config.annotated_strategy()!r}")
+        raise PopflowError(f"ref_logps: run {ctx.run_id} has no pairs of strategy {' or '.join(map(repr, strategies))}")
     prepared = compute_ref_logps(pairs, ref.path, ref.ref, cfg)
     dropped = count_dropped(pairs, prepared, cfg)
     n = prepared.num_rows

@@ -9,9 +9,10 @@ Methods (train.methods; tasks/losses.py has the maths):
     distill_pessimistic min_k (beta h - (r_w^k - r_l^k))^2     per reward model k (normalised like score)
     ipo, robust, hinge, ... TRL's own loss types, by name.
 
-The training pairs are the annotation's `train_pairs` (one sampling strategy, repeated `copies` times),
-joined with the stored reference log-probs. Each method x seed writes a LoRA adapter (or a full model)
-under DATA_DIR/models/runs/<pipeline>/<run_id>/<method>-s<seed>/ and three lake tables:
+The training pairs are the annotation's `train_pairs` (one sampling strategy, repeated `copies` times), or a
+method's `pairs` (another pair strategy's train pairs, each once), joined with the stored reference log-probs.
+Each method x seed writes a LoRA adapter (or a full model) under
+DATA_DIR/models/runs/<pipeline>/<run_id>/<method>-s<seed>/ and three lake tables:
     train_metrics     the training curve (step, loss, reward accuracy, margins, chosen/rejected rewards)
     heldout_margins   beta * h of the trained policy on every held-out pair, with its gt_margin
     policies          the trained model: path, base, seconds, tokens/s (written last: the method is done)
@@ -60,11 +61,15 @@ def margin_expr(method: Method, max_margin: float) -> str:
 
 
 def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, score: ScoreConfig,
-                      max_margin: float) -> str:
-    """A method's training examples: each train pair of `sampling` `copies` times, with TRL's columns, the
-    stored reference log-probs, its margin and its target(s). `tables`: relations of train_pairs, pairs,
-    ref_logps, and (dpo_pop) margins or (distill_pessimistic) rewards."""
-    ctes = [f"train as (select pair_id, copies from {tables['train_pairs']} where sampling = {lit(sampling)})"]
+                      max_margin: float, other_pairs: str | None = None) -> str:
+    """A method's training examples: each train pair of `sampling` `copies` times (or, with `other_pairs`, each
+    train pair of that pair strategy once: a method's `pairs`), with TRL's columns, the stored reference
+    log-probs, its margin and its target(s). `tables`: relations of train_pairs, pairs, ref_logps, and
+    (dpo_pop) margins or (distill_pessimistic) rewards."""
+    ctes = [f"train as (select pair_id, copies from {tables['train_pairs']} where sampling = {lit(sampling)})"
+            if other_pairs is None else
+            f"train as (select pair_id, 1 as copies from {tables['pairs']} where strategy = {lit(other_pairs)} "
+            "and split = 'train')"]
     joins, targets = [], ""
     if method.loss == "dpo_pop":
         ctes.append(f"margins as (select pair_id, margin from {tables['margins']} where sampling = {lit(sampling)})")
@@ -93,14 +98,15 @@ def training_rows_sql(tables: dict[str, str], method: Method, sampling: str, sco
     return "with " + ",\n".join(ctes) + "\nselect * exclude (copy) from final order by pair_id, copy"
 
 
-def heldout_rows_sql(pairs: str, ref_logps: str) -> str:
-    """The held-out pairs with their reference log-probs (the trained policy's beta * h is measured on them)."""
+def heldout_rows_sql(pairs: str, ref_logps: str, strategy: str) -> str:
+    """The annotated strategy's held-out pairs with their reference log-probs (the trained policy's beta * h is
+    measured on them: every method on the same pairs, whatever pairs it trained on)."""
     return f"""
         with final as (
             select p.pair_id, p.prompt, p.chosen, p.rejected, r.ref_chosen_logps, r.ref_rejected_logps,
                    p.gt_margin
             from {pairs} p join {ref_logps} r using (pair_id)
-            where r.split = 'eval'
+            where r.split = 'eval' and p.strategy = {lit(strategy)}
         )
         select * from final order by pair_id
     """
@@ -122,11 +128,14 @@ def training_rows(ctx: RunContext, con, method: Method) -> pa.Table:
         check_pop_margins(ctx, con)
     names = ["train_pairs", "pairs", "ref_logps"] + {"dpo_pop": ["margins"],
                                                       "distill_pessimistic": ["rewards"]}.get(method.loss, [])
+    strategy = ctx.config.trained_strategy(method)
+    other = strategy if strategy != ctx.config.annotated_strategy() else None
     rows = con.sql(training_rows_sql({t: ctx.table(t) for t in names}, method, sampling,
-                                     ctx.config.score, ctx.config.margins.max_margin)).to_arrow_table()
+                                     ctx.config.score, ctx.config.margins.max_margin, other)).to_arrow_table()
     if rows.num_rows == 0:
-        raise PopflowError(f"train: the training set of run {ctx.run_id} is empty (sampling {sampling!r}: no "
-                           "train_pairs with reference log-probs)")
+        source = f"sampling {sampling!r}: no train_pairs" if other is None else f"no {other!r} train pairs"
+        raise PopflowError(f"train: the training set of run {ctx.run_id} is empty ({source} with reference "
+                           "log-probs)")
     if method.loss == "distill_pessimistic":
         zero = sum(any(t == 0 for t in targets) for targets in rows.column("targets").to_pylist())
         if zero:
@@ -246,7 +255,8 @@ def train(ctx: RunContext) -> Output:
     logger, cfg, lake, con = run_logger(), ctx.config.train, ctx.lake, sql.connect()
     dtypes = precision.announce({"train.dtype": cfg.dtype})
     check_reference(ctx, con)
-    heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).to_arrow_table()
+    heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"),
+                                       ctx.config.annotated_strategy())).to_arrow_table()
     done = {p.stem for p in lake.staged_parts("policies", ctx.pipeline, ctx.run_id)}
     for method in cfg.methods:
         name = ctx.config.method_name(method)

@@ -43,12 +43,13 @@ def test_train_reuses_stored_reference_logps_and_checks_them(cli, tmp_path):
 
 @pytest.mark.slow
 def test_experiment_writes_the_comparison_table(cli):
-    methods = "experiment.methods=[{loss: dpo}, {loss: dpo_pop}, {loss: dpo_pop, sampling: random}]"
+    methods = ("experiment.methods=[{loss: dpo}, {loss: dpo_pop}, {loss: dpo_pop, sampling: random}, "
+               "{loss: dpo, pairs: max_min}]")
     out = cli("experiment", "tiny", *TINY, "--set", methods, "--set", "experiment.seeds=[0, 1]")
     run_id = out.stdout.split("experiment run ")[1].split()[0]
     rows = cli.query(f"select method, metric, seeds, low <= mean and mean <= high from comparison "
                      f"where run_id = '{run_id}' order by all")
-    assert {r[0] for r in rows} == {"base", "dpo", "dpo_pop", "dpo_pop_random"}
+    assert {r[0] for r in rows} == {"base", "dpo", "dpo_pop", "dpo_pop_random", "dpo_max_min"}
     assert {(r[1], r[2]) for r in rows if r[0] == "dpo_pop_random"} == {
         (m, 2) for m in ("accuracy", "constraint_rate", "constraint_gain", "mean_reward", "pearson", "spearman",
                          "win_rate", "win_rate_vs_dpo")}
@@ -61,6 +62,17 @@ def test_experiment_writes_the_comparison_table(cli):
     run_dir = cli.data_dir / "lake" / "_runs" / "pipeline=tiny" / f"run={run_id}"
     assert (run_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "| dpo_pop_random |" in (run_dir / "comparison.md").read_text()
+    # dpo_max_min trained on max_min's train pairs, each once, and was measured on the annotated held-out pairs
+    assert cli.query(f"select count(*) from train_metrics where run_id = '{run_id}' and method = 'dpo_max_min'")
+    assert cli.query(f"select count(distinct strategy) from ref_logps r join pairs p using (pair_id, run_id) "
+                     f"where run_id = '{run_id}'") == [(2,)]
+    assert cli.query(f"select distinct p.strategy from heldout_margins h join pairs p using (pair_id, run_id) "
+                     f"where run_id = '{run_id}'") == [("seven_point",)]
+    # without training: the PoP sweep (k 1, 2, 4 as the tiny run's pairs allow; 10 draws each)
+    sweep = cli.query(f"select sampling, k, count(*) from pop_sweep where run_id = '{run_id}' "
+                      "group by all order by all")
+    assert sweep and {r[0] for r in sweep} == {"iterative", "random"} and all(r[2] == 10 for r in sweep)
+    assert (run_dir / "pop_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_bad_input_fails_clearly_and_writes_nothing(cli, tmp_path):

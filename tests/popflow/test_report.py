@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from popflow import sql
 from popflow.report import metrics_sql, render, verdict
@@ -47,3 +48,95 @@ def test_the_report_table_from_eval_metrics():
                       "[0.400, 0.725] over 8 held-out prompts (the interval holds 0.5; README 'Does it work?' "
                       "measures popflow at a size that can tell)")
     assert len(got) == 6
+
+
+def test_a_no_better_policy_is_called_better_at_most_2_5_percent_of_the_time():
+    """20,000 seeded draws of a policy no better than the base on 32 and on 8 held-out prompts x 4 samples
+    (per prompt a quarter always won, a quarter always lost, half coin flips; 20% ties), through the report's
+    own path: evaluate's interval SQL over prompts, then verdict(). At 32 prompts a two-sided 95% interval lies
+    above 0.5 in at most 2.5% of draws, plus 3 Monte-Carlo standard errors (0.025 + 3 sqrt(0.025 x 0.975 /
+    20000) = 0.0283); likewise below. At 8 prompts this all-or-nothing clustering makes the t interval
+    approximate: measured 2.9% per side (README 'Does it work?' states it); bounded here at 3.5%. Each comparison
+    as its own unit would say "better" far more often: the check can fail."""
+    import math
+
+    import numpy as np
+
+    from popflow.sql import interval_sql, t_literal
+
+    draws, con = 20_000, sql.connect()
+    for prompts in (32, 8):
+        rng = np.random.default_rng(prompts)
+        p = rng.choice([0.0, 1.0, 0.5, 0.5], size=(draws, prompts))
+        outcomes = np.where(rng.random((draws, prompts, 4)) < 0.2, 0.5,
+                            (rng.random((draws, prompts, 4)) < p[..., None]).astype(float))
+        rows = pa.table({"draw": np.repeat(np.arange(draws), prompts), "win": outcomes.mean(axis=2).ravel()})
+        con.register("per_prompt", rows)
+        said = [verdict(policy(w, lo, hi, prompts)) for w, lo, hi in con.execute(
+            f"select {interval_sql('win', 'w', t_literal(prompts), 0, 1)} from per_prompt group by draw").fetchall()]
+        limit = 0.025 + 3 * math.sqrt(0.025 * 0.975 / draws)
+        better = np.mean([s.startswith("better") for s in said])
+        worse = np.mean([s.startswith("worse") for s in said])
+        assert better <= (limit if prompts == 32 else 0.035) and worse <= (limit if prompts == 32 else 0.035), (
+            prompts, better, worse)
+        flat = pa.table({"draw": np.repeat(np.arange(draws), prompts * 4), "win": outcomes.ravel()})
+        con.register("per_comparison", flat)
+        naive = con.execute(f"select avg((w_low > 0.5)::double) from (select "
+                            f"{interval_sql('win', 'w', t_literal(prompts * 4), 0, 1)} from per_comparison "
+                            "group by draw)").fetchall()[0][0]
+        assert naive > 2 * 0.025, naive
+
+
+def test_the_climb_of_a_loops_policies_by_hand(tmp_path):
+    """Loop lp, rounds 1 (run r1) and 2 (r2), both promoted; held-out prompts e1, e2 (t1 trains: left out).
+    Constraint model c (pass: score >= 1), relevance model r (mean score):
+      round 1 sampled  c e1 1, 0 -> 0.5; e2 1, 1 -> 1: 0.75        r e1 0.3, e2 0.6: 0.45
+      round 2 sampled  c 1, 1: 1.0, gain (0.5, 0) 0.25               r e1 0.4, e2 0.7: 0.55, gain (0.1, 0.1)
+      round 2 candidate (dpo_pop-s0's evaluate samples; dpo-s0's are not it)
+                       c e1 1, e2 0: 0.5, gain (0.5, -1) -0.25       r 0.5, 0.9: 0.7, gain (0.2, 0.3) 0.25
+    Intervals over 2 prompts: t(0.975, 1) = 12.706; round 1's c: sd 0.35355 -> half 12.706 * 0.35355 / sqrt(2)
+    = 3.1765; round 2's relevance gain has no spread: [0.1, 0.1]."""
+    from popflow.lake import Lake
+    from popflow.report import climb_sql, render_climb
+    from popflow.sql import student_t, t_literal
+    from tests.fixtures.lake import add_round
+
+    lake = Lake(tmp_path)
+    for round_no, run in ((1, "r1"), (2, "r2")):
+        add_round(lake, "lp", round_no, run, promoted=True)
+        lake.write_run("lp", run, {"run_id": run, "pipeline": "lp", "status": "completed",
+                                   "finished_at": f"2026-11-29T0{round_no}:00:00+00:00"})
+        lake.write_table("prompts", "lp", run, pa.table({"prompt_id": ["e1", "e2", "t1"],
+                                                         "split": ["eval", "eval", "train"],
+                                                         "pipeline": ["lp"] * 3, "run_id": [run] * 3}))
+    scores = {"r1": {"c": {"e1": [1, 0], "e2": [1, 1], "t1": [1, 1]}, "r": {"e1": [0.2, 0.4], "e2": [0.5, 0.7]}},
+              "r2": {"c": {"e1": [1, 1], "e2": [1, 1]}, "r": {"e1": [0.4, 0.4], "e2": [0.8, 0.6]}}}
+    kinds = {"c": "constraints", "r": "relevance"}
+    for run, by_model in scores.items():
+        rows = [{"prompt_id": pid, "sample_idx": i, "reward_model": m, "kind": kinds[m], "score": float(v),
+                 "pipeline": "lp", "run_id": run}
+                for m, per in by_model.items() for pid, vs in per.items() for i, v in enumerate(vs)]
+        lake.write_table("rewards", "lp", run, pa.Table.from_pylist(rows))
+    evals = [("dpo_pop", "c", "e1", 1.0), ("dpo_pop", "c", "e2", 0.0), ("dpo_pop", "r", "e1", 0.5),
+             ("dpo_pop", "r", "e2", 0.9), ("dpo", "c", "e1", 0.0)]
+    lake.write_table("eval_rewards", "lp", "r2", pa.Table.from_pylist([
+        {"method": m, "seed": 0, "prompt_id": pid, "sample_idx": 0, "reward_model": rm, "kind": kinds[rm],
+         "score": v, "pipeline": "lp", "run_id": "r2"} for m, rm, pid, v in evals]))
+    lake.rebuild_catalog()
+    got = lake.connect().sql(climb_sql("lp", t_literal(2))).to_arrow_table().to_pylist()
+    by = {(r["policy"], r["reward_model"]): r for r in got}
+    assert [r["policy"] for r in got] == ["round 1 sampled"] * 2 + ["round 2 sampled"] * 2 + \
+        ["round 2 candidate (promoted)"] * 2
+    half = student_t(0.975, 1) * 0.35355339 / 2 ** 0.5
+    assert (by[("round 1 sampled", "c")]["value"], by[("round 1 sampled", "c")]["value_low"]) == pytest.approx(
+        (0.75, 0.75 - half))
+    assert by[("round 1 sampled", "r")]["value"] == pytest.approx(0.45)
+    assert (by[("round 2 sampled", "c")]["value"], by[("round 2 sampled", "c")]["gain"]) == pytest.approx((1.0, 0.25))
+    r2 = by[("round 2 sampled", "r")]
+    assert (r2["value"], r2["gain"], r2["gain_low"], r2["gain_high"]) == pytest.approx((0.55, 0.1, 0.1, 0.1))
+    cand = {m: by[("round 2 candidate (promoted)", m)] for m in "cr"}
+    assert (cand["c"]["value"], cand["c"]["gain"], cand["r"]["value"], cand["r"]["gain"]) == pytest.approx(
+        (0.5, -0.25, 0.7, 0.25))
+    table = render_climb(got)
+    assert table.splitlines()[0] == "| policy | prompts | c pass rate | gain vs base | r mean | gain vs base |"
+    assert "| round 2 sampled | 2 | 1.000 [1.000, 1.000] | +0.250 [" in table

@@ -108,3 +108,35 @@ def test_random_baseline_is_seeded_and_ordered(tmp_path):
     counts = report["random"]
     assert counts["ok"] + counts["not_ordered"] + counts["zero_std"] == len(rewards)
     assert counts["same_sample"] == 0
+
+
+def test_the_seven_points_as_n_grows():
+    """growth_sizes: powers of two from 4 below n, then n; none below 8 samples.
+    Prompt x, rewards 0, 1, 2, 3, 10, -10, 5, 5. First 4: mu 1.5, sigma sqrt(1.25) = 1.118, mu-2sigma = -0.736
+    -> sample 0 (reward 0), max 3, min 0. All 8: mu 16/8 = 2, squared deviations 4, 1, 0, 1, 64, 144, 9, 9 ->
+    sigma sqrt(29) = 5.385, mu-2sigma = -8.77 -> sample 5 (-10) = min, max 10. Prompt y = x + 1 everywhere: the
+    same picks, rewards one higher. The curve over the two prompts: mean = x's + 0.5, sd 0.7071, t(0.975, 1)
+    12.706 -> half width 12.706 * 0.7071 / sqrt(2) = 6.353; gap to max: n 4: 3 - 0 = 3, n 8: 10 + 10 = 20."""
+    from popflow.sql import student_t, t_literal
+    from tasks.pair import growth_curve_sql, growth_sizes, point_growth_sql
+
+    assert growth_sizes(4) == [] and growth_sizes(8) == [4, 8] and growth_sizes(12) == [4, 8, 12]
+    assert growth_sizes(32) == [4, 8, 16, 32]
+    x = [0.0, 1.0, 2.0, 3.0, 10.0, -10.0, 5.0, 5.0]
+    rows = [("x", i, r) for i, r in enumerate(x)] + [("y", i, r + 1) for i, r in enumerate(x)]
+    con = duckdb.connect()
+    con.execute("create table rw (prompt_id varchar, sample_idx integer, reward double)")
+    con.executemany("insert into rw values (?, ?, ?)", rows)
+    con.execute(f"create table growth as {point_growth_sql('rw', [4, 8])}")
+    picks = {(n, p, pt): (i, r) for n, p, pt, i, r in con.execute(
+        "select n, prompt_id, point, sample_idx, reward from growth").fetchall()}
+    assert picks[(4, "x", "mu-2sigma")] == (0, 0.0) and picks[(4, "x", "max")] == (3, 3.0)
+    assert picks[(8, "x", "mu-2sigma")] == (5, -10.0) and picks[(8, "y", "max")] == (4, 11.0)
+    assert len(picks) == 2 * 2 * 7
+    curve = {(n, pt): (r, lo, hi, gap, k) for n, pt, r, lo, hi, gap, k in con.execute(
+        f"select n, point, reward, reward_low, reward_high, gap_to_max, prompts "
+        f"from ({growth_curve_sql('growth', t_literal(2))})").fetchall()}
+    half = student_t(0.975, 1) * 0.5 ** 0.5 / 2 ** 0.5
+    assert curve[(4, "mu-2sigma")] == pytest.approx((0.5, 0.5 - half, 0.5 + half, 3.0, 2))
+    assert curve[(8, "mu-2sigma")] == pytest.approx((-9.5, -9.5 - half, -9.5 + half, 20.0, 2))
+    assert curve[(8, "max")][:1] == pytest.approx((10.5,))

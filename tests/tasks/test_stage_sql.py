@@ -10,6 +10,8 @@ import pytest
 
 from flows.experiment import comparison_sql
 from popflow import sql
+from popflow.config import load_pipeline
+from popflow.errors import PopflowError
 from popflow.train_config import Method
 from tasks.annotate import annotated_pairs
 from tasks.evaluate import (
@@ -25,7 +27,7 @@ from tasks.ref_logps import pair_rows_sql
 from tasks.sample import prompts_to_sample
 from tasks.score import samples_to_score
 from tasks.train import heldout_rows_sql, training_rows
-from tests.fixtures.lake import E1, E2, P1, P2, A, B, C, small_lake
+from tests.fixtures.lake import E1, E2, P1, P2, A, B, C, D, small_lake
 
 
 @pytest.fixture
@@ -76,10 +78,18 @@ def test_margins_number_pairs_and_labels_alike(ctx):
     assert sorted((r["a"], r["b"], r["a_stronger"]) for r in labels) == [(0, 1, True), (1, 0, False)]
 
 
-def test_ref_logps_reads_the_annotated_strategy(ctx):
-    rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), "seven_point")).fetchall()
-    assert [(r[0], r[1]) for r in rows] == [(A, "train"), (C, "eval"), (B, "train")]  # by pair_id: i < o < s
+def test_ref_logps_reads_the_strategies_trained_on(ctx):
+    """The annotated seven_point pairs (by pair_id: i < o < s), and max_min's D once a method trains on it."""
+    rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), ["seven_point"])).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(A, "train"), (C, "eval"), (B, "train")]
     assert rows[0][2] == [{"role": "user", "content": f"question {P1}"}]
+    assert ctx.config.trained_strategies() == ["seven_point"]
+    cfg = load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min]",
+                                           "train.methods=[{loss: dpo}, {loss: dpo, pairs: max_min}]"])
+    assert cfg.trained_strategies() == ["seven_point", "max_min"]
+    assert [cfg.method_name(m) for m in cfg.train.methods] == ["dpo", "dpo_max_min"]
+    rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), cfg.trained_strategies())).fetchall()
+    assert [r[0] for r in rows] == [D, A, C, B]  # "it's 1|m" < "it's 1|s"
 
 
 def test_training_rows_per_method(ctx):
@@ -100,8 +110,31 @@ def test_training_rows_per_method(ctx):
     assert rows(Method(loss="dpo_gt_margin", alpha=2.0), "margin") == [(1.0,), (1.0,), (1.0,)]
     assert rows(Method(loss="distill_pessimistic"), "pair_id", "targets") == [
         (A, [2.0, -1.0]), (A, [2.0, -1.0]), (B, [2.0, 5.0])]
-    held = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"))).fetchall()
+    held = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"), "seven_point")).fetchall()
     assert [(r[0], r[-1]) for r in held] == [(C, 2.0)]
+    assert con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"), "max_min")).fetchall() == []
+
+
+def test_a_method_trains_on_another_strategys_pairs_once(tmp_path):
+    """pairs: max_min trains on max_min's train pair D once (ref -4, -8; gt 3.0) whatever the annotation's
+    copies; plain dpo keeps the annotated iterative composition (A twice, B once). A method whose pairs have no
+    reference log-probs (random: none stored) stops with the reason."""
+    ctx = small_lake(tmp_path, ("pair.extra_strategies=[max_min, random]",))
+    con = sql.connect()
+    got = training_rows(ctx, con, Method(loss="dpo", pairs="max_min")).to_pylist()
+    assert [(r["pair_id"], r["margin"], r["target"], r["ref_chosen_logps"]) for r in got] == [(D, 0.0, 3.0, -4.0)]
+    assert [r["pair_id"] for r in training_rows(ctx, con, Method(loss="dpo")).to_pylist()] == [A, A, B]
+    with pytest.raises(PopflowError, match="no 'random' train pairs"):
+        training_rows(ctx, con, Method(loss="distill", pairs="random"))
+
+
+@pytest.mark.parametrize("method, message", [
+    ("{loss: dpo, pairs: random}", "not built"),
+    ("{loss: dpo_pop, pairs: max_min}", "dpo_pop trains on PoP margins"),
+])
+def test_a_method_pairs_must_be_built_and_carry_no_pop_margin(method, message):
+    with pytest.raises(PopflowError, match=message):
+        load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min]", f"train.methods=[{method}]"])
 
 
 def test_evaluate_metrics_by_hand(ctx):
@@ -155,7 +188,7 @@ def test_an_interval_over_prompts_by_hand():
     mean 0.5 and a half width of 12.7 * 0.707 / 1.414, clipped to [0, 1]."""
     from scipy import stats
 
-    from tasks.evaluate import interval_sql, student_t
+    from popflow.sql import interval_sql, student_t
 
     con, rates = sql.connect(), [0.5, 0.6, 0.7, 0.8]
     query = (f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 3)), 0, 1)} "
@@ -165,6 +198,9 @@ def test_an_interval_over_prompts_by_hand():
     assert (low, high) == pytest.approx(stats.t.interval(0.95, 3, loc=0.65, scale=stats.sem(rates)))
     query = f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 1)), 0, 1)} from (select unnest([0.0, 1.0]) as x)"
     assert con.execute(query).fetchall()[0] == (0.5, 0.0, 1.0)
+    query = f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 1)))} from (select unnest([0.0, 1.0]) as x)"
+    half = student_t(0.975, 1) * math.sqrt(0.5) / math.sqrt(2)  # 12.706 * 0.7071 / 1.4142 = 6.353: unclipped
+    assert con.execute(query).fetchall()[0] == pytest.approx((0.5, 0.5 - half, 0.5 + half))
 
 
 def test_experiment_comparison(ctx):
@@ -294,3 +330,35 @@ def test_train_checks_the_stored_reference_log_probs(tmp_path, monkeypatch):
     other = RunContext(str(tmp_path / "data"), "tiny", "r1", ld)
     with pytest.raises(PopflowError, match=r'train.trl \{"ld_alpha": 0.5\}.* does not match run r1.*ref_logps'):
         check_reference(other, sql.connect())
+
+
+def test_pop_sweep_draws_and_summary():
+    """50 pairs with distinct ground truths 0, 1/49, ..., 1 and no label noise. iterative: every pair anchors k
+    comparisons (k x 50 of them, none uncompared). random, k = 1: 50 comparisons, each missing a given pair with
+    probability 1 - 2/50, so 50 x 0.96^50 = 6.5 pairs stay uncompared on average. More labels per pair rank the
+    margins better (k = 4 above k = 1). The summary of Spearmans 0.5 and 0.7: mean 0.6, half width
+    12.706 x 0.1414 / sqrt(2) = 1.2706 -> [-0.6706, 1 (clipped)]."""
+    import numpy as np
+
+    from flows.experiment import pop_sweep, pop_sweep_sql, sweep_markdown
+
+    cfg = load_pipeline("tiny", overrides=["annotate.p=0.0"])
+    draws = pop_sweep(np.linspace(0, 1, 50), np.zeros(50, dtype=np.int64), cfg.annotate, cfg.margins, [1, 4], 10)
+    rows = draws.to_pylist()
+    assert len(rows) == 2 * 2 * 10 and {r["seed"] for r in rows} == set(range(10))
+    it = [r for r in rows if r["sampling"] == "iterative"]
+    assert {(r["k"], r["comparisons"], r["uncompared"]) for r in it} == {(1, 50, 0), (4, 200, 0)}
+    uncompared = [r["uncompared"] for r in rows if r["sampling"] == "random" and r["k"] == 1]
+    assert 4.5 < np.mean(uncompared) < 8.5
+    for sampling in ("iterative", "random"):
+        mean = {k: np.mean([r["spearman"] for r in rows if r["sampling"] == sampling and r["k"] == k]) for k in (1, 4)}
+        assert mean[4] > mean[1] > 0
+    con = sql.connect()
+    con.register("draws", pa.table({"sampling": ["iterative"] * 2, "k": [1, 1], "spearman": [0.5, 0.7],
+                                    "pearson": [0.4, 0.6], "comparisons": [50, 50], "uncompared": [0, 0]}))
+    got = con.sql(pop_sweep_sql("draws", 2)).to_arrow_table()
+    assert got.to_pylist()[0] == {
+        "sampling": "iterative", "k": 1, "spearman": pytest.approx(0.6),
+        "spearman_low": pytest.approx(-0.6706, abs=1e-4),
+        "spearman_high": 1.0, "pearson": pytest.approx(0.5), "comparisons": 50.0, "uncompared": 0.0, "draws": 2}
+    assert "| iterative | 1 | 0.600 [-0.671, 1.000] | 0.500 | 50 | 0.0 |" in sweep_markdown(got)
