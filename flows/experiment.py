@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.pipeline import as_assignments, preference_pipeline
 from popflow import sql
 from popflow.config import load_pipeline
+from popflow.errors import PopflowError
 from popflow.runs import resolve_data_dir
 from popflow.sql import interval_sql, lit
 from popflow.sql import t_literal as t
@@ -180,17 +181,17 @@ def pop_sweep_sql(sweep: str, seeds: int) -> str:
 def run_pop_sweep(ctx: RunContext, con) -> pa.Table | None:
     """pop_sweep over the run's annotated train pairs, summarised (pop_sweep_sql); written as lake table pop_sweep
     (the draws). None when the experiment skips it or the pairs carry no ground truth (imported, no scores)."""
+    from tasks.annotate import annotated_pairs
+
     cfg = ctx.config
     if cfg.experiment.pop_sweep is None:
         return None
-    pairs = con.sql(f"""
-        with final as (
-            select pair_id, prompt_id, gt_margin from {ctx.table('pairs')}
-            where strategy = {lit(cfg.annotated_strategy())} and split = 'train'
-        )
-        select * from final order by pair_id""").to_arrow_table()  # the margins stage's pairs, in its order
-    gt = pairs.column("gt_margin").to_numpy(zero_copy_only=False).astype(np.float64)
-    if len(gt) < 3 or np.isnan(gt).any():
+    try:  # the pairs and ground truth the annotate stage labelled (annotate.ground_truth), in its order
+        pairs = annotated_pairs(ctx, con)
+    except PopflowError:
+        return None
+    gt = pairs.column("gt").to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(gt) < 3 or np.isnan(gt).any() or np.ptp(gt) == 0:  # nothing to rank
         return None
     groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
               if cfg.annotate.partners == "same_prompt" else np.zeros(len(gt), dtype=np.int64))
@@ -208,9 +209,12 @@ def sweep_markdown(table: pa.Table) -> str:
     """sampling x k: Spearman [95% interval over label draws], Pearson, comparisons, uncompared pairs."""
     lines = ["| sampling | k | Spearman vs ground truth | Pearson | comparisons | uncompared pairs |",
              "|---|---|---|---|---|---|"]
+    def num(v) -> str:
+        return "" if v is None else f"{v:.3f}"
+
     for r in table.to_pylist():
         interval = f" [{r['spearman_low']:.3f}, {r['spearman_high']:.3f}]" if r["spearman_low"] is not None else ""
-        lines.append(f"| {r['sampling']} | {r['k']} | {r['spearman']:.3f}{interval} | {r['pearson']:.3f} | "
+        lines.append(f"| {r['sampling']} | {r['k']} | {num(r['spearman'])}{interval} | {num(r['pearson'])} | "
                      f"{r['comparisons']:.0f} | {r['uncompared']:.1f} |")
     return "\n".join(lines)
 

@@ -307,12 +307,18 @@ class PipelineConfig(Strict):
                     why = "import_pairs brings its own pairs" if self.import_pairs else (
                         f"pair.strategy and pair.extra_strategies are {built}")
                     raise ValueError(f"{section}.methods[{i}].pairs {m.pairs!r}: not built ({why})")
-                if m.pairs and m.pairs != self.annotated_strategy() and m.loss == "dpo_pop":
-                    raise ValueError(f"{section}.methods[{i}]: dpo_pop trains on PoP margins, which exist for the "
-                                     f"annotated pairs ({self.annotated_strategy()!r}) only, not {m.pairs!r}")
+                if m.pairs and m.pairs != self.annotated_strategy() and (m.loss == "dpo_pop" or m.sampling):
+                    raise ValueError(f"{section}.methods[{i}]: {'dpo_pop' if m.loss == 'dpo_pop' else 'sampling'} "
+                                     f"needs a PoP annotation, which exists for the annotated pairs "
+                                     f"({self.annotated_strategy()!r}) only, not {m.pairs!r}")
                 if section == "train" and m.sampling and m.sampling not in self.annotate.sampling:
                     raise ValueError(f"train.methods[{i}].sampling {m.sampling!r}: not annotated (annotate.sampling "
                                      f"is {self.annotate.sampling})")
+            if section == "train":  # two methods under one name would write one adapter folder and one part
+                names = [self.method_name(m) for m in methods]
+                twice = sorted({n for n in names if names.count(n) > 1})
+                if twice:
+                    raise ValueError(f"train.methods: two methods are named {', '.join(twice)} (give one a name:)")
         return self
 
     @model_validator(mode="after")
@@ -353,7 +359,7 @@ class PipelineConfig(Strict):
         sampling = method.sampling or self.annotate.sampling[0]
         suffix = f"_{sampling}" if len(self.annotate.sampling) > 1 and sampling != self.annotate.sampling[0] else ""
         if self.trained_strategy(method) != self.annotated_strategy():
-            suffix += f"_{method.pairs}"
+            suffix += f"_{method.pairs}_pairs"
         return method.name or f"{method.loss}{suffix}"
 
     def trained_strategy(self, method) -> str:
@@ -361,9 +367,11 @@ class PipelineConfig(Strict):
         return method.pairs or self.annotated_strategy()
 
     def trained_strategies(self) -> list[str]:
-        """Every pair strategy the train methods train on, the annotated one first (ref_logps covers them)."""
+        """Every pair strategy the train methods train on: the annotated one, then the others sorted (ref_logps
+        covers them; the order of train.methods changes nothing)."""
+        annotated = self.annotated_strategy()
         methods = self.train.methods if self.train else []
-        return list(dict.fromkeys([self.annotated_strategy(), *(self.trained_strategy(m) for m in methods)]))
+        return [annotated, *sorted({self.trained_strategy(m) for m in methods} - {annotated})]
 
     def candidate_method(self) -> str:
         """The train method whose first seed is a loop round's candidate."""

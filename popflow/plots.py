@@ -109,7 +109,8 @@ def plot_pop_sweep(rows: list[dict], out: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for sampling, color in (("iterative", "#2166ac"), ("random", "#b2182b")):
-        mine = sorted((r for r in rows if r["sampling"] == sampling), key=lambda r: r["k"])
+        mine = sorted((r for r in rows if r["sampling"] == sampling and r["spearman"] is not None),
+                      key=lambda r: r["k"])
         if not mine:
             continue
         err = [[r["spearman"] - (r["spearman_low"] if r["spearman_low"] is not None else r["spearman"]) for r in mine],

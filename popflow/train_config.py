@@ -9,7 +9,7 @@ each file stays readable. Every field says its allowed values and where it comes
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,9 +43,10 @@ class Method(Strict):
         None, description="Which PoP annotation trains this method (its train_pairs and margins); default: the "
         "first of annotate.sampling.")
     pairs: Literal["seven_point", "max_min", "random"] | None = Field(
-        None, description="Train on this pair strategy's train pairs, each once, instead of the annotated ones (the "
-        "pair-strategy comparison); it must be built (pair.strategy or pair.extra_strategies). Not with dpo_pop: PoP "
-        "margins exist for the annotated pairs only. Held-out accuracy is always measured on the annotated pairs.")
+        None, description="Train on another pair strategy's train pairs, each once, instead of the annotated ones "
+        "(the pair-strategy comparison; named <loss>_<strategy>_pairs); it must be built (pair.strategy or "
+        "pair.extra_strategies). Not with dpo_pop or sampling: PoP annotations exist for the annotated pairs only. "
+        "Held-out accuracy is always measured on the annotated pairs.")
     gamma: float = Field(0.5, ge=0.0, description="dpo_fixed_margin: the margin of every pair.")
     alpha: float = Field(1.0, gt=0.0, description="dpo_gt_margin: margin = alpha * gt_margin, clipped to [0, "
                          "margins.max_margin] as the margins stage clips PoP's and its own gt margins.")
@@ -138,7 +139,8 @@ class EvaluateConfig(Strict):
 
 
 class PopSweep(Strict):
-    k: list[int] = Field([1, 2, 4], min_length=1, description="PoP labels per pair to compare (annotate.k's).")
+    k: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 4], min_length=1,
+                                                 description="PoP labels per pair to compare (annotate.k's).")
     seeds: int = Field(10, ge=2, description="Label draws per sampling x k (the interval is over them).")
 
 

@@ -301,7 +301,7 @@ def pair(ctx: RunContext) -> Output:
         report["earlier_rounds"] = add_earlier_pairs(con, ctx, earlier, out["pairs"])
     for t in out:
         lake.publish(t, ctx.pipeline, ctx.run_id)
-    tables = {t: con.execute(f"select count(*) from {ctx.table(t)}").fetchone()[0] for t in out}
+    tables = {t: con.execute(f"select count(*) from {ctx.table(t)}").fetchall()[0][0] for t in out}
     sizes = growth_sizes(ctx.config.sample.n)
     if sizes:  # the seven points at 4, 8, ... samples: the pair-strategy claim's curve, from this run's samples
         growth = con.sql(point_growth_sql(ctx.table("sample_rewards"), sizes)).to_arrow_table()

@@ -22,19 +22,22 @@ import pyarrow.compute as pc
 
 from popflow import models, precision, sql
 from popflow.errors import PopflowError
+from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
 
 def pair_rows_sql(pairs: str, strategies: list[str]) -> str:
-    """The pairs of the strategies trained on (the annotated one and any train method's `pairs`) as TRL columns
-    (prompt, chosen, rejected are message lists)."""
+    """The pairs trained on or measured, as TRL columns (prompt, chosen, rejected are message lists): all of the
+    annotated strategy (`strategies[0]`: train and held-out), and the train pairs of the others (any train
+    method's `pairs`; held-out accuracy is measured on the annotated pairs only)."""
     return f"""
         with final as (
             select pair_id, split, prompt, chosen, rejected
             from {pairs}
-            where strategy in {sql.values(strategies)}
+            where strategy = {lit(strategies[0])}
+               or (strategy in {sql.values(strategies[1:])} and split = 'train')
         )
         select * from final order by pair_id
     """

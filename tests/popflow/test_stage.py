@@ -23,8 +23,10 @@ def test_hash_sections_follow_the_declared_reads():
     reads from, transitively; a whole section replaces its fields (train covers train.dtype):
         sample     reads ingest                          -> prompts, sample
         annotate   reads pair (import_pairs is off)      -> + pair, score, annotate
-        ref_logps  reads pair; own annotate.pairs, train.dtype, train.long_prompts
-        train      reads annotate, margins, ref_logps    -> annotate, margins, pair, prompts, sample, score, train
+        ref_logps  reads pair; own trained_strategies (derived: the pair strategies trained on), train.dtype,
+                   train.long_prompts
+        train      reads annotate, margins, ref_logps    -> annotate, margins, pair, prompts, sample, score, train,
+                                                            trained_strategies
         evaluate   reads train, ingest, score            -> train's + evaluate"""
     cfg = load_pipeline("tiny")
     got = {s.name: hash_sections(s, cfg) for s in plan(STAGES, cfg)}
@@ -36,9 +38,9 @@ def test_hash_sections_follow_the_declared_reads():
         "pair": chain,
         "annotate": ("annotate", *chain),
         "margins": ("annotate", "margins", *chain),
-        "ref_logps": ("annotate.pairs", *chain, "train.dtype", "train.long_prompts"),
-        "train": ("annotate", "margins", *chain, "train"),
-        "evaluate": ("annotate", "evaluate", "margins", *chain, "train"),
+        "ref_logps": (*chain, "train.dtype", "train.long_prompts", "trained_strategies"),
+        "train": ("annotate", "margins", *chain, "train", "trained_strategies"),
+        "evaluate": ("annotate", "evaluate", "margins", *chain, "train", "trained_strategies"),
     }
 
 

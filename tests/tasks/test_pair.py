@@ -140,3 +140,37 @@ def test_the_seven_points_as_n_grows():
     assert curve[(4, "mu-2sigma")] == pytest.approx((0.5, 0.5 - half, 0.5 + half, 3.0, 2))
     assert curve[(8, "mu-2sigma")] == pytest.approx((-9.5, -9.5 - half, -9.5 + half, 20.0, 2))
     assert curve[(8, "max")][:1] == pytest.approx((10.5,))
+
+
+def test_the_pair_stage_writes_point_growth_with_n_8(tmp_path):
+    """The stage itself with 8 samples per prompt (6 train, 2 held-out prompts; seeded normal rewards):
+    seven_points 8 x 7 = 56 rows, point_growth 56 at n = 4 and 56 at n = 8 (its n = 8 rows are seven_points'),
+    and the plot. (n = 4 runs write no point_growth: tests/flows.)"""
+    import random
+
+    import pyarrow as pa
+
+    from popflow.config import load_pipeline
+    from popflow.stage import RunContext, with_run_columns
+    from tasks.pair import pair
+
+    cfg = load_pipeline("tiny", overrides=["sample.n=8"])
+    ctx = RunContext(str(tmp_path), "tiny", "r1", cfg)
+    rng = random.Random(0)
+    prompts = [(f"p{i}", "train" if i < 6 else "eval") for i in range(8)]
+    tables = {"prompts": [{"prompt_id": p, "prompt": "q", "split": s} for p, s in prompts],
+              "samples": [{"prompt_id": p, "sample_idx": i, "response": f"{p}#{i}"} for p, _ in prompts
+                          for i in range(8)],
+              "sample_rewards": [{"prompt_id": p, "sample_idx": i, "reward": rng.gauss(0, 1)} for p, _ in prompts
+                                 for i in range(8)]}
+    for name, rows in tables.items():
+        ctx.lake.write_table(name, "tiny", "r1", with_run_columns(ctx, pa.Table.from_pylist(rows)))
+    out = pair.work(ctx)
+    assert out.tables["seven_points"] == 56 and out.tables["point_growth"] == 112
+    con = duckdb.connect()
+    assert con.sql(f"select n, count(*) from {ctx.table('point_growth')} group by n order by n").fetchall() == [
+        (4, 56), (8, 56)]
+    same = con.sql(f"select count(*) from {ctx.table('point_growth')} g join {ctx.table('seven_points')} s "
+                   "using (prompt_id, point, sample_idx) where g.n = 8").fetchall()[0][0]
+    assert same == 56
+    assert open(out.report["point_growth_plot"], "rb").read(4) == b"\x89PNG"

@@ -87,9 +87,18 @@ def test_ref_logps_reads_the_strategies_trained_on(ctx):
     cfg = load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min]",
                                            "train.methods=[{loss: dpo}, {loss: dpo, pairs: max_min}]"])
     assert cfg.trained_strategies() == ["seven_point", "max_min"]
-    assert [cfg.method_name(m) for m in cfg.train.methods] == ["dpo", "dpo_max_min"]
+    assert [cfg.method_name(m) for m in cfg.train.methods] == ["dpo", "dpo_max_min_pairs"]
     rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), cfg.trained_strategies())).fetchall()
     assert [r[0] for r in rows] == [D, A, C, B]  # "it's 1|m" < "it's 1|s"
+    # another strategy's held-out pairs are never measured: not computed; the methods' order changes nothing
+    rows = sql.connect().sql(pair_rows_sql(ctx.table("pairs"), ["max_min", "seven_point"])).fetchall()
+    assert [r[0] for r in rows] == [D, A, B]  # C is seven_point's held-out pair
+    other = load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min, random]",
+                                             "train.methods=[{loss: dpo, pairs: random}, {loss: dpo, pairs: max_min}]"])
+    again = load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min, random]",
+                                             "train.methods=[{loss: dpo, pairs: max_min}, {loss: dpo, pairs: random}]"])
+    assert other.trained_strategies() == ["seven_point", "max_min", "random"]
+    assert other.hash("trained_strategies") == again.hash("trained_strategies")
 
 
 def test_training_rows_per_method(ctx):
@@ -130,9 +139,11 @@ def test_a_method_trains_on_another_strategys_pairs_once(tmp_path):
 
 @pytest.mark.parametrize("method, message", [
     ("{loss: dpo, pairs: random}", "not built"),
-    ("{loss: dpo_pop, pairs: max_min}", "dpo_pop trains on PoP margins"),
+    ("{loss: dpo_pop, pairs: max_min}", "dpo_pop needs a PoP annotation"),
+    ("{loss: dpo, pairs: max_min, sampling: random}", "sampling needs a PoP annotation"),
+    ("{loss: dpo}, {loss: dpo, pairs: seven_point}", "two methods are named dpo"),
 ])
-def test_a_method_pairs_must_be_built_and_carry_no_pop_margin(method, message):
+def test_a_method_pairs_must_be_built_and_carry_no_pop_annotation(method, message):
     with pytest.raises(PopflowError, match=message):
         load_pipeline("tiny", overrides=["pair.extra_strategies=[max_min]", f"train.methods=[{method}]"])
 
@@ -362,3 +373,8 @@ def test_pop_sweep_draws_and_summary():
         "spearman_low": pytest.approx(-0.6706, abs=1e-4),
         "spearman_high": 1.0, "pearson": pytest.approx(0.5), "comparisons": 50.0, "uncompared": 0.0, "draws": 2}
     assert "| iterative | 1 | 0.600 [-0.671, 1.000] | 0.500 | 50 | 0.0 |" in sweep_markdown(got)
+    # ground truths that never differ rank nothing: no agreement figure, and the table still prints
+    flat = pop_sweep(np.ones(20), np.zeros(20, dtype=np.int64), cfg.annotate, cfg.margins, [1], 2)
+    assert {r["spearman"] for r in flat.to_pylist()} == {None}
+    con.register("flat", flat)
+    assert "| iterative | 1 |  |  | 20 | 0.0 |" in sweep_markdown(con.sql(pop_sweep_sql("flat", 2)).to_arrow_table())
