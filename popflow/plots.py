@@ -5,6 +5,7 @@ points (min, mu-2sigma, ..., max) marked where the picked samples lie.
 margins_vs_gt.png: inferred PoP margins and strengths against the ground-truth margins.
 point_growth.png: each of the seven points' mean reward as the samples per prompt grow (4, 8, 16, ...).
 loop_rounds.png: an on-policy loop per round: sample score distributions and the gate's win rate.
+climb (docs/proof/loop_climb.png): a loop's policies on held-out prompts, per reward model, with intervals.
 """
 
 from __future__ import annotations
@@ -95,6 +96,31 @@ def plot_point_growth(rows: list[dict], out: Path, title: str) -> Path:
     ax.set_ylabel("mean reward of the point (95% interval)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set_title(f"the seven points as n grows - {title}", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_climb(rows: list[dict], out: Path, title: str) -> Path:
+    """A loop's climb (popflow/report.py:climb_sql's rows): one panel per reward model, each policy of the chain
+    in order with its held-out value and 95% interval over prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["reward_model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = sorted((r for r in rows if r["reward_model"] == model), key=lambda r: r["step"])
+        x = list(range(len(mine)))
+        low = [r["value"] - (r["value_low"] if r["value_low"] is not None else r["value"]) for r in mine]
+        high = [(r["value_high"] if r["value_high"] is not None else r["value"]) - r["value"] for r in mine]
+        ax.errorbar(x, [r["value"] for r in mine], yerr=[low, high], marker="o", capsize=4, color="#2166ac")
+        ax.set_xticks(x, [r["policy"].replace(" (promoted)", "\n(promoted)").replace(" candidate", "\ncandidate")
+                          for r in mine], fontsize=7)
+        kind = mine[0]["kind"]
+        ax.set_ylabel(f"{model}: {'pass rate' if kind == 'constraints' else 'mean score'} (95% interval)")
+    fig.suptitle(f"held-out reward of each policy the loop sampled - {title}", fontsize=9)
     fig.tight_layout()
     return save(fig, out)
 
