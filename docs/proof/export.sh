@@ -5,7 +5,7 @@
 set -euo pipefail
 data="${1:-${POPFLOW_DATA_DIR:-data}}"
 out="$(dirname "$0")"
-sql() { .venv/bin/popflow sql --data-dir "$data" --csv "$1"; }
+sql() { .venv/bin/popflow sql --data-dir "$data" --csv "$1" | tr -d "\r"; }
 runs="$data/lake/_runs"
 latest() { sql "select run_id from latest_runs where pipeline = '$1'" | tail -n +2; }
 has() { [ -n "$(latest "$1")" ]; }
@@ -24,7 +24,7 @@ lake = Lake(resolve_data_dir(sys.argv[1]))
 con = lake.connect()
 prompts = con.execute("select count(distinct prompt_id) from prompts where pipeline = 'proof_loop' and split = 'eval'").fetchall()[0][0]
 table = con.sql(climb_sql("proof_loop", t_literal(prompts))).to_arrow_table()
-w = csv.writer(sys.stdout); w.writerow(table.column_names); w.writerows(zip(*[c.to_pylist() for c in table.columns]))
+w = csv.writer(sys.stdout, lineterminator="\n"); w.writerow(table.column_names); w.writerows(zip(*[c.to_pylist() for c in table.columns]))
 from pathlib import Path
 from popflow.plots import plot_climb
 plot_climb(table.to_pylist(), Path("docs/proof/loop_climb.png"), f"proof_loop, {prompts} held-out prompts")
@@ -42,7 +42,7 @@ con = Lake(resolve_data_dir(sys.argv[1])).connect()
 source = "(select * from latest_point_growth where pipeline = 'proof_points')"
 prompts = con.execute(f"select count(distinct prompt_id) from {source}").fetchall()[0][0]
 table = con.sql(growth_curve_sql(source, t_literal(prompts))).to_arrow_table()
-w = csv.writer(sys.stdout); w.writerow(table.column_names); w.writerows(zip(*[c.to_pylist() for c in table.columns]))
+w = csv.writer(sys.stdout, lineterminator="\n"); w.writerow(table.column_names); w.writerows(zip(*[c.to_pylist() for c in table.columns]))
 PY
   cp "$runs/pipeline=proof_points/run=$(latest proof_points)/point_growth.png" "$out/point_growth.png"
 fi
