@@ -49,7 +49,7 @@ def test_experiment_writes_the_comparison_table(cli):
     run_id = out.stdout.split("experiment run ")[1].split()[0]
     rows = cli.query(f"select method, metric, seeds, low <= mean and mean <= high from comparison "
                      f"where run_id = '{run_id}' order by all")
-    assert {r[0] for r in rows} == {"base", "dpo", "dpo_pop", "dpo_pop_random", "dpo_max_min"}
+    assert {r[0] for r in rows} == {"base", "dpo", "dpo_pop", "dpo_pop_random", "dpo_max_min_pairs"}
     assert {(r[1], r[2]) for r in rows if r[0] == "dpo_pop_random"} == {
         (m, 2) for m in ("accuracy", "constraint_rate", "constraint_gain", "mean_reward", "pearson", "spearman",
                          "win_rate", "win_rate_vs_dpo")}
@@ -62,8 +62,9 @@ def test_experiment_writes_the_comparison_table(cli):
     run_dir = cli.data_dir / "lake" / "_runs" / "pipeline=tiny" / f"run={run_id}"
     assert (run_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "| dpo_pop_random |" in (run_dir / "comparison.md").read_text()
-    # dpo_max_min trained on max_min's train pairs, each once, and was measured on the annotated held-out pairs
-    assert cli.query(f"select count(*) from train_metrics where run_id = '{run_id}' and method = 'dpo_max_min'")
+    # dpo_max_min_pairs trained on max_min's train pairs, each once, and was measured on the annotated held-out pairs
+    assert cli.query(f"select count(*) from train_metrics where run_id = '{run_id}' "
+                     "and method = 'dpo_max_min_pairs'")[0][0] > 0
     assert cli.query(f"select count(distinct strategy) from ref_logps r join pairs p using (pair_id, run_id) "
                      f"where run_id = '{run_id}'") == [(2,)]
     assert cli.query(f"select distinct p.strategy from heldout_margins h join pairs p using (pair_id, run_id) "
