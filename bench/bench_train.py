@@ -113,8 +113,8 @@ def main() -> None:
     print(f"device {prec.device} ({hw.name}, {hw.cpu_class}), weights {prec.weights}, mixed {prec.mixed}, "
           f"model {args.model}, {args.pairs} pairs, batch {args.batch}, max_length {args.max_length}, LoRA r16")
     for num, den, what in (("P", "A", "popflow dpo_pop (stored ref) / stock TRL sigmoid (precomputed ref)"),
-                           ("P", "B", "popflow dpo_pop (stored ref) / stock TRL sigmoid (live reference) "),
-                           ("P", "F", f"popflow dpo_pop, train.dtype auto ({prec.mixed} mixed) / fp32      "),
+                           ("P", "B", "popflow dpo_pop (stored ref) / stock TRL sigmoid (live reference)"),
+                           ("P", "F", f"popflow dpo_pop, train.dtype auto ({prec.mixed} mixed) / fp32"),
                            ("H", "P", "bf16 frozen base weights / fp32 base weights (both bf16 autocast)")):
         if num in speed and den in speed:
             print(f"{what}: {speed[num] / speed[den]:.2f}x")
