@@ -207,15 +207,11 @@ def cmd_policies(args) -> int:
 
 def climb(lake, pipeline: str) -> str:
     """The held-out reward of each round's sampled policy and the last candidate (popflow/report.py:climb_sql)."""
-    from popflow.report import climb_sql, render_climb
-    from popflow.sql import lit, t_literal
+    from popflow.report import climb_table, render_climb
 
-    con = lake.connect()
     if not {"rewards", "prompts", "eval_rewards"} <= set(lake.tables()):
         return ""
-    prompts = con.execute(f"select count(distinct prompt_id) from prompts where pipeline = {lit(pipeline)} "
-                          "and split = 'eval'").fetchall()[0][0]
-    rows = con.sql(climb_sql(pipeline, t_literal(prompts))).to_arrow_table().to_pylist()
+    rows = climb_table(lake.connect(), pipeline).to_pylist()
     if not rows:
         return ""
     return (f"\nheld-out reward of {pipeline}'s policies, 95% intervals over prompts (gain: paired by prompt "

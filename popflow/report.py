@@ -148,6 +148,15 @@ def climb_sql(pipeline: str, t: str) -> str:
     select * from final order by step, reward_model"""
 
 
+def climb_table(con, pipeline: str):
+    """climb_sql over the catalog connection `con`, its t quantile from the pipeline's held-out prompt count."""
+    from popflow.sql import t_literal
+
+    prompts = con.execute(f"select count(distinct prompt_id) from prompts where pipeline = {lit(pipeline)} "
+                          "and split = 'eval'").fetchall()[0][0]
+    return con.sql(climb_sql(pipeline, t_literal(prompts))).to_arrow_table()
+
+
 def render_climb(rows: list[dict]) -> str:
     """climb_sql's rows as one table: a row per policy, per reward model 'value [low, high]' and the gain."""
     models = list(dict.fromkeys(r["reward_model"] for r in rows))

@@ -17,13 +17,10 @@ if has proof_loop; then  # the loop: every round's gate, and the climb of the he
   .venv/bin/python - "$data" > "$out/loop_climb.csv" <<'PY'
 import csv, sys
 from popflow.lake import Lake
-from popflow.report import climb_sql
+from popflow.report import climb_table
 from popflow.runs import resolve_data_dir
-from popflow.sql import t_literal
-lake = Lake(resolve_data_dir(sys.argv[1]))
-con = lake.connect()
-prompts = con.execute("select count(distinct prompt_id) from prompts where pipeline = 'proof_loop' and split = 'eval'").fetchall()[0][0]
-table = con.sql(climb_sql("proof_loop", t_literal(prompts))).to_arrow_table()
+table = climb_table(Lake(resolve_data_dir(sys.argv[1])).connect(), "proof_loop")
+prompts = table.column("prompts").to_pylist()[0]
 w = csv.writer(sys.stdout, lineterminator="\n"); w.writerow(table.column_names); w.writerows(zip(*[c.to_pylist() for c in table.columns]))
 from pathlib import Path
 from popflow.plots import plot_climb
