@@ -32,7 +32,6 @@ from popflow.config import load_pipeline
 from popflow.errors import PopflowError
 from popflow.runs import resolve_data_dir
 from popflow.sql import interval_sql, lit
-from popflow.sql import t_literal as t
 from popflow.stage import RunContext, artifact_key, with_run_columns
 
 METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate", "constraint_gain")
@@ -88,15 +87,13 @@ def comparison_sql(metrics: str, pooled: str | None = None) -> str:
     """
 
 
-def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_prompts: int,
-               reference: str = REFERENCE) -> str:
+def pooled_sql(outcomes: str, heldout: str, pairs: str, reference: str = REFERENCE) -> str:
     """Each trained method with its seeds pooled, the held-out prompt the unit: a prompt's win and constraint
-    gain (`outcomes`: eval_outcomes, over `prompts` prompts) and the share of its held-out pairs the policy
-    orders right (beta * h > 0; `heldout`: heldout_margins, joined to `pairs` for the prompt, over
-    `heldout_prompts` prompts), each averaged over seeds, then the mean over prompts with a two-sided 95%
-    Student t interval: (method, metric, mean, low, high, units, seeds). `win_rate_vs_<reference>`: a method's
-    per-prompt win rate minus the reference method's, paired by prompt (how much more often it beats the base
-    than the reference does)."""
+    gain (`outcomes`: eval_outcomes) and the share of its held-out pairs the policy orders right (beta * h > 0;
+    `heldout`: heldout_margins, joined to `pairs` for the prompt), each averaged over seeds, then the mean over
+    prompts with a two-sided 95% Student t interval: (method, metric, mean, low, high, units, seeds).
+    `win_rate_vs_<reference>`: a method's per-prompt win rate minus the reference method's, paired by prompt (how
+    much more often it beats the base than the reference does)."""
     return f"""
     with per_prompt as (
         select method, prompt_id, avg(win) as win, avg(gain) as gain, count(distinct seed) as seeds
@@ -112,22 +109,22 @@ def pooled_sql(outcomes: str, heldout: str, pairs: str, prompts: int, heldout_pr
         where p.method <> {lit(reference)}
     ),
     win as (
-        select method, 'win_rate' as metric, {interval_sql("win", "v", t(prompts), 0, 1)}, count(win) as units,
+        select method, 'win_rate' as metric, {interval_sql("win", "v", 0, 1)}, count(win) as units,
                max(seeds) as seeds
         from per_prompt group by method
     ),
     gain as (
-        select method, 'constraint_gain' as metric, {interval_sql("gain", "v", t(prompts), -1, 1)},
+        select method, 'constraint_gain' as metric, {interval_sql("gain", "v", -1, 1)},
                count(gain) as units, max(seeds) as seeds
         from per_prompt group by method
     ),
     accuracy as (
-        select method, 'accuracy' as metric, {interval_sql("correct", "v", t(heldout_prompts), 0, 1)},
+        select method, 'accuracy' as metric, {interval_sql("correct", "v", 0, 1)},
                count(*) as units, max(seeds) as seeds
         from per_heldout_prompt group by method
     ),
     vs_reference as (
-        select method, {lit("win_rate_vs_" + reference)} as metric, {interval_sql("diff", "v", t(prompts), -1, 1)},
+        select method, {lit("win_rate_vs_" + reference)} as metric, {interval_sql("diff", "v", -1, 1)},
                count(*) as units, max(seeds) as seeds
         from versus group by method
     ),
@@ -166,12 +163,12 @@ def pop_sweep(gt: np.ndarray, groups: np.ndarray, annotate, margins, ks: list[in
     return pa.Table.from_pylist(rows)
 
 
-def pop_sweep_sql(sweep: str, seeds: int) -> str:
+def pop_sweep_sql(sweep: str) -> str:
     """Per (sampling, k): the mean Spearman and Pearson of the margins against the ground truth over the label
     draws, the Spearman's two-sided 95% t interval over them, and the mean uncompared pairs."""
     return f"""
     with final as (
-        select sampling, k, {interval_sql("spearman", "spearman", t(seeds), -1, 1)}, avg(pearson) as pearson,
+        select sampling, k, {interval_sql("spearman", "spearman", -1, 1)}, avg(pearson) as pearson,
                avg(comparisons) as comparisons, avg(uncompared) as uncompared, count(*) as draws
         from {sweep} group by sampling, k
     )
@@ -202,7 +199,7 @@ def run_pop_sweep(ctx: RunContext, con) -> pa.Table | None:
         return None
     draws = pop_sweep(gt, groups, cfg.annotate, cfg.margins, ks, sweep.seeds)
     ctx.lake.write_table("pop_sweep", ctx.pipeline, ctx.run_id, with_run_columns(ctx, draws))
-    return con.sql(pop_sweep_sql(ctx.table("pop_sweep"), sweep.seeds)).to_arrow_table()
+    return con.sql(pop_sweep_sql(ctx.table("pop_sweep"))).to_arrow_table()
 
 
 def sweep_markdown(table: pa.Table) -> str:
@@ -256,10 +253,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     con = sql.connect()
     outcomes = ctx.table("eval_outcomes") if ctx.has("eval_outcomes") else NO_OUTCOMES  # evaluate.generate false
     heldout, pairs = ctx.table("heldout_margins"), ctx.table("pairs")
-    prompts, heldout_prompts = con.execute(
-        f"select (select count(distinct prompt_id) from {outcomes}), (select count(distinct p.prompt_id) "
-        f"from {heldout} h join {pairs} p using (pair_id))").fetchall()[0]
-    pooled = f"({pooled_sql(outcomes, heldout, pairs, prompts, heldout_prompts)})"
+    pooled = f"({pooled_sql(outcomes, heldout, pairs)})"
     table = con.sql(comparison_sql(ctx.table("eval_metrics"), pooled)).to_arrow_table()
     ctx.lake.write_table("comparison", pipeline, ctx.run_id, with_run_columns(ctx, table))
     ctx.lake.rebuild_catalog()

@@ -100,10 +100,10 @@ def render(pipeline: str, rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def climb_sql(pipeline: str, t: str) -> str:
+def climb_sql(pipeline: str) -> str:
     """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
     per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
-    of samples meeting every constraint, score >= 1) with its two-sided 95% interval (`t`: t_literal(prompts)),
+    of samples meeting every constraint, score >= 1) with its two-sided 95% interval,
     and the gain over round 1's sampled policy (the base) with its interval, paired by prompt."""
     p = lit(pipeline)
     value = "avg(case when kind = 'constraints' then (score >= 1.0)::double else score end)"
@@ -142,19 +142,15 @@ def climb_sql(pipeline: str, t: str) -> str:
     ),
     final as (
         select step, policy, reward_model, any_value(kind) as kind, count(*) as prompts,
-               {interval_sql("v", "value", t)}, {interval_sql("gain", "gain", t)}
+               {interval_sql("v", "value")}, {interval_sql("gain", "gain")}
         from paired group by step, policy, reward_model
     )
     select * from final order by step, reward_model"""
 
 
 def climb_table(con, pipeline: str):
-    """climb_sql over the catalog connection `con`, its t quantile from the pipeline's held-out prompt count."""
-    from popflow.sql import t_literal
-
-    prompts = con.execute(f"select count(distinct prompt_id) from prompts where pipeline = {lit(pipeline)} "
-                          "and split = 'eval'").fetchall()[0][0]
-    return con.sql(climb_sql(pipeline, t_literal(prompts))).to_arrow_table()
+    """climb_sql over the catalog connection `con`."""
+    return con.sql(climb_sql(pipeline)).to_arrow_table()
 
 
 def render_climb(rows: list[dict]) -> str:

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
-from popflow.sql import interval_sql, lit, t_literal
+from popflow.sql import interval_sql, lit
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
@@ -124,17 +124,16 @@ def prompt_outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, id
     return "with " + ",\n    ".join(ctes) + "\nselect * from final order by method, seed, prompt_id"
 
 
-def generation_metrics_sql(outcomes: str, prompts: int) -> str:
+def generation_metrics_sql(outcomes: str) -> str:
     """mean_reward, win_rate, constraint_rate and constraint_gain per (method, seed) from `outcomes`
-    (prompt_outcomes_sql's rows over `prompts` held-out prompts), each rate with its two-sided 95% Student t
-    interval over prompts (<name>_low, <name>_high; none with fewer than two prompts); `prompts` counts them."""
-    t = t_literal(prompts)
+    (prompt_outcomes_sql's rows, a row per held-out prompt), each rate with its two-sided 95% Student t interval
+    over prompts (<name>_low, <name>_high; none with fewer than two prompts); `prompts` counts them."""
     return f"""
     with per_policy as (
         select method, seed, count(*)::double as prompts, avg(reward) as mean_reward,
-               {interval_sql("win", "win_rate", t, 0, 1)},
-               {interval_sql("passed", "constraint_rate", t, 0, 1)},
-               {interval_sql("gain", "constraint_gain", t, -1, 1)}
+               {interval_sql("win", "win_rate", 0, 1)},
+               {interval_sql("passed", "constraint_rate", 0, 1)},
+               {interval_sql("gain", "constraint_gain", -1, 1)}
         from {outcomes} group by method, seed
     ),
     final as (
@@ -258,7 +257,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     outcomes = con.sql(prompt_outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
                                            ctx.table("samples"), ids, n, constraints)).to_arrow_table()
     lake.write_table("eval_outcomes", ctx.pipeline, ctx.run_id, with_run_columns(ctx, outcomes))
-    return (generation_metrics_sql(ctx.table("eval_outcomes"), len(ids)),
+    return (generation_metrics_sql(ctx.table("eval_outcomes")),
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from popflow import sql
 from popflow.config import POINTS, PairConfig, ScoreConfig
 from popflow.errors import PopflowError
-from popflow.sql import interval_sql, lit, t_literal
+from popflow.sql import interval_sql, lit
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import aggregate_sql
 
@@ -102,16 +102,16 @@ def point_growth_sql(rewards: str, sizes: list[int]) -> str:
     select * from final order by n, prompt_id, point_rank"""
 
 
-def growth_curve_sql(growth: str, t: str) -> str:
-    """Per (n, point): the mean reward over prompts with a two-sided 95% t interval (`t`: the quantile for the
-    prompt count), and the mean gap from each point to max (what a pair max / point trains on)."""
+def growth_curve_sql(growth: str) -> str:
+    """Per (n, point): the mean reward over prompts with a two-sided 95% t interval, and the mean gap from each
+    point to max (what a pair max / point trains on)."""
     return f"""
     with gaps as (
         select g.*, m.reward - g.reward as gap_to_max
         from {growth} g join {growth} m on m.n = g.n and m.prompt_id = g.prompt_id and m.point = 'max'
     ),
     final as (
-        select n, point, any_value(point_rank) as point_rank, {interval_sql("reward", "reward", t)},
+        select n, point, any_value(point_rank) as point_rank, {interval_sql("reward", "reward")},
                avg(gap_to_max) as gap_to_max, count(*) as prompts
         from gaps group by n, point
     )
@@ -308,7 +308,7 @@ def pair(ctx: RunContext) -> Output:
         ctx.lake.write_table("point_growth", ctx.pipeline, ctx.run_id, with_run_columns(ctx, growth))
         tables["point_growth"] = growth.num_rows
         prompts = growth.num_rows // (len(POINTS) * len(sizes))
-        curve = con.sql(growth_curve_sql(ctx.table("point_growth"), t_literal(prompts))).to_arrow_table()
+        curve = con.sql(growth_curve_sql(ctx.table("point_growth"))).to_arrow_table()
         report["point_growth_plot"] = str(plot_point_growth(curve.to_pylist(), ctx.run_dir / "point_growth.png",
                                                             f"{ctx.pipeline} {ctx.run_id}, {prompts} prompts"))
     plot = plot_reward_distributions(con, ctx.table("sample_rewards"), ctx.table("seven_points"),

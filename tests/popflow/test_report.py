@@ -62,7 +62,7 @@ def test_a_no_better_policy_is_called_better_at_most_2_5_percent_of_the_time():
 
     import numpy as np
 
-    from popflow.sql import interval_sql, t_literal
+    from popflow.sql import interval_sql
 
     draws, con = 20_000, sql.connect()
     for prompts in (32, 8):
@@ -73,7 +73,7 @@ def test_a_no_better_policy_is_called_better_at_most_2_5_percent_of_the_time():
         rows = pa.table({"draw": np.repeat(np.arange(draws), prompts), "win": outcomes.mean(axis=2).ravel()})
         con.register("per_prompt", rows)
         said = [verdict(policy(w, lo, hi, prompts)) for w, lo, hi in con.execute(
-            f"select {interval_sql('win', 'w', t_literal(prompts), 0, 1)} from per_prompt group by draw").fetchall()]
+            f"select {interval_sql('win', 'w', 0, 1)} from per_prompt group by draw").fetchall()]
         limit = 0.025 + 3 * math.sqrt(0.025 * 0.975 / draws)
         better = np.mean([s.startswith("better") for s in said])
         worse = np.mean([s.startswith("worse") for s in said])
@@ -82,7 +82,7 @@ def test_a_no_better_policy_is_called_better_at_most_2_5_percent_of_the_time():
         flat = pa.table({"draw": np.repeat(np.arange(draws), prompts * 4), "win": outcomes.ravel()})
         con.register("per_comparison", flat)
         naive = con.execute(f"select avg((w_low > 0.5)::double) from (select "
-                            f"{interval_sql('win', 'w', t_literal(prompts * 4), 0, 1)} from per_comparison "
+                            f"{interval_sql('win', 'w', 0, 1)} from per_comparison "
                             "group by draw)").fetchall()[0][0]
         assert naive > 2 * 0.025, naive
 
@@ -98,7 +98,7 @@ def test_the_climb_of_a_loops_policies_by_hand(tmp_path):
     = 3.1765; round 2's relevance gain has no spread: [0.1, 0.1]."""
     from popflow.lake import Lake
     from popflow.report import climb_sql, render_climb
-    from popflow.sql import student_t, t_literal
+    from popflow.sql import student_t
     from tests.fixtures.lake import add_round
 
     lake = Lake(tmp_path)
@@ -123,7 +123,7 @@ def test_the_climb_of_a_loops_policies_by_hand(tmp_path):
         {"method": m, "seed": 0, "prompt_id": pid, "sample_idx": 0, "reward_model": rm, "kind": kinds[rm],
          "score": v, "pipeline": "lp", "run_id": "r2"} for m, rm, pid, v in evals]))
     lake.rebuild_catalog()
-    got = lake.connect().sql(climb_sql("lp", t_literal(2))).to_arrow_table().to_pylist()
+    got = lake.connect().sql(climb_sql("lp")).to_arrow_table().to_pylist()
     by = {(r["policy"], r["reward_model"]): r for r in got}
     assert [r["policy"] for r in got] == ["round 1 sampled"] * 2 + ["round 2 sampled"] * 2 + \
         ["round 2 candidate (promoted)"] * 2

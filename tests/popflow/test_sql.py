@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -67,3 +68,36 @@ def test_only_queries_pass_the_read_only_check(query, allowed):
     else:
         with pytest.raises(PopflowError, match="only queries are allowed here|EXPLAIN ANALYZE runs"):
             check_query(con, query)
+
+
+def test_the_t_quantile_in_sql_is_scipys_for_every_unit_count():
+    """t_sql(units) against scipy's t.ppf(0.975, units - 1): exact up to df 50, the fourth-order Cornish-Fisher
+    expansion beyond (Abramowitz and Stegun 26.7.5; its error at df 51 is about 2e-9 and falls as df^-5);
+    null for fewer than two units. E.g. 2 units: 12.7062, 3: 4.3027, 97: 1.9850."""
+    from scipy.stats import t
+
+    con = sql.connect()
+    got = dict(con.execute(f"select n, {sql.t_sql('n')} from range(0, 2001) r(n)").fetchall())
+    assert got[0] is None and got[1] is None
+    want = {n: float(t.ppf(0.975, n - 1)) for n in range(2, 2001)}
+    assert max(abs(got[n] - want[n]) for n in want) < 3e-9
+    assert (got[2], got[3], got[97]) == pytest.approx((12.7062, 4.3027, 1.9850), abs=1e-4)
+
+
+def test_each_group_takes_its_own_units_t():
+    """Two groups in one query: a: 0, 1, 1 (3 units: mean 2/3, sd 0.57735, t(0.975, 2) = 4.30265, half width
+    4.30265 * 0.57735 / sqrt(3) = 1.43422); b: 0, 1 repeated 30 times (60 units, nulls not counted: mean 0.5,
+    sd 0.50422, t(0.975, 59) = 2.00100, half 2.00100 * 0.50422 / sqrt(60) = 0.13025). One quantile for both
+    groups, as a query-wide count gave, would be wrong for one of them; scipy's t.interval agrees."""
+    from scipy import stats
+
+    a, b = [0.0, 1.0, 1.0], [0.0, 1.0] * 30
+    rows = pa.table({"g": ["a"] * 4 + ["b"] * 60, "x": a + [None] + b})
+    con = sql.connect()
+    con.register("rows", rows)
+    got = {g: (m, lo, hi) for g, m, lo, hi in con.execute(
+        f"select g, {sql.interval_sql('x', 'r')} from rows group by g").fetchall()}
+    assert got["a"] == pytest.approx((2 / 3, 2 / 3 - 1.43422, 2 / 3 + 1.43422), abs=1e-5)
+    assert got["b"] == pytest.approx((0.5, 0.5 - 0.13025, 0.5 + 0.13025), abs=1e-5)
+    for g, xs in (("a", a), ("b", b)):
+        assert got[g][1:] == pytest.approx(stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs)))

@@ -117,7 +117,7 @@ def test_the_seven_points_as_n_grows():
     sigma sqrt(29) = 5.385, mu-2sigma = -8.77 -> sample 5 (-10) = min, max 10. Prompt y = x + 1 everywhere: the
     same picks, rewards one higher. The curve over the two prompts: mean = x's + 0.5, sd 0.7071, t(0.975, 1)
     12.706 -> half width 12.706 * 0.7071 / sqrt(2) = 6.353; gap to max: n 4: 3 - 0 = 3, n 8: 10 + 10 = 20."""
-    from popflow.sql import student_t, t_literal
+    from popflow.sql import student_t
     from tasks.pair import growth_curve_sql, growth_sizes, point_growth_sql
 
     assert growth_sizes(4) == [] and growth_sizes(8) == [4, 8] and growth_sizes(12) == [4, 8, 12]
@@ -135,7 +135,7 @@ def test_the_seven_points_as_n_grows():
     assert len(picks) == 2 * 2 * 7
     curve = {(n, pt): (r, lo, hi, gap, k) for n, pt, r, lo, hi, gap, k in con.execute(
         f"select n, point, reward, reward_low, reward_high, gap_to_max, prompts "
-        f"from ({growth_curve_sql('growth', t_literal(2))})").fetchall()}
+        f"from ({growth_curve_sql('growth')})").fetchall()}
     half = student_t(0.975, 1) * 0.5 ** 0.5 / 2 ** 0.5
     assert curve[(4, "mu-2sigma")] == pytest.approx((0.5, 0.5 - half, 0.5 + half, 3.0, 2))
     assert curve[(8, "mu-2sigma")] == pytest.approx((-9.5, -9.5 - half, -9.5 + half, 20.0, 2))

@@ -175,7 +175,7 @@ def test_evaluate_metrics_by_hand(ctx):
     per_prompt = con.sql(f"select method, prompt_id, win, passed, gain from {outcomes(ids, constraints)}").fetchall()
     assert per_prompt == [("base", E1, 0.5, 1.0, None), ("base", E2, 0.5, 0.0, None),
                           ("m", E1, 0.75, 0.5, -0.5), ("m", E2, 0.25, 1.0, 1.0)]
-    metrics = generation_metrics_sql(outcomes(ids, constraints), len(ids))
+    metrics = generation_metrics_sql(outcomes(ids, constraints))
     got = {(m, k): v for m, _, k, v in con.sql(metrics).fetchall()}
     point = {k: v for k, v in got.items() if not k[1].endswith(("_low", "_high"))}
     assert point == pytest.approx({("m", "win_rate"): 2 / 4, ("m", "mean_reward"): 3.2 / 4,
@@ -186,10 +186,10 @@ def test_evaluate_metrics_by_hand(ctx):
     # pass rates 0.5 and 1 against the base's 1 and 0: gains -0.5 and 1, clipped to [-1, 1]
     assert (got[("m", "win_rate_low")], got[("m", "win_rate_high")]) == (0.0, 1.0)
     assert (got[("m", "constraint_gain_low")], got[("m", "constraint_gain_high")]) == (-1.0, 1.0)
-    plain = generation_metrics_sql(outcomes(ids), len(ids))
+    plain = generation_metrics_sql(outcomes(ids))
     assert {k for _, _, k, _ in con.sql(plain).fetchall()} == {  # no constraints model
         "prompts", "mean_reward", "win_rate", "win_rate_low", "win_rate_high"}
-    one = generation_metrics_sql(outcomes(ids[:1]), 1)
+    one = generation_metrics_sql(outcomes(ids[:1]))
     assert {k for _, _, k, _ in con.sql(one).fetchall()} == {"prompts", "mean_reward", "win_rate"}  # no interval
 
 
@@ -202,14 +202,14 @@ def test_an_interval_over_prompts_by_hand():
     from popflow.sql import interval_sql, student_t
 
     con, rates = sql.connect(), [0.5, 0.6, 0.7, 0.8]
-    query = (f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 3)), 0, 1)} "
+    query = (f"select {interval_sql('x', 'r', 0, 1)} "
              f"from (select unnest({rates}::double[]) as x)")
     mean, low, high = con.execute(query).fetchall()[0]
     assert (mean, low, high) == pytest.approx((0.65, 0.444574, 0.855426), abs=1e-6)
     assert (low, high) == pytest.approx(stats.t.interval(0.95, 3, loc=0.65, scale=stats.sem(rates)))
-    query = f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 1)), 0, 1)} from (select unnest([0.0, 1.0]) as x)"
+    query = f"select {interval_sql('x', 'r', 0, 1)} from (select unnest([0.0, 1.0]) as x)"
     assert con.execute(query).fetchall()[0] == (0.5, 0.0, 1.0)
-    query = f"select {interval_sql('x', 'r', sql.lit(student_t(0.975, 1)))} from (select unnest([0.0, 1.0]) as x)"
+    query = f"select {interval_sql('x', 'r')} from (select unnest([0.0, 1.0]) as x)"
     half = student_t(0.975, 1) * math.sqrt(0.5) / math.sqrt(2)  # 12.706 * 0.7071 / 1.4142 = 6.353: unclipped
     assert con.execute(query).fetchall()[0] == pytest.approx((0.5, 0.5 - half, 0.5 + half))
 
@@ -250,7 +250,7 @@ def test_experiment_intervals_pool_seeds_prompt_by_prompt():
     con = sql.connect()
     for name, table in (("outcomes", outcomes), ("heldout", heldout), ("pairs", pairs)):
         con.register(name, table)
-    pooled = pooled_sql("outcomes", "heldout", "pairs", 3, 3)
+    pooled = pooled_sql("outcomes", "heldout", "pairs")
     got = {(r[0], r[1]): r[2:] for r in con.execute(pooled).fetchall()}
     assert got[("dpo_pop", "win_rate")] == pytest.approx((0.75, 0.128965, 1.0, 3, 2), abs=1e-6)
     assert got[("dpo_pop", "win_rate_vs_dpo")] == pytest.approx((0.25, 0.25 - 0.621035, 0.25 + 0.621035, 3, 2),
@@ -270,7 +270,7 @@ def test_experiment_intervals_pool_seeds_prompt_by_prompt():
     assert rows[0] == ("dpo", "accuracy", pytest.approx(5 / 6), pytest.approx(math.sqrt(1 / 18)), 2,
                        pytest.approx(0.116224, abs=1e-6), 1.0, 3)
     assert ("dpo_pop", "win_rate_vs_dpo") in {(r[0], r[1]) for r in rows}  # only the pooled rows have it
-    one = pooled_sql("(select * from outcomes where prompt_id = 'p1')", "heldout", "pairs", 1, 3)
+    one = pooled_sql("(select * from outcomes where prompt_id = 'p1')", "heldout", "pairs")
     table = con.sql(comparison_sql('metrics', f'({one})')).to_arrow_table()
     assert "| dpo_pop | " in comparison_markdown(table) and "0.000" in comparison_markdown(table)
 
@@ -367,7 +367,7 @@ def test_pop_sweep_draws_and_summary():
     con = sql.connect()
     con.register("draws", pa.table({"sampling": ["iterative"] * 2, "k": [1, 1], "spearman": [0.5, 0.7],
                                     "pearson": [0.4, 0.6], "comparisons": [50, 50], "uncompared": [0, 0]}))
-    got = con.sql(pop_sweep_sql("draws", 2)).to_arrow_table()
+    got = con.sql(pop_sweep_sql("draws")).to_arrow_table()
     assert got.to_pylist()[0] == {
         "sampling": "iterative", "k": 1, "spearman": pytest.approx(0.6),
         "spearman_low": pytest.approx(-0.6706, abs=1e-4),
@@ -377,4 +377,4 @@ def test_pop_sweep_draws_and_summary():
     flat = pop_sweep(np.ones(20), np.zeros(20, dtype=np.int64), cfg.annotate, cfg.margins, [1], 2)
     assert {r["spearman"] for r in flat.to_pylist()} == {None}
     con.register("flat", flat)
-    assert "| iterative | 1 |  |  | 20 | 0.0 |" in sweep_markdown(con.sql(pop_sweep_sql("flat", 2)).to_arrow_table())
+    assert "| iterative | 1 |  |  | 20 | 0.0 |" in sweep_markdown(con.sql(pop_sweep_sql("flat")).to_arrow_table())
