@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"popflow: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("popflow: interrupted; rerun with the same --run-id to resume", file=sys.stderr)
+        again = "the same command" if args.command == "loop" else "with the same --run-id"
+        print(f"popflow: interrupted; rerun {again} to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # not bad input: its root cause once, the traceback in a file
         if logs.verbose():
