@@ -214,8 +214,8 @@ def climb(lake, pipeline: str) -> str:
     rows = climb_table(lake.connect(), pipeline).to_pylist()
     if not rows:
         return ""
-    return (f"\nheld-out reward of {pipeline}'s policies, 95% intervals over prompts (gain: paired by prompt "
-            f"against round 1's sampled policy, the base):\n{render_climb(rows)}")
+    return (f"\nheld-out reward of {pipeline}'s policies, 95% intervals over prompts (gains paired by prompt: vs "
+            f"base against round 1's sampled policy, vs previous against the policy above):\n{render_climb(rows)}")
 
 
 def cmd_report(args) -> int:

@@ -104,7 +104,8 @@ def climb_sql(pipeline: str) -> str:
     """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
     per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
     of samples meeting every constraint, score >= 1) with its two-sided 95% interval,
-    and the gain over round 1's sampled policy (the base) with its interval, paired by prompt."""
+    the gain over round 1's sampled policy (the base) and the step gain over the policy before it in the chain
+    (what that round's training added), each with its interval, paired by prompt."""
     p = lit(pipeline)
     value = "avg(case when kind = 'constraints' then (score >= 1.0)::double else score end)"
     return f"""
@@ -136,13 +137,15 @@ def climb_sql(pipeline: str) -> str:
         group by step, policy, reward_model, prompt_id
     ),
     paired as (
-        select q.*, q.v - b.v as gain
-        from per_prompt q left join per_prompt b
-             on b.step = 1 and b.reward_model = q.reward_model and b.prompt_id = q.prompt_id
+        select q.*, q.v - b.v as gain, q.v - p.v as step_gain
+        from per_prompt q
+             left join per_prompt b on b.step = 1 and b.reward_model = q.reward_model and b.prompt_id = q.prompt_id
+             left join per_prompt p
+                  on p.step = q.step - 1 and p.reward_model = q.reward_model and p.prompt_id = q.prompt_id
     ),
     final as (
         select step, policy, reward_model, any_value(kind) as kind, count(*) as prompts,
-               {interval_sql("v", "value")}, {interval_sql("gain", "gain")}
+               {interval_sql("v", "value")}, {interval_sql("gain", "gain")}, {interval_sql("step_gain", "step_gain")}
         from paired group by step, policy, reward_model
     )
     select * from final order by step, reward_model"""
@@ -154,18 +157,20 @@ def climb_table(con, pipeline: str):
 
 
 def render_climb(rows: list[dict]) -> str:
-    """climb_sql's rows as one table: a row per policy, per reward model 'value [low, high]' and the gain."""
+    """climb_sql's rows as one table: a row per policy, per reward model 'value [low, high]', the gain over the
+    base and the gain over the policy before it."""
     models = list(dict.fromkeys(r["reward_model"] for r in rows))
     kinds = {r["reward_model"]: r["kind"] for r in rows}
     head = [f"{m} {'pass rate' if kinds[m] == 'constraints' else 'mean'}" for m in models]
-    lines = ["| policy | prompts | " + " | ".join(f"{h} | gain vs base" for h in head) + " |",
-             "|---|---|" + "---|---|" * len(models)]
+    lines = ["| policy | prompts | " + " | ".join(f"{h} | vs base | vs previous" for h in head) + " |",
+             "|---|---|" + "---|---|---|" * len(models)]
     for step in dict.fromkeys(r["step"] for r in rows):
         mine = {r["reward_model"]: r for r in rows if r["step"] == step}
         first = next(iter(mine.values()))
         cells = []
         for m in models:
             r = mine.get(m, {})
-            cells += [interval(r, "value"), interval(r, "gain", signed=True) if step != 1 else ""]
+            gains = [interval(r, g, signed=True) if step != 1 else "" for g in ("gain", "step_gain")]
+            cells += [interval(r, "value"), *gains]
         lines.append(f"| {first['policy']} | {first['prompts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -138,5 +138,11 @@ def test_the_climb_of_a_loops_policies_by_hand(tmp_path):
     assert (cand["c"]["value"], cand["c"]["gain"], cand["r"]["value"], cand["r"]["gain"]) == pytest.approx(
         (0.5, -0.25, 0.7, 0.25))
     table = render_climb(got)
-    assert table.splitlines()[0] == "| policy | prompts | c pass rate | gain vs base | r mean | gain vs base |"
+    # the step gain: round 2's candidate against round 2's sampled policy, c (1 -> 1, 1 -> 0) -0.5,
+    # r (0.4 -> 0.5, 0.7 -> 0.9) 0.15; round 2 sampled's step is the base, its step gain its gain
+    assert (cand["c"]["step_gain"], cand["r"]["step_gain"], r2["step_gain"]) == pytest.approx((-0.5, 0.15, 0.1))
+    assert by[("round 1 sampled", "c")]["step_gain"] is None
+    table = render_climb(got)
+    assert table.splitlines()[0] == ("| policy | prompts | c pass rate | vs base | vs previous | r mean | vs base "
+                                     "| vs previous |")
     assert "| round 2 sampled | 2 | 1.000 [1.000, 1.000] | +0.250 [" in table
