@@ -348,6 +348,9 @@ class PipelineConfig(Strict):
         names = [self.method_name(m) for m in (self.train.methods if self.train else [])]
         problems.append((self.loop.method is not None and self.loop.method not in names,
                          f"loop.method {self.loop.method!r}: not a train method ({', '.join(names)})"))
+        scored = [m.name for m in self.score.models]
+        problems += [(name not in scored, f"gate.guard {name!r}: not a reward model of score.models "
+                      f"({', '.join(scored)})") for name in self.loop.gate.guard]
         for bad, message in problems:
             if bad:
                 raise ValueError(f"loop: {message}")

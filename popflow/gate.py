@@ -20,6 +20,10 @@ false-promotion and power figures.
 
     from popflow.gate import decide
     decide([("p1", 1.0), ("p1", 0.5), ("p2", 0.0)], accuracy=0.7, gate=cfg.loop.gate)
+
+`gate.guard` adds a check per named reward model: the candidate must not be worse than the current policy on
+it (one-sided t upper bound of the mean per-prompt difference >= 0), so an aggregate that rises while one of
+its models falls is not promoted. A guard only refuses: it cannot raise the false-promotion rate.
 """
 
 from __future__ import annotations
@@ -65,11 +69,40 @@ def win_checks(rates: list[float], gate: GateConfig) -> tuple[float | None, floa
         (low > gate.min_win_rate, f"win rate lower bound {low:.3f} <= {gate.min_win_rate}")]
 
 
-def decide(outcomes: list[tuple[str, float]], accuracy: float | None, gate: GateConfig) -> dict:
+def guard_upper(diffs: list[float], alpha: float) -> float:
+    """The one-sided (1 - alpha) Student t upper bound of the mean of per-prompt differences (candidate minus
+    current policy on a guarded reward model), unclipped: mean + t(1 - alpha, m - 1) * sd / sqrt(m). With no
+    spread it is the mean; with fewer than two prompts nothing is known (+inf: the guard does not refuse)."""
+    from scipy.stats import t
+
+    values = np.asarray(diffs, dtype=float)
+    if len(values) < 2:
+        return float("inf")
+    return float(values.mean() + t.ppf(1 - alpha, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def guard_checks(guarded: dict[str, list[float]], gate: GateConfig) -> list[tuple[bool, str]]:
+    """For each guarded reward model (its per-prompt differences): refuse when the candidate is worse than the
+    current policy at level alpha (the upper bound of the mean difference below 0)."""
+    checks = []
+    for model in gate.guard:
+        diffs = guarded.get(model, [])
+        if not diffs:
+            checks.append((False, f"gate.guard {model}: no held-out sample pairs scored by it"))
+            continue
+        upper = guard_upper(diffs, gate.alpha)
+        checks.append((upper >= 0, f"{model} worse than the current policy: mean per-prompt difference "
+                                   f"{np.mean(diffs):+.3f}, upper bound {upper:+.3f} < 0"))
+    return checks
+
+
+def decide(outcomes: list[tuple[str, float]], accuracy: float | None, gate: GateConfig,
+           guarded: dict[str, list[float]] | None = None) -> dict:
     """The gate's verdict on (prompt_id, outcome) comparisons: win rate (mean over prompts), its bounds, and why
-    it (not) promotes."""
+    it (not) promotes; `guarded`: each gate.guard model's per-prompt differences (promote's guard_sql)."""
     rates = per_prompt_rates(outcomes)
     low, high, checks = win_checks(list(rates.values()), gate)
+    checks += guard_checks(guarded or {}, gate)
     if gate.min_heldout_accuracy is not None:
         shown = "none (no held-out pairs with a ground truth)" if accuracy is None else f"{accuracy:.3f}"
         checks.append((accuracy is not None and accuracy >= gate.min_heldout_accuracy,
@@ -81,6 +114,9 @@ def decide(outcomes: list[tuple[str, float]], accuracy: float | None, gate: Gate
                   else f"win rate lower bound {low:.3f} > {gate.min_win_rate}")
         if gate.min_heldout_accuracy is not None:
             passed += f", held-out accuracy {accuracy:.3f} >= {gate.min_heldout_accuracy}"
+        if gate.guard:
+            passed += ", no guarded reward worse (" + ", ".join(
+                f"{m} {np.mean(guarded[m]):+.3f}" for m in gate.guard) + ")"
     return {"comparisons": len(outcomes), "prompts": len(rates),
             "win_rate": float(np.mean(list(rates.values()))) if rates else None,
             "win_lower": low, "win_upper": high, "bound": "t over prompts", "alpha": gate.alpha,

@@ -41,6 +41,12 @@ class GateConfig(Strict):
                              "reason says so): a t bound over fewer prompts is too wide to mean much, and less "
                              "robust to skewed per-prompt win rates. The preflight checks prompts.eval_limit "
                              "against it.")
+    guard: list[str] = Field([], description="Reward models (names in score.models) the candidate must not be "
+                             "worse on than the current policy, besides the win rate: each held-out prompt's "
+                             "difference on the gate's own sample pairs (a constraints model: pass rate, score >= 1; "
+                             "another: mean score), and promotion only when the one-sided (1 - alpha) Student t upper "
+                             "bound of its mean over prompts is at least 0. The aggregate reward can rise while one "
+                             "of its models falls (README 'Does it work?'); []: none guarded.")
     min_heldout_accuracy: float | None = Field(
         None, ge=0.0, le=1.0, description="Also require this held-out pair accuracy (share of held-out pairs the "
         "candidate prefers the chosen side of); null: not checked. A round with no held-out pairs is then not "

@@ -57,6 +57,30 @@ def outcomes_sql(eval_samples: str, sample_rewards: str, samples: str, method: s
     """
 
 
+def guard_sql(eval_rewards: str, rewards: str, method: str, seed: int, models: list[str]) -> str:
+    """(reward_model, prompt_id, diff) for each guarded reward model (gate.guard) and held-out prompt: the mean
+    over the gate's sample pairs (the candidate's held-out sample against the current policy's sample of the
+    same prompt and index, as outcomes_sql pairs them) of the candidate's value minus the current policy's; a
+    constraints model's value is the pass indicator (score >= 1, as the climb counts it), another's its score."""
+    value = "case when kind = 'constraints' then (score >= 1.0)::double else score end"
+    return f"""
+    with candidate as (
+        select reward_model, prompt_id, sample_idx, {value} as v from {eval_rewards}
+        where method = {lit(method)} and seed = {lit(seed)} and reward_model in {sql.values(models)}
+    ),
+    current_policy as (
+        select reward_model, prompt_id, sample_idx, {value} as v from {rewards}
+        where reward_model in {sql.values(models)}
+    ),
+    final as (
+        select reward_model, prompt_id, avg(c.v - p.v) as diff
+        from candidate c join current_policy p using (reward_model, prompt_id, sample_idx)
+        group by reward_model, prompt_id
+    )
+    select reward_model, prompt_id, diff from final order by reward_model, prompt_id
+    """
+
+
 def round_rewards_sql(rewards: str) -> str:
     """Per reward model, the raw scores of the round's samples (the current policy's): n, mean, std, quartiles."""
     return f"""
@@ -176,7 +200,12 @@ def promote(ctx: RunContext) -> Output:
                                     method, seed)).fetchall() if ctx.has("eval_samples") else []  # none fitted
     accuracy = con.sql(f"select avg(value) from {ctx.table('eval_metrics')} where method = {lit(method)} and "
                        f"seed = {lit(seed)} and metric = 'accuracy'").fetchall()[0][0]
-    verdict = decide(outcomes, accuracy, loop.gate)
+    guarded: dict[str, list[float]] = {}
+    if loop.gate.guard and ctx.has("eval_rewards"):
+        for model, _, diff in con.sql(guard_sql(ctx.table("eval_rewards"), ctx.table("rewards"), method, seed,
+                                                loop.gate.guard)).fetchall():
+            guarded.setdefault(model, []).append(diff)
+    verdict = decide(outcomes, accuracy, loop.gate, guarded)
     stored = store_promoted(ctx, candidate) if verdict["promoted"] else drop_promoted(ctx)
     train_pairs = con.sql(f"select count(*) from {ctx.table('train_pairs')}").fetchall()[0][0]
     parent, reference, info = pins["sample.policy"], pins["train.reference"], pins["loop"]

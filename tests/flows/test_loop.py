@@ -27,7 +27,7 @@ TRANSFORMERS = ("--set", "sample.engine=transformers")
 
 def lineage(cli) -> list[dict]:
     cols = ("round", "run_id", "parent_round", "parent_path", "reference_kind", "reference_path", "promoted",
-            "promoted_path", "promoted_fingerprint", "content_hash", "comparisons")
+            "promoted_path", "promoted_fingerprint", "content_hash", "comparisons", "method", "seed", "reason")
     rows = cli.query(f"select {', '.join(cols)} from lineage order by round")
     return [dict(zip(cols, r, strict=True)) for r in rows]
 
@@ -86,8 +86,25 @@ def test_a_failed_gate_keeps_the_base_and_a_killed_round_resumes_once(cli):
     Round 2 also trains on round 1's pairs (loop.pairs: all)."""
     # round 1 trains through accelerate launch (two gloo processes) on the round's pinned config
     cli("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "train.accelerate={processes: 2, config: ddp}",
-        "--rounds", "1")
+        "--set", "loop.gate.guard=[constraints, relevance]", "--rounds", "1")
     assert cli.query("select processes from policies") == [(2,)]
+    # the guard read each reward model's per-prompt differences on the gate's sample pairs: its verdict in the
+    # reason matches the one-sided 95% t upper bound recomputed here from the lake's scores
+    from scipy.stats import t
+
+    (one,) = lineage(cli)
+    for model in ("constraints", "relevance"):
+        value = "case when e.kind = 'constraints' then (e.score >= 1)::double else e.score end"
+        cur = value.replace("e.", "r.")
+        diffs = [d for (d,) in cli.query(
+            f"select avg({value} - {cur}) from eval_rewards e join rewards r using (run_id, prompt_id, sample_idx, "
+            f"reward_model) where e.method = '{one['method']}' and e.seed = {one['seed']} and e.reward_model = "
+            f"'{model}' group by e.prompt_id")]
+        assert len(diffs) == 3  # tiny_loop's held-out prompts
+        sd = (sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2) ** 0.5
+        upper = sum(diffs) / 3 + t.ppf(0.95, 2) * sd / 3 ** 0.5
+        assert (f"{model} worse than the current policy" in one["reason"]) == (upper < 0), (model, upper, one)
+    assert one["reason"].startswith("win rate lower bound")
     # round 2 (a round may change the config: the chain only links policies): 19 one-prompt shards, and it
     # trains on round 1's pairs too
     args = ("loop", "tiny_loop", *NEVER, *TRANSFORMERS, "--set", "prompts.limit=16", "--set", "sample.shard_size=1",

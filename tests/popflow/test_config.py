@@ -177,6 +177,7 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     for other in (loop, tune):
         assert other.sample == proof.sample and other.train == proof.train and other.annotate == proof.annotate
     assert loop.loop is not None and proof.loop is None and loop.loop.gate.min_win_rate == 0.5
+    assert loop.loop.gate.guard == [m.name for m in loop.score.models]  # no reward traded for another
     assert proof.sample.n >= 8 and proof.sample.policy == "builtin:smollm2-135m-instruct"
 
     def rows(cfg):

@@ -98,3 +98,53 @@ def test_power_at_a_true_win_rate_of_0_7():
     one = outcomes[0]  # decide() on one draw reads the same bound
     verdict = decide([(f"p{i}", o) for i in range(64) for o in one[i]], None, GateConfig())
     assert verdict["win_lower"] == pytest.approx(float(low[0])) and verdict["promoted"] == bool(low[0] > 0.5)
+
+
+def test_a_guarded_reward_that_falls_refuses_promotion():
+    """gate.guard [c]: per-prompt differences (candidate - current policy) on c. Refused: -1, 0, -0.5, -0.5:
+    mean -0.5, sd sqrt(0.5 / 3) = 0.40825, t(0.95, 3) = 2.35336, upper -0.5 + 2.35336 * 0.40825 / 2 = -0.01962
+    < 0. Passed: -1, 0, 0, -0.5: mean -0.375, sd 0.47871, upper -0.375 + 2.35336 * 0.47871 / 2 = 0.18829 >= 0.
+    The win-rate check passes in both (8 prompts all won), so only the guard decides; an unguarded gate
+    promotes both; a guarded model with no pairs refuses."""
+    from popflow.gate import guard_upper
+
+    assert guard_upper([-1, 0, -0.5, -0.5], 0.05) == pytest.approx(-0.01962, abs=1e-5)
+    assert guard_upper([-1, 0, 0, -0.5], 0.05) == pytest.approx(0.18829, abs=1e-5)
+    assert guard_upper([-0.2], 0.05) == math.inf and guard_upper([-0.1, -0.1], 0.05) == pytest.approx(-0.1)
+    wins = [(f"p{i}", 1.0) for i in range(8)]
+    guarded = GateConfig(guard=["c"])
+    refused = decide(wins, None, guarded, {"c": [-1, 0, -0.5, -0.5], "r": [1.0]})
+    assert not refused["promoted"]
+    assert refused["reason"] == ("c worse than the current policy: mean per-prompt difference -0.500, upper bound "
+                                 "-0.020 < 0")
+    passed = decide(wins, None, guarded, {"c": [-1, 0, 0, -0.5]})
+    assert passed["promoted"] and passed["reason"].endswith(", no guarded reward worse (c -0.375)")
+    assert decide(wins, None, GateConfig(), {"c": [-1, 0, -0.5, -0.5]})["promoted"]
+    empty = decide(wins, None, guarded, {})
+    assert not empty["promoted"] and empty["reason"] == "gate.guard c: no held-out sample pairs scored by it"
+
+
+def test_guard_sql_pairs_the_gates_samples_by_hand():
+    """Candidate m seed 0, held-out samples 0 and 1 of prompts e1, e2; the current policy's samples 0-2 (sample 2
+    has no candidate pair). Constraints c (pass: score >= 1): e1 candidate 1, 0 vs current 1, 1 -> diffs 0, -1:
+    -0.5; e2 1, 1 vs 0, 1 -> 1, 0: 0.5. Relevance r (score): e1 0.5 vs 0.3 -> 0.2 (one pair). Another method's
+    rows and an unguarded model are left out."""
+    import pyarrow as pa
+
+    from popflow import sql
+    from tasks.promote import guard_sql
+
+    cand = [("m", 0, "c", "constraints", "e1", 0, 1.0), ("m", 0, "c", "constraints", "e1", 1, 0.5),
+            ("m", 0, "c", "constraints", "e2", 0, 1.0), ("m", 0, "c", "constraints", "e2", 1, 1.0),
+            ("m", 0, "r", "relevance", "e1", 0, 0.5), ("dpo", 0, "c", "constraints", "e1", 0, 0.0),
+            ("m", 0, "x", "relevance", "e1", 0, 9.0)]
+    cur = [("c", "constraints", "e1", 0, 1.0), ("c", "constraints", "e1", 1, 1.0), ("c", "constraints", "e1", 2, 0.0),
+           ("c", "constraints", "e2", 0, 0.0), ("c", "constraints", "e2", 1, 1.0), ("r", "relevance", "e1", 0, 0.3),
+           ("x", "relevance", "e1", 0, 0.0)]
+    con = sql.connect()
+    con.register("er", pa.Table.from_pylist([dict(zip(("method", "seed", "reward_model", "kind", "prompt_id",
+                                                        "sample_idx", "score"), r, strict=True)) for r in cand]))
+    con.register("rw", pa.Table.from_pylist([dict(zip(("reward_model", "kind", "prompt_id", "sample_idx", "score"),
+                                                       r, strict=True)) for r in cur]))
+    got = con.sql(guard_sql("er", "rw", "m", 0, ["c", "r"])).fetchall()
+    assert got == [("c", "e1", -0.5), ("c", "e2", 0.5), ("r", "e1", pytest.approx(0.2))]

@@ -105,6 +105,7 @@ def test_the_loop_config_refuses_what_it_would_override():
                           (["evaluate.generate=false"], "loop: evaluate.generate"),
                           (["sample.policy=promoted:tiny"], "loop: sample.policy"),
                           (["loop.method=ipo"], "loop.method 'ipo': not a train method"),
+                          (["loop.gate.guard=[constraints, nope]"], "gate.guard 'nope': not a reward model"),
                           (["loop.pairs=all", "annotate.ground_truth=relevance"], "annotate.ground_truth")):
         with pytest.raises(PopflowError, match=message):
             loop_cfg(*sets)
