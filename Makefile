@@ -53,6 +53,7 @@ proof: models
 	$(VENV)/bin/popflow loop proof_loop --rounds 3
 	$(VENV)/bin/popflow policies proof_loop
 	$(VENV)/bin/popflow run proof_points --run-id points
+	$(VENV)/bin/popflow experiment proof_pairs --run-id pairs
 	$(VENV)/bin/popflow experiment proof --run-id claims
 	$(VENV)/bin/popflow report proof --run-id claims
 

@@ -179,6 +179,11 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     assert loop.loop is not None and proof.loop is None and loop.loop.gate.min_win_rate == 0.5
     assert loop.loop.gate.guard == [m.name for m in loop.score.models]  # no reward traded for another
     assert proof.sample.n >= 8 and proof.sample.policy == "builtin:smollm2-135m-instruct"
+    # the pair strategies are compared where n tells them apart (proof_pairs), on the proof's own training
+    pairs = load_pipeline("proof_pairs")
+    assert pairs.sample.n >= 32 and pairs.train == proof.train and pairs.prompts.eval_limit == proof.prompts.eval_limit
+    assert {m.pairs for m in pairs.experiment.methods} == {None, "max_min", "random"}
+    assert all(m.pairs is None for m in proof.experiment.methods)
 
     def rows(cfg):
         return [json.loads(line) for line in open(cfg.prompts.source)]
