@@ -1,0 +1,74 @@
+"""Ctrl-C reaches popflow, not Prefect's temporary server, and no way of ending popflow leaves a server behind
+(popflow/tempserver.py). A real Prefect flow and temporary server; the flow only waits, so no engine starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.conftest import cli_env
+
+SCRIPT = """
+import sys, time
+from popflow import tempserver
+tempserver.detach()
+from prefect import flow
+
+@flow
+def wait():
+    print("RUNNING", flush=True)
+    time.sleep(300)
+
+try:
+    wait()
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(130)
+"""
+
+
+def start(tmp_path) -> tuple[subprocess.Popen, psutil.Process]:
+    """The script in a process group of its own, as a terminal runs a foreground job; once its flow runs, the
+    script and its temporary server (started through popflow.tempserver)."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=cli_env(tmp_path), start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("RUNNING"):
+            break
+    assert lines and lines[-1].startswith("RUNNING"), "".join(lines[-20:])
+    servers = [c for c in psutil.Process(proc.pid).children() if "popflow.tempserver" in c.cmdline()]
+    assert len(servers) == 1, [c.cmdline() for c in psutil.Process(proc.pid).children()]
+    assert os.getpgid(servers[0].pid) != os.getpgid(proc.pid)  # its own session: a group signal misses it
+    return proc, servers[0]
+
+
+def test_ctrl_c_stops_the_run_which_then_stops_its_server(tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal sends): the flow is interrupted at once
+    and the script exits 130; the server, which the signal did not reach, was alive to record the crash and
+    is stopped on the way out. Before popflow.tempserver the server died with the signal and the interrupted
+    flow retried the dead API for about a minute, then failed with a ConnectError: the 30 s limit catches it."""
+    proc, server = start(tmp_path)
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130 and "INTERRUPTED" in rest, rest[-2000:]
+    assert "ConnectError" not in rest and "Error logging to API" not in rest, rest[-2000:]
+    server.wait(timeout=15)
+    assert time.monotonic() - started < 40
+
+
+def test_a_killed_run_leaves_no_server(tmp_path):
+    """SIGKILL to the group (a crash, the OOM killer): the script dies at once; its server, re-parented, sees
+    its parent gone and exits within seconds instead of holding its port forever."""
+    proc, server = start(tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    server.wait(timeout=20)
+    assert not server.is_running()
