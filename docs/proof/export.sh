@@ -34,12 +34,15 @@ if has proof_points; then  # the seven points as n grows (no training)
       > "$out/point_growth.csv"
   cp "$runs/pipeline=proof_points/run=$(latest proof_points)/point_growth.png" "$out/point_growth.png"
 fi
-if has proof; then  # the claims: methods x 3 seeds, and the PoP sweep
+for p in proof proof_pairs; do  # the claims: methods x 3 seeds (proof: DPO-PoP's; proof_pairs: pair strategies)
+  has "$p" || continue
   sql "select method, metric, mean, std, seeds, low, high, units from latest_comparison
-       where pipeline = 'proof' order by metric, method" > "$out/comparison.csv"
+       where pipeline = '$p' order by metric, method" > "$out/${p}_comparison.csv"
+  cp "$runs/pipeline=$p/run=$(latest "$p")/comparison.png" "$out/${p}_comparison.png"
+done
+if has proof; then  # the PoP sweep: margin Spearman against the ground truth
   sql "$(query flows.experiment pop_sweep_sql "(select * from latest_pop_sweep where pipeline = 'proof')")" \
       > "$out/pop_sweep.csv"
-  last="$runs/pipeline=proof/run=$(latest proof)"
-  cp "$last/comparison.png" "$out/comparison.png"; cp "$last/pop_sweep.png" "$out/pop_sweep.png"
+  cp "$runs/pipeline=proof/run=$(latest proof)/pop_sweep.png" "$out/pop_sweep.png"
 fi
 ls -l "$out"
