@@ -312,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
     if args.command in ("run", "loop", "experiment"):
         logs.quiet_console_tracebacks()
-        from popflow import tempserver
-
-        tempserver.detach()  # a terminal's Ctrl-C reaches popflow, not Prefect's temporary server (its docstring)
     try:
+        if args.command in ("run", "loop", "experiment") and not os.environ.get("PREFECT_API_URL"):
+            from popflow import tempserver
+
+            tempserver.detach()  # a terminal's Ctrl-C reaches popflow, not Prefect's temporary server
         return COMMANDS[args.command](args)
     except PopflowError as err:
         print(f"popflow: error: {err}", file=sys.stderr)

@@ -83,12 +83,14 @@ def guard_upper(diffs: list[float], alpha: float) -> float:
 
 def guard_checks(guarded: dict[str, list[float]], gate: GateConfig) -> list[tuple[bool, str]]:
     """For each guarded reward model (its per-prompt differences): refuse when the candidate is worse than the
-    current policy at level alpha (the upper bound of the mean difference below 0)."""
+    current policy at level alpha (the upper bound of the mean difference below 0), or when fewer than
+    gate.min_prompts prompts bound it (also with the win rate's check open)."""
     checks = []
     for model in gate.guard:
         diffs = guarded.get(model, [])
-        if not diffs:
-            checks.append((False, f"gate.guard {model}: no held-out sample pairs scored by it"))
+        if len(diffs) < max(gate.min_prompts, 1):
+            checks.append((False, f"gate.guard {model}: {len(diffs)} held-out prompts with sample pairs scored by "
+                                  f"it < gate.min_prompts {gate.min_prompts}: too few to bound"))
             continue
         upper = guard_upper(diffs, gate.alpha)
         checks.append((upper >= 0, f"{model} worse than the current policy: mean per-prompt difference "

@@ -104,8 +104,9 @@ def climb_sql(pipeline: str) -> str:
     """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
     per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
     of samples meeting every constraint, score >= 1) with its two-sided 95% interval,
-    the gain over round 1's sampled policy (the base) and the step gain over the policy before it in the chain
-    (what that round's training added), each with its interval, paired by prompt."""
+    the gain over round 1's sampled policy (the base) and the step gain over the policy in the step before
+    (what the round before's candidate added; the same policy, so noise only, when that candidate was not
+    promoted), each with its interval, paired by prompt."""
     p = lit(pipeline)
     value = "avg(case when kind = 'constraints' then (score >= 1.0)::double else score end)"
     return f"""

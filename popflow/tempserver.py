@@ -14,6 +14,7 @@ through this module, watches its parent and exits when popflow has gone however 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,14 +22,25 @@ import sys
 import threading
 import time
 
+PARENT = "POPFLOW_TEMPSERVER_PARENT"  # the pid the server watches, set before it starts (it may outlive it)
+
 
 class DetachedPopen(subprocess.Popen):
-    """Popen for Prefect's `[python, -m, uvicorn, ...]`: this module in place of uvicorn, in a new session."""
+    """Popen for Prefect's `[python, -m, uvicorn, ...]`: this module in place of uvicorn, in a new session.
+    Another command (a Prefect release that starts its server otherwise) runs as Prefect wrote it, with a
+    warning: detached without the watchdog it could outlive popflow."""
 
     def __init__(self, args, **kwargs):
         args = list(args)
+        if "uvicorn" not in args:
+            logging.getLogger(__name__).warning(
+                "Prefect's temporary server command has no uvicorn (%s): started in popflow's process group, so "
+                "Ctrl-C also stops it (popflow/tempserver.py)", " ".join(map(str, args[:4])))
+            super().__init__(args, **kwargs)
+            return
         at = args.index("uvicorn")
-        super().__init__([*args[:at], __name__, *args[at + 1:]], start_new_session=True, **kwargs)
+        env = {**(kwargs.pop("env", None) or os.environ), PARENT: str(os.getpid())}
+        super().__init__([*args[:at], __name__, *args[at + 1:]], start_new_session=True, env=env, **kwargs)
 
 
 class _Subprocess:
@@ -49,8 +61,9 @@ def detach() -> None:
 
 def watch_parent(poll_seconds: float = 0.5, grace_seconds: float = 10.0) -> None:
     """In the server: a daemon thread that stops this process (SIGTERM: uvicorn's clean shutdown, then a hard
-    exit after `grace_seconds`) once its parent has gone and it was re-parented."""
-    parent = os.getppid()
+    exit after `grace_seconds`) once its parent is no longer the popflow process that started it (the pid in
+    POPFLOW_TEMPSERVER_PARENT: a popflow killed while this one started up is noticed too)."""
+    parent = int(os.environ.get(PARENT) or os.getppid())
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -104,15 +104,15 @@ def test_a_guarded_reward_that_falls_refuses_promotion():
     """gate.guard [c]: per-prompt differences (candidate - current policy) on c. Refused: -1, 0, -0.5, -0.5:
     mean -0.5, sd sqrt(0.5 / 3) = 0.40825, t(0.95, 3) = 2.35336, upper -0.5 + 2.35336 * 0.40825 / 2 = -0.01962
     < 0. Passed: -1, 0, 0, -0.5: mean -0.375, sd 0.47871, upper -0.375 + 2.35336 * 0.47871 / 2 = 0.18829 >= 0.
-    The win-rate check passes in both (8 prompts all won), so only the guard decides; an unguarded gate
-    promotes both; a guarded model with no pairs refuses."""
+    The win-rate check passes in both (8 prompts all won; gate.min_prompts 4), so only the guard decides; an
+    unguarded gate promotes both; a guarded model with no pairs refuses."""
     from popflow.gate import guard_upper
 
     assert guard_upper([-1, 0, -0.5, -0.5], 0.05) == pytest.approx(-0.01962, abs=1e-5)
     assert guard_upper([-1, 0, 0, -0.5], 0.05) == pytest.approx(0.18829, abs=1e-5)
     assert guard_upper([-0.2], 0.05) == math.inf and guard_upper([-0.1, -0.1], 0.05) == pytest.approx(-0.1)
     wins = [(f"p{i}", 1.0) for i in range(8)]
-    guarded = GateConfig(guard=["c"])
+    guarded = GateConfig(guard=["c"], min_prompts=4)
     refused = decide(wins, None, guarded, {"c": [-1, 0, -0.5, -0.5], "r": [1.0]})
     assert not refused["promoted"]
     assert refused["reason"] == ("c worse than the current policy: mean per-prompt difference -0.500, upper bound "
@@ -121,7 +121,7 @@ def test_a_guarded_reward_that_falls_refuses_promotion():
     assert passed["promoted"] and passed["reason"].endswith(", no guarded reward worse (c -0.375)")
     assert decide(wins, None, GateConfig(), {"c": [-1, 0, -0.5, -0.5]})["promoted"]
     empty = decide(wins, None, guarded, {})
-    assert not empty["promoted"] and empty["reason"] == "gate.guard c: no held-out sample pairs scored by it"
+    assert not empty["promoted"] and empty["reason"].startswith("gate.guard c: 0 held-out prompts")
 
 
 def test_guard_sql_pairs_the_gates_samples_by_hand():
@@ -148,3 +148,13 @@ def test_guard_sql_pairs_the_gates_samples_by_hand():
                                                        r, strict=True)) for r in cur]))
     got = con.sql(guard_sql("er", "rw", "m", 0, ["c", "r"])).fetchall()
     assert got == [("c", "e1", -0.5), ("c", "e2", 0.5), ("r", "e1", pytest.approx(0.2))]
+
+
+def test_the_guard_needs_min_prompts_even_with_the_win_rate_open():
+    """gate.min_prompts 8, the win rate open (min_win_rate null): a guard over 3 prompts (diffs all 0.1, an
+    upper bound of 0.1 >= 0) still refuses, as too few prompts bound nothing; over 8 it passes."""
+    wins = [(f"p{i}", 1.0) for i in range(8)]
+    gate = GateConfig(min_win_rate=None, guard=["c"])
+    few = decide(wins, None, gate, {"c": [0.1] * 3})
+    assert not few["promoted"] and few["reason"].startswith("gate.guard c: 3 held-out prompts")
+    assert decide(wins, None, gate, {"c": [0.1] * 8})["promoted"]

@@ -72,3 +72,16 @@ def test_a_killed_run_leaves_no_server(tmp_path):
     proc.wait(timeout=10)
     server.wait(timeout=20)
     assert not server.is_running()
+
+
+def test_a_server_whose_popflow_died_during_its_start_up_exits(tmp_path):
+    """The watchdog compares its parent with the pid popflow wrote into POPFLOW_TEMPSERVER_PARENT before the
+    server started: a server re-parented before its watchdog began (popflow killed while the server imported
+    uvicorn) still sees that its popflow is gone. Here the named pid is not the child's parent at all: the
+    watchdog's SIGTERM ends the child at its first look (default SIGTERM action), long before its 60 s sleep."""
+    from popflow.tempserver import PARENT
+
+    code = "import time; from popflow.tempserver import watch_parent; watch_parent(0.05); time.sleep(60)"
+    env = cli_env(tmp_path) | {PARENT: str(os.getpid() + 1_000_000)}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env)
+    assert child.wait(timeout=20) == -signal.SIGTERM
