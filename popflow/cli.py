@@ -207,11 +207,11 @@ def cmd_policies(args) -> int:
 
 def climb(lake, pipeline: str) -> str:
     """The held-out reward of each round's sampled policy and the last candidate (popflow/report.py:climb_sql)."""
-    from popflow.report import climb_table, render_climb
+    from popflow.report import climb_sql, render_climb
 
     if not {"rewards", "prompts", "eval_rewards"} <= set(lake.tables()):
         return ""
-    rows = climb_table(lake.connect(), pipeline).to_pylist()
+    rows = lake.connect().sql(climb_sql(pipeline)).to_arrow_table().to_pylist()
     if not rows:
         return ""
     return (f"\nheld-out reward of {pipeline}'s policies, 95% intervals over prompts (gains paired by prompt: vs "
@@ -310,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logs.configure(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
-    if args.command in ("run", "loop", "experiment"):
+    flows = args.command in ("run", "loop", "experiment")
+    if flows:
         logs.quiet_console_tracebacks()
     try:
-        if args.command in ("run", "loop", "experiment") and not os.environ.get("PREFECT_API_URL"):
+        if flows and not os.environ.get("PREFECT_API_URL"):
             from popflow import tempserver
 
             tempserver.detach()  # a terminal's Ctrl-C reaches popflow, not Prefect's temporary server

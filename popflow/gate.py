@@ -33,19 +33,21 @@ import numpy as np
 from popflow.loop_config import GateConfig
 
 
-def t_bounds(per_prompt: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """One-sided (1 - alpha) Student t lower and upper bounds of the mean of per-prompt win rates, along the
-    last axis (a (draws, prompts) array gives one pair of bounds per draw). With no spread (sd 0) both bounds
-    are the mean itself; with fewer than two prompts they are (0, 1): nothing is known."""
+def t_bounds(per_prompt: np.ndarray, alpha: float, lowest: float = 0.0,
+             highest: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided (1 - alpha) Student t lower and upper bounds of the mean of per-prompt values (win rates by
+    default, clipped to [lowest, highest]), along the last axis (a (draws, prompts) array gives one pair of
+    bounds per draw). With no spread (sd 0) both bounds are the mean itself; with fewer than two prompts they
+    are (lowest, highest): nothing is known."""
     from scipy.stats import t
 
     values = np.asarray(per_prompt, dtype=float)
     m = values.shape[-1]
     mean = values.mean(axis=-1)
     if m < 2:
-        return np.zeros_like(mean), np.ones_like(mean)
+        return np.full_like(mean, lowest), np.full_like(mean, highest)
     half = float(t.ppf(1 - alpha, m - 1)) * values.std(axis=-1, ddof=1) / np.sqrt(m)
-    return np.clip(mean - half, 0.0, 1.0), np.clip(mean + half, 0.0, 1.0)
+    return np.clip(mean - half, lowest, highest), np.clip(mean + half, lowest, highest)
 
 
 def per_prompt_rates(outcomes: list[tuple[str, float]]) -> dict[str, float]:
@@ -73,12 +75,7 @@ def guard_upper(diffs: list[float], alpha: float) -> float:
     """The one-sided (1 - alpha) Student t upper bound of the mean of per-prompt differences (candidate minus
     current policy on a guarded reward model), unclipped: mean + t(1 - alpha, m - 1) * sd / sqrt(m). With no
     spread it is the mean; with fewer than two prompts nothing is known (+inf: the guard does not refuse)."""
-    from scipy.stats import t
-
-    values = np.asarray(diffs, dtype=float)
-    if len(values) < 2:
-        return float("inf")
-    return float(values.mean() + t.ppf(1 - alpha, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return float(t_bounds(np.asarray(diffs, dtype=float), alpha, -np.inf, np.inf)[1])
 
 
 def guard_checks(guarded: dict[str, list[float]], gate: GateConfig) -> list[tuple[bool, str]]:

@@ -100,6 +100,12 @@ def render(pipeline: str, rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def model_value_sql(kind: str = "kind", score: str = "score") -> str:
+    """One sample's value on one reward model: a constraints model's pass indicator (score >= 1: every
+    constraint met), another model's score. The climb and the loop's gate.guard (tasks/promote.py) read it."""
+    return f"case when {kind} = 'constraints' then ({score} >= 1.0)::double else {score} end"
+
+
 def climb_sql(pipeline: str) -> str:
     """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
     per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
@@ -108,7 +114,7 @@ def climb_sql(pipeline: str) -> str:
     (what the round before's candidate added; the same policy, so noise only, when that candidate was not
     promoted), each with its interval, paired by prompt."""
     p = lit(pipeline)
-    value = "avg(case when kind = 'constraints' then (score >= 1.0)::double else score end)"
+    value = f"avg({model_value_sql()})"
     return f"""
     with rounds as (
         select round, run_id, method, seed, promoted from loop_rounds where pipeline = {p}
@@ -150,11 +156,6 @@ def climb_sql(pipeline: str) -> str:
         from paired group by step, policy, reward_model
     )
     select * from final order by step, reward_model"""
-
-
-def climb_table(con, pipeline: str):
-    """climb_sql over the catalog connection `con`."""
-    return con.sql(climb_sql(pipeline)).to_arrow_table()
 
 
 def render_climb(rows: list[dict]) -> str:

@@ -31,6 +31,7 @@ from popflow import models, sql
 from popflow.engines import merge_adapter
 from popflow.gate import decide
 from popflow.lineage import complete_rounds
+from popflow.report import model_value_sql
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, now, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import win_outcome_sql
@@ -61,8 +62,8 @@ def guard_sql(eval_rewards: str, rewards: str, method: str, seed: int, models: l
     """(reward_model, prompt_id, diff) for each guarded reward model (gate.guard) and held-out prompt: the mean
     over the gate's sample pairs (the candidate's held-out sample against the current policy's sample of the
     same prompt and index, as outcomes_sql pairs them) of the candidate's value minus the current policy's; a
-    constraints model's value is the pass indicator (score >= 1, as the climb counts it), another's its score."""
-    value = "case when kind = 'constraints' then (score >= 1.0)::double else score end"
+    sample's value is popflow/report.py:model_value_sql's, as the climb counts it."""
+    value = model_value_sql()
     return f"""
     with candidate as (
         select reward_model, prompt_id, sample_idx, {value} as v from {eval_rewards}

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from popflow.lake import Lake
 from popflow.plots import plot_climb
-from popflow.report import climb_table
+from popflow.report import climb_sql
 from popflow.runs import resolve_data_dir
-rows = climb_table(Lake(resolve_data_dir(sys.argv[1])).connect(), "proof_loop").to_pylist()
+rows = Lake(resolve_data_dir(sys.argv[1])).connect().sql(climb_sql("proof_loop")).to_arrow_table().to_pylist()
 plot_climb(rows, Path(sys.argv[2]) / "loop_climb.png", f"proof_loop, {rows[0]['prompts']} held-out prompts")
 PY
   cp "$runs/pipeline=proof_loop/run=$(latest proof_loop)/loop_rounds.png" "$out/loop_rounds.png"
