@@ -158,3 +158,24 @@ def test_the_guard_needs_min_prompts_even_with_the_win_rate_open():
     few = decide(wins, None, gate, {"c": [0.1] * 3})
     assert not few["promoted"] and few["reason"].startswith("gate.guard c: 3 held-out prompts")
     assert decide(wins, None, gate, {"c": [0.1] * 8})["promoted"]
+
+
+@pytest.mark.parametrize("prompts", [8, 96])
+def test_guard_false_refusal_rate_under_the_null(prompts):
+    """A candidate exactly as good as the current policy on a guarded constraints model: per prompt, 4 sample
+    pairs whose pass indicators are independent draws of the same prompt-level pass rate (a quarter of prompts
+    always pass, a quarter never, half at 0.5), so each prompt's mean difference lies in {-1, ..., 1} with
+    mean 0. Over 20,000 draws the guard (guard_upper < 0) refuses at most about alpha = 5% of them (+3 Monte
+    Carlo standard errors), as its one-sided bound promises; a bound without the t quantile (the mean alone)
+    would refuse nearly half, so the check can fail."""
+    from popflow.gate import guard_upper
+
+    rng, draws, alpha = np.random.default_rng(prompts), 20_000, 0.05
+    rate = rng.choice([0.0, 1.0, 0.5, 0.5], size=(draws, prompts))[..., None]
+    diffs = ((rng.random((draws, prompts, 4)) < rate).astype(float)
+             - (rng.random((draws, prompts, 4)) < rate).astype(float)).mean(axis=2)
+    upper = t_bounds(diffs, alpha, -np.inf, np.inf)[1]
+    refused = np.mean(upper < 0)
+    assert refused <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / draws), refused
+    assert np.mean(diffs.mean(axis=1) < 0) > 0.4  # the mean alone
+    assert guard_upper(list(diffs[0]), alpha) == pytest.approx(upper[0])
