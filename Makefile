@@ -46,7 +46,7 @@ demo: models
 	$(VENV)/bin/popflow sql "select method, seed, path, steps, tokens_per_s from latest_policies where pipeline = 'demo'"
 	$(VENV)/bin/popflow report demo
 
-# The proof (README "Does it work?"): the climbing loop, then the papers' claims. Hours on 2 CPU cores; rerun
+# The proof (docs/proof.md): the climbing loop, then the papers' claims. Hours on 2 CPU cores; rerun
 # after a kill and every run continues where it stopped (the loop resumes its unfinished round, the experiment
 # its run id), nothing is done twice.
 proof: models

@@ -2,7 +2,7 @@
 (true mean per-prompt win rate 0.5) and how often a better one (0.7), at the sizes people run, for several
 ways prompts can differ in difficulty. Statistics, not speed: seconds on any machine, seeded.
 
-    .venv/bin/python bench/gate_sim.py            # the table README "The on-policy loop" quotes
+    .venv/bin/python bench/gate_sim.py            # the table docs/loop.md quotes
 
 Null designs (per-prompt win probability p, mean 0.5), each sample a win with probability p, 20% ties:
     mixed       a quarter of prompts always won, a quarter always lost, half a coin flip (the test's design)

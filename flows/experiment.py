@@ -1,7 +1,7 @@
 """The method-comparison experiment: several training methods x seeds on the same pairs, one table.
 
     .venv/bin/popflow experiment tiny                 # what the tests run
-    .venv/bin/popflow experiment demo                 # the README's table (SmolLM2 on this CPU)
+    .venv/bin/popflow experiment demo                 # methods x seeds on SmolLM2 (docs/training.md)
 
 It runs the pipeline flow once (a subflow, one run id) with `train.methods`, `train.seeds` and
 `annotate.sampling` taken from the pipeline's `experiment:` section (default: DPO-PoP's Table 1 -- dpo,

@@ -7,7 +7,7 @@ training (processes x batch_size pairs per step), so it lives in `train:` and it
     .venv/bin/popflow run tiny --set execution.sample.backend=ray --set execution.sample.replicas=2
     RAY_ADDRESS=10.0.0.1:6379 .venv/bin/popflow run demo --set execution.score.backend=ray
 
-popflow/cluster.py runs it; README "Scale out" shows a cluster end to end.
+popflow/cluster.py runs it; docs/scale-out.md shows a cluster end to end.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Student t lower bound at level `gate.alpha` over those per-prompt rates (prompts
 It promotes when `lower > gate.min_win_rate` (strictly: a candidate that changed nothing ties every sample,
 has mean 0.5 and sd 0, and is not promoted at 0.5), and only with at least `gate.min_prompts` prompts. A
 no-better candidate (true mean per-prompt win rate <= min_win_rate) is then promoted at most about alpha of
-the time; tests/popflow/test_gate.py checks that by simulation, and README "Promotion gate" gives the
+the time; tests/popflow/test_gate.py checks that by simulation, and docs/loop.md gives the
 false-promotion and power figures.
 
     from popflow.gate import decide

@@ -3,7 +3,7 @@
 Part of the one config (popflow/config.py imports it into PipelineConfig). With a loop, each run of the
 pipeline is one round: it samples the pipeline's latest promoted policy (round 1: `sample.policy`, the
 chain's base), trains a candidate on those samples, and the `promote` stage promotes it when it passes the
-gate. tasks/promote.py and popflow/lineage.py say how; README "The on-policy loop" shows a run.
+gate. tasks/promote.py and popflow/lineage.py say how; docs/loop.md shows a run.
 
     loop_demo:
       sample: {policy: builtin:smollm2-135m-instruct}          # round 1's policy: the chain's base
@@ -46,7 +46,7 @@ class GateConfig(Strict):
                              "difference on the gate's own sample pairs (a constraints model: pass rate, score >= 1; "
                              "another: mean score), and promotion only when the one-sided (1 - alpha) Student t upper "
                              "bound of its mean over prompts is at least 0. The aggregate reward can rise while one "
-                             "of its models falls (README 'Does it work?'); []: none guarded.")
+                             "of its models falls (docs/proof.md); []: none guarded.")
     min_heldout_accuracy: float | None = Field(
         None, ge=0.0, le=1.0, description="Also require this held-out pair accuracy (share of held-out pairs the "
         "candidate prefers the chosen side of); null: not checked. A round with no held-out pairs is then not "

@@ -72,8 +72,8 @@ def verdict(m: dict) -> str:
         return f"better than the base: {said}"
     if high < HALF:
         return f"worse than the base: {said}"
-    return (f"no detectable difference from the base at this size: {said} (the interval holds 0.5; README "
-            "'Does it work?' measures popflow at a size that can tell)")
+    return (f"no detectable difference from the base at this size: {said} (the interval holds 0.5; docs/proof.md "
+            "measures popflow at a size that can tell)")
 
 
 COLUMNS = (("win rate vs base", "win_rate", False), ("constraint pass rate", "constraint_rate", False),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Write the proof's small result tables (CSV) and figures (PNG) from the lake into docs/proof/, the SQL the
-# README's "Does it work?" tables come from. Run from the repository root after `make proof`:
+# docs/proof.md's tables come from. Run from the repository root after `make proof`:
 #     docs/proof/export.sh [DATA_DIR]          (default: $POPFLOW_DATA_DIR, else ./data)
 set -euo pipefail
 data="${1:-${POPFLOW_DATA_DIR:-data}}"

@@ -25,7 +25,7 @@ RAY = REPO / ".venv" / "bin" / "ray"
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with 2 CPUs, from an empty HOME (a machine that never ran Ray: no
-    ~/.ray/auth_token, so Ray 2.60 starts the cluster without token authentication, as the README's walkthrough
+    ~/.ray/auth_token, so Ray 2.60 starts the cluster without token authentication, as docs/scale-out.md's walkthrough
     meets it on a fresh machine); yields (address, that HOME); the process group is killed after."""
     home = tmp_path_factory.mktemp("ray-head")
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
@@ -138,7 +138,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     indices, shards and counts (texts differ: vLLM-CPU honours no per-request seed, engines.py); the rewards
     equal the local backend's scores of the same samples (reward networks pinned to float32 on every CPU class:
     1e-5)."""
-    cli.env["RAY_ADDRESS"], cli.env["HOME"] = ray_head[0], str(ray_head[1])  # as the README: no RAY_AUTH_MODE
+    cli.env["RAY_ADDRESS"], cli.env["HOME"] = ray_head[0], str(ray_head[1])  # as docs/scale-out.md: no RAY_AUTH_MODE
     cli.env.pop("RAY_AUTH_MODE", None)
     assert not (ray_head[1] / ".ray" / "auth_token").exists()
     run = cli.popen("run", "tiny", *RAY_RUN, "--run-id", "onray")

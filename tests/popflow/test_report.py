@@ -45,7 +45,7 @@ def test_the_report_table_from_eval_metrics():
     assert got[3] == "| base |  | 0.250 [0.050, 0.450] |  |"
     assert got[4] == "| dpo_pop-s0 | 0.562 [0.400, 0.725] |  | 0.750 |"
     assert got[5] == ("dpo_pop-s0: no detectable difference from the base at this size: win rate 0.562 "
-                      "[0.400, 0.725] over 8 held-out prompts (the interval holds 0.5; README 'Does it work?' "
+                      "[0.400, 0.725] over 8 held-out prompts (the interval holds 0.5; docs/proof.md "
                       "measures popflow at a size that can tell)")
     assert len(got) == 6
 
@@ -56,7 +56,7 @@ def test_a_no_better_policy_is_called_better_at_most_2_5_percent_of_the_time():
     own path: evaluate's interval SQL over prompts, then verdict(). At 32 prompts a two-sided 95% interval lies
     above 0.5 in at most 2.5% of draws, plus 3 Monte-Carlo standard errors (0.025 + 3 sqrt(0.025 x 0.975 /
     20000) = 0.0283); likewise below. At 8 prompts this all-or-nothing clustering makes the t interval
-    approximate: measured 2.9% per side (README 'Does it work?' states it); bounded here at 3.5%. Each comparison
+    approximate: measured 2.9% per side (docs/proof.md states it); bounded here at 3.5%. Each comparison
     as its own unit would say "better" far more often: the check can fail."""
     import math
 

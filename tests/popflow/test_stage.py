@@ -119,7 +119,7 @@ def test_no_stage_module_imports_another():
 
 
 def test_the_core_package_imports_neither_tasks_nor_flows():
-    """popflow/ is the bottom layer; only the CLI sits on top of the flows (README, "The house")."""
+    """popflow/ is the bottom layer; only the CLI sits on top of the flows (docs/contributing.md)."""
     for path in sorted((REPO / "popflow").glob("*.py")):
         upward = {m for m in imports(path) if m.split(".")[0] in ("tasks", "flows")}
         if path.name == "cli.py":

@@ -15,7 +15,7 @@ def test_what_is_deterministic_on_vllm_cpu(tmp_path):
     a prefill is chunked: popflow/engines.py), and the engine says so. Greedy decoding (temperature 0) gives
     the same completion (one per prompt: vLLM refuses n > 1 when greedy) from two fresh engines; sampling
     (temperature 0.8) does not repeat run to run even with the same engine seed and batch (measured: the
-    first token agrees, the rest drifts), which the README
+    first token agrees, the rest drifts), which docs/reproducibility.md
     states; the test pins the greedy guarantee only."""
     script = textwrap.dedent(f"""
         import json
