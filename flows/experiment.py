@@ -30,6 +30,8 @@ from flows.pipeline import as_assignments, preference_pipeline
 from popflow import sql
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
+from popflow.lake import write_text
+from popflow.report import markdown_table
 from popflow.runs import resolve_data_dir
 from popflow.sql import interval_sql, lit
 from popflow.stage import RunContext, artifact_key, with_run_columns
@@ -204,16 +206,16 @@ def run_pop_sweep(ctx: RunContext, con) -> pa.Table | None:
 
 def sweep_markdown(table: pa.Table) -> str:
     """sampling x k: Spearman [95% interval over label draws], Pearson, comparisons, uncompared pairs."""
-    lines = ["| sampling | k | Spearman vs ground truth | Pearson | comparisons | uncompared pairs |",
-             "|---|---|---|---|---|---|"]
     def num(v) -> str:
         return "" if v is None else f"{v:.3f}"
 
+    rows = []
     for r in table.to_pylist():
         interval = f" [{r['spearman_low']:.3f}, {r['spearman_high']:.3f}]" if r["spearman_low"] is not None else ""
-        lines.append(f"| {r['sampling']} | {r['k']} | {num(r['spearman'])}{interval} | {num(r['pearson'])} | "
-                     f"{r['comparisons']:.0f} | {r['uncompared']:.1f} |")
-    return "\n".join(lines)
+        rows.append([r["sampling"], r["k"], num(r["spearman"]) + interval, num(r["pearson"]),
+                     f"{r['comparisons']:.0f}", f"{r['uncompared']:.1f}"])
+    return markdown_table(["sampling", "k", "Spearman vs ground truth", "Pearson", "comparisons", "uncompared pairs"],
+                          rows)
 
 
 def comparison_markdown(table: pa.Table) -> str:
@@ -228,10 +230,8 @@ def comparison_markdown(table: pa.Table) -> str:
         cells.setdefault(row["method"], {})[row["metric"]] = cell
     extra = sorted({m for c in cells.values() for m in c} - set(METRICS))
     metrics = [m for m in (*METRICS, *extra) if any(m in c for c in cells.values())]
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for method in sorted(cells, key=lambda m: (m != "base", m)):
-        lines.append(f"| {method} | " + " | ".join(cells[method].get(m, "") for m in metrics) + " |")
-    return "\n".join(lines)
+    return markdown_table(["method", *metrics], [[method, *(cells[method].get(m, "") for m in metrics)]
+                                                 for method in sorted(cells, key=lambda m: (m != "base", m))])
 
 
 @flow(name="preference-experiment")
@@ -258,7 +258,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     ctx.lake.write_table("comparison", pipeline, ctx.run_id, with_run_columns(ctx, table))
     ctx.lake.rebuild_catalog()
     markdown = comparison_markdown(table)
-    (ctx.run_dir / "comparison.md").write_text(markdown + "\n")
+    write_text(markdown + "\n", ctx.run_dir / "comparison.md")
     plot = plot_comparison(table.to_pylist(), [m for m in METRICS if m in table.column("metric").to_pylist()],
                            ctx.run_dir / "comparison.png", f"{pipeline} {ctx.run_id}")
     sweep = run_pop_sweep(ctx, con)
@@ -266,7 +266,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     if sweep is not None:
         ctx.lake.rebuild_catalog()
         sweep_md = sweep_markdown(sweep)
-        (ctx.run_dir / "pop_sweep.md").write_text(sweep_md + "\n")
+        write_text(sweep_md + "\n", ctx.run_dir / "pop_sweep.md")
         plot_pop_sweep(sweep.to_pylist(), ctx.run_dir / "pop_sweep.png", f"{pipeline} {ctx.run_id}")
     create_markdown_artifact(key=artifact_key(pipeline, "comparison"), markdown=(
         f"# {pipeline} experiment, run {ctx.run_id}\n\nseeds {cfg.experiment.seeds}: {LEGEND}\n\n"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from popflow.errors import PopflowError
 from popflow.execution_config import RayOptions, Replicas
+from popflow.lake import write_text
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,7 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
                 chosen = block if len(block) == width and not taken & set(block) else free[:width]
             if chosen:
                 claims[pid] = chosen
-                tmp = path.with_name(f"{path.name}.{pid}.tmp")
-                tmp.write_text(json.dumps({str(p): c for p, c in claims.items()}))
-                os.replace(tmp, path)
+                write_text(json.dumps({str(p): c for p, c in claims.items()}), path)
                 return chosen
         if time.time() >= deadline:
             raise PopflowError(f"no {width} free cores for a replica after {wait_s:.0f} s: cores {cores} are claimed "

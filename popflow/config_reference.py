@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from popflow.config import PipelineConfig
+from popflow.report import markdown_table
 
 HEADER = """# Configuration reference
 
@@ -85,11 +86,11 @@ def section(model: type[BaseModel], path: str, out: list[str]) -> None:
     out += ["", f"## `{title}`" if path else f"## {title}", ""]
     if doc:
         out += [doc, ""]
-    out += ["| key | type | default | bounds | what it does |", "|---|---|---|---|---|"]
     nested: list[tuple[type[BaseModel], str]] = []
+    rows = []
     for name, field in model.model_fields.items():
-        out.append(f"| `{name}` | {type_name(field.annotation)} | `{_cell(default_text(field))}` | "
-                   f"{bounds_text(field)} | {_cell(field.description or '')} |")
+        rows.append([f"`{name}`", type_name(field.annotation), f"`{_cell(default_text(field))}`", bounds_text(field),
+                     _cell(field.description or "")])
         kinds = _models(field.annotation)
         for kind in kinds:
             suffix = ""
@@ -97,6 +98,7 @@ def section(model: type[BaseModel], path: str, out: list[str]) -> None:
                 suffix = f" (kind: {get_args(kind.model_fields['kind'].annotation)[0]})"
             key = f"{path}.{name}" if path else name
             nested.append((kind, f"{key}{'[]' if get_origin(field.annotation) is list else ''}{suffix}"))
+    out.append(markdown_table(["key", "type", "default", "bounds", "what it does"], rows))
     for kind, sub in nested:
         section(kind, sub, out)
 

@@ -46,14 +46,17 @@ class Replicas(Strict):
     max_restarts: int = Field(
         2, ge=0, description="ray: a replica whose process dies is restarted this many times and its shard retried; "
         "then its shards go to the surviving replicas, and the stage fails only when none is left.")
-    chunk_size: int = Field(512, ge=1, description="score on ray: samples per task sent to a reward model replica.")
+
+
+class ScoreReplicas(Replicas):
+    chunk_size: int = Field(512, ge=1, description="ray: samples per task sent to a reward model replica.")
 
 
 class ExecutionConfig(Strict):
     ray: RayOptions = Field(default_factory=RayOptions, description="How to reach (or start) the Ray cluster.")
     sample: Replicas = Field(default_factory=Replicas, description="Stage 1: where the vLLM engines run.")
-    score: Replicas = Field(default_factory=Replicas, description="Stage 2: where the hf reward models run (the "
-                            "cheap kinds, constraints, relevance and python, become one Ray CPU task each).")
+    score: ScoreReplicas = Field(default_factory=ScoreReplicas, description="Stage 2: where the hf reward models run "
+                                 "(the cheap kinds, constraints, relevance and python, become one Ray CPU task each).")
 
     def uses_ray(self) -> bool:
         return "ray" in (self.sample.backend, self.score.backend)

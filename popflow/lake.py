@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from popflow import models
 from popflow.errors import PopflowError
 from popflow.sql import ident, lit
 
@@ -203,8 +204,8 @@ class Lake:
         folder is first renamed out of the lake (atomic), so a catalog view never reads half a partition."""
         paths = [*self.root.glob(f"[!_]*/pipeline={pipeline}/run={run_id}"),
                  *self.root.glob(f"_staging/*/pipeline={pipeline}/run={run_id}"),
-                 self.data_dir / "models" / "runs" / pipeline / run_id,
-                 self.data_dir / "models" / "promoted" / pipeline / run_id,
+                 models.trained_dir(self.data_dir, pipeline, run_id),
+                 models.promoted_dir(self.data_dir, pipeline, run_id),
                  self.run_dir(pipeline, run_id)]  # the record last: while it exists the run is listed
         trash = self.trash()
         moved = []
@@ -304,23 +305,39 @@ def catalog_statements(lake: Lake, tables: list[str]) -> list[str]:
     return stmts
 
 
-def write_parquet(data: pa.Table, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see all of it or none."""
+@contextmanager
+def atomic(path: Path | str):
+    """popflow's one atomic file writer: yields a temporary name in `path`'s folder (hidden, unique, not ending in
+    .parquet, so no glob reads it); renamed onto `path` when the block ends, removed when it raises. Readers see
+    all of the file or none of it.
+
+        with atomic(run_dir / "comparison.md") as tmp:
+            tmp.write_text(markdown)
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(data, tmp, compression="zstd")
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def write_parquet(data: pa.Table, path: Path) -> None:
+    with atomic(path) as tmp:
+        pq.write_table(data, tmp, compression="zstd")
+
+
 def write_json(record: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def write_text(text: str, path: Path) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextmanager

@@ -23,12 +23,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from popflow.config import PipelineConfig, load_pipeline
 from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.models import PROMOTED, fingerprint
+
+# The `lineage` table, one row per round: written by the promote stage, read here (the chain, pinning).
+LINEAGE_SCHEMA = pa.schema([
+    ("round", pa.int64()), ("method", pa.string()), ("seed", pa.int64()), ("policy_path", pa.string()),
+    ("adapter", pa.bool_()), ("parent_ref", pa.string()), ("parent_path", pa.string()),
+    ("parent_round", pa.int64()), ("parent_run_id", pa.string()), ("reference_kind", pa.string()),
+    ("reference_path", pa.string()), ("reference_round", pa.int64()), ("pairs", pa.string()),
+    ("pair_runs", pa.list_(pa.string())), ("train_pairs", pa.int64()), ("comparisons", pa.int64()),
+    ("prompts", pa.int64()), ("win_rate", pa.float64()), ("win_lower", pa.float64()), ("win_upper", pa.float64()),
+    ("bound", pa.string()), ("alpha", pa.float64()), ("heldout_accuracy", pa.float64()),
+    ("promoted", pa.bool_()), ("reason", pa.string()), ("promoted_path", pa.string()),
+    ("promoted_fingerprint", pa.string()), ("content_hash", pa.string()), ("created_at", pa.string()),
+])
 
 
 def complete_rounds(lake: Lake, pipeline: str) -> list[dict]:

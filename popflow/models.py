@@ -12,7 +12,9 @@ A model reference in pipelines.yaml is one of
                                     pipeline's sample.policy; pinned to a path when a run starts
                                     (popflow/lineage.py), so this module never loads it by name
 
-Built-ins are written under the models dir (`$POPFLOW_MODELS_DIR`, else `DATA_DIR/models`) once, atomically
+The layout of every model folder is here: built-ins under `models_dir`, a run's trained, promoted and
+scratch models under `trained_dir`, `promoted_dir` and `scratch_dir` (with the lake, whatever the built-ins'
+folder). Built-ins are written under the models dir (`$POPFLOW_MODELS_DIR`, else `DATA_DIR/models`) once, atomically
 (built in a temporary folder, then renamed) and under a file lock, so concurrent runs never see half a model.
 Materialise them by hand with:  .venv/bin/popflow models
 """
@@ -79,7 +81,25 @@ def check_ref(ref: str, key: str) -> None:
 
 
 def models_dir(data_dir: Path) -> Path:
+    """Where the built-in models live: `$POPFLOW_MODELS_DIR` (shared storage, an image), else DATA_DIR/models."""
     return Path(os.environ.get("POPFLOW_MODELS_DIR") or data_dir / "models").resolve()
+
+
+# What runs write lives with the lake, never under $POPFLOW_MODELS_DIR: a run's trained and promoted models are
+# deleted with the run (retention), and two lakes sharing one built-in models dir must not share run folders.
+def trained_dir(data_dir: Path, pipeline: str, run_id: str) -> Path:
+    """A run's trained policies: one folder per method x seed (tasks/train.py)."""
+    return data_dir / "models" / "runs" / pipeline / run_id
+
+
+def promoted_dir(data_dir: Path, pipeline: str, run_id: str) -> Path:
+    """A loop round's promoted policy, stored merged (tasks/promote.py)."""
+    return data_dir / "models" / "promoted" / pipeline / run_id
+
+
+def scratch_dir(data_dir: Path) -> Path:
+    """Temporary merged copies of adapters for evaluation (popflow/engines.py)."""
+    return data_dir / "models" / "tmp"
 
 
 def resolve(ref: str, data_dir: Path, key: str = "model") -> ResolvedModel:

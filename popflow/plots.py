@@ -21,11 +21,13 @@ def save(fig, out: Path) -> Path:
     """Save under a temporary name and rename, so a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out)
+    from popflow.lake import atomic
+
+    try:
+        with atomic(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 

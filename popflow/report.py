@@ -81,6 +81,12 @@ COLUMNS = (("win rate vs base", "win_rate", False), ("constraint pass rate", "co
            ("held-out accuracy", "accuracy", False))
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """The one markdown table renderer: a header row, the separator, a row per list (None is an empty cell)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows])
+
+
 def render(pipeline: str, rows: list[tuple]) -> str:
     """The table (policies x figures with their intervals) and a verdict line per trained policy."""
     policies = by_policy(rows)
@@ -90,10 +96,9 @@ def render(pipeline: str, rows: list[tuple]) -> str:
     head = f"{pipeline} run {run_id}: " + (f"{prompts} held-out prompts, " if prompts else "") + \
         "95% intervals over prompts"
     columns = [c for c in COLUMNS if any(c[1] in m for m in policies.values())]
-    lines = [head, "| policy | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for (method, seed), m in policies.items():
-        name = method if seed is None else f"{method}-s{seed}"
-        lines.append(f"| {name} | " + " | ".join(interval(m, key, signed) for _, key, signed in columns) + " |")
+    table = [[method if seed is None else f"{method}-s{seed}",
+              *(interval(m, key, signed) for _, key, signed in columns)] for (method, seed), m in policies.items()]
+    lines = [head, markdown_table(["policy", *(c[0] for c in columns)], table)]
     for (method, seed), m in policies.items():
         if method != "base":
             lines.append(f"{method}-s{seed}: {verdict(m)}")
@@ -164,8 +169,8 @@ def render_climb(rows: list[dict]) -> str:
     models = list(dict.fromkeys(r["reward_model"] for r in rows))
     kinds = {r["reward_model"]: r["kind"] for r in rows}
     head = [f"{m} {'pass rate' if kinds[m] == 'constraints' else 'mean'}" for m in models]
-    lines = ["| policy | prompts | " + " | ".join(f"{h} | vs base | vs previous" for h in head) + " |",
-             "|---|---|" + "---|---|---|" * len(models)]
+    header = ["policy", "prompts", *(c for h in head for c in (h, "vs base", "vs previous"))]
+    table = []
     for step in dict.fromkeys(r["step"] for r in rows):
         mine = {r["reward_model"]: r for r in rows if r["step"] == step}
         first = next(iter(mine.values()))
@@ -174,5 +179,5 @@ def render_climb(rows: list[dict]) -> str:
             r = mine.get(m, {})
             gains = [interval(r, g, signed=True) if step != 1 else "" for g in ("gain", "step_gain")]
             cells += [interval(r, "value"), *gains]
-        lines.append(f"| {first['policy']} | {first['prompts']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append([first["policy"], first["prompts"], *cells])
+    return markdown_table(header, table)

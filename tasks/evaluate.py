@@ -31,6 +31,8 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
+from popflow.lake import write_text
+from popflow.report import markdown_table
 from popflow.sql import interval_sql, lit
 from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
@@ -195,7 +197,7 @@ def generate_all(ctx: RunContext, policies: list[dict], prompts: list[Prompt], s
     ids = [p.id for p in prompts]
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
     tables = []
-    with Engines(cfg, serving, rank, ctx.lake.data_dir / "models" / "tmp") as engines:
+    with Engines(cfg, serving, rank, models.scratch_dir(ctx.lake.data_dir)) as engines:
         for pol in policies:
             opened = engines.open(base.path, pol["path"]) if pol["adapter"] else engines.open(pol["path"])
             with opened as engine:
@@ -264,7 +266,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
              "eval_samples": samples.num_rows, "eval_outcomes": outcomes.num_rows})
 
 
-def markdown_table(con, metrics: pa.Table) -> str:
+def metrics_markdown(con, metrics: pa.Table) -> str:
     """Methods x metrics (mean over seeds), for the Prefect artifact and the run report."""
     con.register("metrics", metrics)
     rows = con.sql("select method, metric, avg(value) as value from metrics group by all").fetchall()
@@ -272,11 +274,9 @@ def markdown_table(con, metrics: pa.Table) -> str:
     table = {}
     for method, metric, value in rows:
         table.setdefault(method, {})[metric] = value
-    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for method in sorted(table, key=lambda m: (m != "base", m)):
-        cells = [f"{table[method][k]:.3f}" if table[method].get(k) is not None else "" for k in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["method", *names], [
+        [method, *(f"{table[method][k]:.3f}" if table[method].get(k) is not None else "" for k in names)]
+        for method in sorted(table, key=lambda m: (m != "base", m))])
 
 
 @stage("evaluate", reads=("train", "ingest", "score"), sections=("evaluate",),
@@ -307,11 +307,11 @@ def evaluate(ctx: RunContext) -> Output:
     metrics = metrics.cast(pa.schema([("method", pa.string()), ("seed", pa.int64()), ("metric", pa.string()),
                                       ("value", pa.float64())]))
     ctx.lake.write_table("eval_metrics", ctx.pipeline, ctx.run_id, with_run_columns(ctx, metrics))
-    table = markdown_table(con, metrics)
+    table = metrics_markdown(con, metrics)
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(key=artifact_key(ctx.pipeline, "evaluation"), markdown=(
         f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
-    (ctx.run_dir / "evaluation.md").write_text(table + "\n")
+    write_text(table + "\n", ctx.run_dir / "evaluation.md")
     run_logger().info("evaluation (mean over seeds):\n%s", table)
     return Output({**tables, "eval_metrics": metrics.num_rows}, report, precision=dtypes)

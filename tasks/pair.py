@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from popflow import sql
 from popflow.config import POINTS, PairConfig, ScoreConfig
 from popflow.errors import PopflowError
+from popflow.lake import atomic
 from popflow.sql import interval_sql, lit
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import aggregate_sql
@@ -189,9 +190,8 @@ def build_pairs_sql(seven: str, rewards: str, samples: str, prompts: str, cfg: P
 
 def _copy(con, query: str, path: str) -> None:
     """COPY a query to Parquet under a temporary name, then rename it into place."""
-    tmp = path + ".tmp"
-    con.execute(f"copy ({query}) to {lit(tmp)} (format parquet, compression zstd)")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        con.execute(f"copy ({query}) to {lit(str(tmp))} (format parquet, compression zstd)")
 
 
 def write_pairs(con, ctx_cols: str, sources: dict[str, str], cfg: PairConfig, out_dir: dict[str, str],

@@ -30,8 +30,9 @@ import pyarrow as pa
 from popflow import models, sql
 from popflow.engines import merge_adapter
 from popflow.gate import decide
-from popflow.lineage import complete_rounds
-from popflow.report import model_value_sql
+from popflow.lake import write_text
+from popflow.lineage import LINEAGE_SCHEMA, complete_rounds
+from popflow.report import markdown_table, model_value_sql
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, artifact_key, now, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import win_outcome_sql
@@ -106,7 +107,7 @@ def content_hash(path: Path) -> str:
 
 
 def promoted_dir(ctx: RunContext) -> Path:
-    return ctx.lake.data_dir / "models" / "promoted" / ctx.pipeline / ctx.run_id
+    return models.promoted_dir(ctx.lake.data_dir, ctx.pipeline, ctx.run_id)
 
 
 MARKER = "popflow_candidate.json"  # in a promoted folder: which candidate (and base) its weights were made from
@@ -160,12 +161,6 @@ def round_rows(rows: list[dict], rewards: dict[str, list[dict]]) -> list[dict]:
             "held-out acc.": "" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.3f}",
             "promoted": "yes" if r["promoted"] else "no: " + r["reason"]})
     return out
-
-
-def markdown(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
 
 
 def chain_view(ctx: RunContext, con, row: dict) -> tuple[list[dict], dict[str, list[dict]], dict[int, dict]]:
@@ -228,8 +223,8 @@ def promote(ctx: RunContext) -> Output:
     rewards = pa.Table.from_pylist([{"round": info["round"], **r} for r in stats[ctx.run_id]])
     ctx.lake.write_table("round_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
     per_round = round_rows(rows, stats)
-    table = markdown(per_round)
-    (ctx.run_dir / "loop_rounds.md").write_text(table + "\n")
+    table = markdown_table(list(per_round[0]), [list(r.values()) for r in per_round])
+    write_text(table + "\n", ctx.run_dir / "loop_rounds.md")
     plot = plot_rounds(rows, scores, ctx.run_dir / "loop_rounds.png", f"{ctx.pipeline}: on-policy loop")
     from prefect.artifacts import create_table_artifact
 
@@ -243,16 +238,3 @@ def promote(ctx: RunContext) -> Output:
     return Output({"lineage": 1, "round_rewards": rewards.num_rows}, report,
                   {"promoted": {"path": row["promoted_path"], "fingerprint": row["promoted_fingerprint"],
                                 "content_hash": row["content_hash"]}} if stored else {})
-
-
-LINEAGE_SCHEMA = pa.schema([
-    ("round", pa.int64()), ("method", pa.string()), ("seed", pa.int64()), ("policy_path", pa.string()),
-    ("adapter", pa.bool_()), ("parent_ref", pa.string()), ("parent_path", pa.string()),
-    ("parent_round", pa.int64()), ("parent_run_id", pa.string()), ("reference_kind", pa.string()),
-    ("reference_path", pa.string()), ("reference_round", pa.int64()), ("pairs", pa.string()),
-    ("pair_runs", pa.list_(pa.string())), ("train_pairs", pa.int64()), ("comparisons", pa.int64()),
-    ("prompts", pa.int64()), ("win_rate", pa.float64()), ("win_lower", pa.float64()), ("win_upper", pa.float64()),
-    ("bound", pa.string()), ("alpha", pa.float64()), ("heldout_accuracy", pa.float64()),
-    ("promoted", pa.bool_()), ("reason", pa.string()), ("promoted_path", pa.string()),
-    ("promoted_fingerprint", pa.string()), ("content_hash", pa.string()), ("created_at", pa.string()),
-])

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from popflow import models, precision, sql
@@ -43,11 +40,6 @@ from tasks.rewards.aggregate import normalised_sql
 from tasks.train_launch import train_launched
 
 log = logging.getLogger(__name__)
-
-CURVE = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
-         "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward", "pop/margin": "mean_margin",
-         "learning_rate": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
-
 
 def margin_expr(method: Method, max_margin: float) -> str:
     """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`. The
@@ -175,83 +167,16 @@ def check_reference(ctx: RunContext, con) -> None:
             f"not match run {ctx.run_id}'s stored reference log-probs {stored}; rerun with --from-stage ref_logps")
 
 
-def implicit_margins(trainer) -> np.ndarray:
-    """beta * h of the trained policy on the trainer's eval dataset, in its order (under accelerate launch each
-    process scores its share of the batches and gather_for_metrics puts them back in order)."""
-    import torch
-
-    from tasks.trainer import sequence_logps
-
-    out, model = [], trainer.model_wrapped.eval()
-    with torch.no_grad():
-        for batch in trainer.get_eval_dataloader():
-            chosen, rejected = sequence_logps(model, batch)
-            h = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-            out.append(trainer.accelerator.gather_for_metrics(trainer.beta * h).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldout: pa.Table,
-              out_dir: Path) -> tuple[list[dict], np.ndarray, dict]:
-    """Train one method with one seed; save the adapter/model to out_dir. Returns curve, held-out beta*h, stats."""
-    import datasets
-    from transformers import AutoModelForCausalLM, TrainerCallback
-
-    from tasks.trainer import PopDPOTrainer, dpo_args
-
-    cfg = ctx.config.train
-    policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
-    prec = cfg.precision()
-    tok = models.load_tokenizer(policy.path, policy.ref, "train.policy")
-    curve: list[dict] = []
-
-    class Curve(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                curve.append({"step": state.global_step, **{CURVE[k]: float(v) for k, v in logs.items() if k in CURVE}})
-
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    tmp, main = out_dir.with_name(out_dir.name + ".tmp"), int(os.environ.get("RANK", "0")) == 0
-    if main:  # under accelerate launch: the main process owns the folders; the others write only in save_model
-        shutil.rmtree(tmp, ignore_errors=True)
-    args = dpo_args(str(tmp), method.loss, cfg.beta, cfg.max_length, seed, prec.mixed, cfg.gradient_checkpointing,
-                    cfg.trl, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-                    per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-                    gradient_accumulation_steps=cfg.grad_accum)
-    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=prec.torch_dtype()).to(prec.device)
-    trainer = PopDPOTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset(data), processing_class=tok, loss=method.loss,
-        eval_dataset=datasets.Dataset(heldout) if heldout.num_rows else None, peft_config=peft_config,
-        callbacks=[Curve()])
-    result = trainer.train()
-    heldout_h = implicit_margins(trainer) if heldout.num_rows else np.zeros(0)
-    trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the sharded weights here
-    if main:
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    seconds, tokens = float(result.metrics["train_runtime"]), int(trainer._total_train_tokens)
-    stats = {"steps": result.global_step, "examples": data.num_rows, "train_seconds": round(seconds, 3),
-             "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-             "final_loss": curve[-1]["loss"] if curve else None, "adapter": cfg.lora is not None,
-             "base_model": policy.ref, "base_fingerprint": policy.fingerprint, "device": prec.device,
-             "dtype": prec.weights, "mixed_precision": prec.mixed}
-    return curve, heldout_h, stats
-
-
 def policy_dir(ctx: RunContext, name: str, seed: int) -> Path:
-    return ctx.lake.data_dir / "models" / "runs" / ctx.pipeline / ctx.run_id / f"{name}-s{seed}"
+    return models.trained_dir(ctx.lake.data_dir, ctx.pipeline, ctx.run_id) / f"{name}-s{seed}"
 
 
 @stage("train", reads=("annotate", "margins", "ref_logps", "pair", "import_pairs", "score"), sections=("train",),
        writes=("train_metrics", "heldout_margins", "policies"), when=lambda cfg: cfg.train is not None)
 def train(ctx: RunContext) -> Output:
     """Train every method x seed not yet done in this run; publish train_metrics, heldout_margins, policies."""
+    from tasks.trainer import train_one  # torch and TRL load only when the stage trains
+
     logger, cfg, lake, con = run_logger(), ctx.config.train, ctx.lake, sql.connect()
     dtypes = precision.announce({"train.dtype": cfg.dtype})
     check_reference(ctx, con)

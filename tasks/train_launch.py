@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from popflow.errors import PopflowError
 from popflow.execution_config import AccelerateLaunch
+from popflow.lake import write_text
 
 
 def free_port() -> int:
@@ -116,7 +117,7 @@ def main(job: Path) -> None:
     from popflow.config import PipelineConfig
     from popflow.stage import RunContext
     from popflow.train_config import Method
-    from tasks.train import train_one
+    from tasks.trainer import train_one
 
     spec = json.loads((job / "job.json").read_text())
     # The stage's config is the run's pinned one (a loop round's policy and reference set to model paths),
@@ -128,9 +129,7 @@ def main(job: Path) -> None:
                                         Path(spec["out_dir"]))
     if int(os.environ.get("RANK", "0")) == 0:
         stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
-        tmp = job / "result.json.tmp"
-        tmp.write_text(json.dumps({"curve": curve, "heldout_h": heldout_h.tolist(), "stats": stats}))
-        os.replace(tmp, job / "result.json")
+        write_text(json.dumps({"curve": curve, "heldout_h": heldout_h.tolist(), "stats": stats}), job / "result.json")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""TRL's DPOTrainer with popflow's losses: one subclass, one overridden loss method, no training loop.
+"""TRL's DPOTrainer with popflow's losses (one subclass, no training loop of its own), and one training.
 
 `PopDPOTrainer` keeps everything TRL does (tokenisation, chat templates, truncation, batching, LoRA via
 peft, mixed precision, logging, checkpoints) and changes three things:
@@ -9,15 +9,26 @@ peft, mixed precision, logging, checkpoints) and changes three things:
 - the signature columns keep the per-pair inputs through `remove_unused_columns`.
 
     trainer = PopDPOTrainer(model, args=dpo_args(...), train_dataset=ds, processing_class=tok, loss="dpo_pop")
+
+`train_one` trains one method x seed on a run's rows and saves the policy: the train stage calls it in its
+own process (tasks/train.py), each process of an `accelerate launch` calls it too (tasks/train_launch.py).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from popflow import models
 from popflow.errors import PopflowError
-from popflow.train_config import POP_LOSSES
+from popflow.stage import RunContext
+from popflow.train_config import POP_LOSSES, Method
 from tasks.losses import pair_loss
 
 POP_COLUMNS = ("margin", "target", "targets")
@@ -117,3 +128,73 @@ def dpo_args(output_dir: str, loss: str, beta: float, max_length: int, seed: int
         precompute_ref_log_probs=True, report_to="none", save_strategy="no", logging_steps=1,
         use_cpu=not torch.cuda.is_available())  # bf16 without CUDA is CPU autocast: transformers wants it said
     return DPOConfig(**{**options, **kwargs, **extra})
+
+
+CURVE = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+         "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward", "pop/margin": "mean_margin",
+         "learning_rate": "learning_rate", "grad_norm": "grad_norm", "epoch": "epoch"}
+
+
+def implicit_margins(trainer) -> np.ndarray:
+    """beta * h of the trained policy on the trainer's eval dataset, in its order (under accelerate launch each
+    process scores its share of the batches and gather_for_metrics puts them back in order)."""
+    import torch
+
+    out, model = [], trainer.model_wrapped.eval()
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            chosen, rejected = sequence_logps(model, batch)
+            h = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+            out.append(trainer.accelerator.gather_for_metrics(trainer.beta * h).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def train_one(ctx: RunContext, method: Method, seed: int, data: pa.Table, heldout: pa.Table,
+              out_dir: Path) -> tuple[list[dict], np.ndarray, dict]:
+    """Train one method with one seed; save the adapter/model to out_dir. Returns curve, held-out beta*h, stats."""
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    cfg = ctx.config.train
+    policy = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")
+    prec = cfg.precision()
+    tok = models.load_tokenizer(policy.path, policy.ref, "train.policy")
+    curve: list[dict] = []
+
+    class Curve(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                curve.append({"step": state.global_step, **{CURVE[k]: float(v) for k, v in logs.items() if k in CURVE}})
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    tmp, main = out_dir.with_name(out_dir.name + ".tmp"), int(os.environ.get("RANK", "0")) == 0
+    if main:  # under accelerate launch: the main process owns the folders; the others write only in save_model
+        shutil.rmtree(tmp, ignore_errors=True)
+    args = dpo_args(str(tmp), method.loss, cfg.beta, cfg.max_length, seed, prec.mixed, cfg.gradient_checkpointing,
+                    cfg.trl, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+                    per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+                    gradient_accumulation_steps=cfg.grad_accum)
+    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=prec.torch_dtype()).to(prec.device)
+    trainer = PopDPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset(data), processing_class=tok, loss=method.loss,
+        eval_dataset=datasets.Dataset(heldout) if heldout.num_rows else None, peft_config=peft_config,
+        callbacks=[Curve()])
+    result = trainer.train()
+    heldout_h = implicit_margins(trainer) if heldout.num_rows else np.zeros(0)
+    trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the sharded weights here
+    if main:
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    seconds, tokens = float(result.metrics["train_runtime"]), int(trainer._total_train_tokens)
+    stats = {"steps": result.global_step, "examples": data.num_rows, "train_seconds": round(seconds, 3),
+             "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+             "final_loss": curve[-1]["loss"] if curve else None, "adapter": cfg.lora is not None,
+             "base_model": policy.ref, "base_fingerprint": policy.fingerprint, "device": prec.device,
+             "dtype": prec.weights, "mixed_precision": prec.mixed}
+    return curve, heldout_h, stats

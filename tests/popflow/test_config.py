@@ -102,6 +102,10 @@ def test_overrides_are_validated_like_the_file():
         load_pipeline("tiny", overrides=["sample.nn=6"])
     with pytest.raises(PopflowError, match="expected key.path=value"):
         load_pipeline("tiny", overrides=["sample.n"])
+    # chunk_size is read by score only: sample refuses it rather than accepting and ignoring it
+    assert load_pipeline("tiny", overrides=["execution.score.chunk_size=4"]).execution.score.chunk_size == 4
+    with pytest.raises(PopflowError, match="execution.sample.chunk_size: unknown key"):
+        load_pipeline("tiny", overrides=["execution.sample.chunk_size=4"])
 
 
 def test_unknown_pipeline_and_missing_file(tmp_path):

@@ -8,6 +8,7 @@ import textwrap
 
 import duckdb
 import pyarrow as pa
+import pytest
 
 from popflow.lake import Lake
 from tests.conftest import REPO
@@ -136,3 +137,22 @@ def test_catalog_connections_read_only_the_lake(tmp_path):
             con.sql(f"select * from read_csv('{outside}')").fetchall()
         with pytest.raises(duckdb.Error, match="locked"):
             con.execute("set enable_external_access = true")
+
+
+def test_the_atomic_writer_publishes_whole_files_or_nothing(tmp_path):
+    """A block that ends renames its temporary file onto the path; one that raises leaves the old file as it was
+    and no temporary file behind."""
+    from popflow.lake import atomic, write_text
+
+    target = tmp_path / "sub" / "table.md"
+    write_text("old\n", target)
+    with pytest.raises(RuntimeError):
+        with atomic(target) as tmp:
+            tmp.write_text("half")
+            assert tmp.parent == target.parent and not tmp.name.endswith(".md")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["table.md"]
+    with atomic(target) as tmp:
+        tmp.write_text("new\n")
+        assert target.read_text() == "old\n"  # readers see the old file until the rename
+    assert target.read_text() == "new\n" and sorted(p.name for p in target.parent.iterdir()) == ["table.md"]

@@ -136,3 +136,15 @@ def test_bad_input_is_never_retried():
     assert not registry.transient(None, None, Failed(data=Failed(data=PopflowError("bad row"))))
     assert not registry.transient(None, None, Failed(data=PopflowError("bad row")))
     assert registry.transient(None, None, Failed(data=RuntimeError("engine core died")))
+
+
+def test_no_import_circle():
+    """No module of popflow/, tasks/ or flows/ reaches itself through imports at any depth (function-level ones
+    included): graphlib's topological sort raises CycleError naming the circle if one does."""
+    from graphlib import TopologicalSorter
+
+    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in ("popflow", "tasks", "flows") for p in (REPO / pkg).rglob("*.py")}
+    graph = {name: (imports(path) & names.keys()) - {name} for name, path in names.items()}
+    assert "tasks.train_launch" in graph["tasks.train"] and "tasks.trainer" in graph["tasks.train_launch"]
+    TopologicalSorter(graph).prepare()
