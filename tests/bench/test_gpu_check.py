@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # runs bench/gpu_check.sh's checks on this CPU
+
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_check_on_cpu(tmp_path):

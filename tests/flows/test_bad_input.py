@@ -14,6 +14,8 @@ from popflow.sql import lit
 from tests.conftest import REPO
 from tests.fixtures.lake import add_round
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 
 def error_line(err: str) -> str:
     """The CLI's own line (Prefect's server logs may follow it); there is exactly one."""

@@ -19,6 +19,8 @@ import pytest
 from popflow.models import fingerprint
 from tasks.promote import content_hash
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 PROMPTS, N = 6 + 3, 4
 ALWAYS = ("--set", "loop.gate.min_win_rate=null")
 NEVER = ("--set", "loop.gate.min_win_rate=1")

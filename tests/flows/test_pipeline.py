@@ -17,6 +17,8 @@ import pytest
 from popflow.precision import auto_dtype, detect
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
 PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
 BASE_METRICS = ["constraint_rate", "constraint_rate_high", "constraint_rate_low", "mean_reward", "prompts", "win_rate",

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 SOURCE = "data/pairs/ultrafeedback_small.jsonl"  # 12 prompts x 3 pairs, scores on a 1-10 scale
 NO_TRAIN = ("--set", "train=null", "--set", "import_pairs.eval_fraction=0")  # every pair annotated, no training
 

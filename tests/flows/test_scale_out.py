@@ -19,6 +19,8 @@ import pytest
 from tasks.train_launch import free_port
 from tests.conftest import REPO, cli_env, run_script
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 RAY = REPO / ".venv" / "bin" / "ray"
 
 

@@ -23,6 +23,8 @@ import pytest
 
 from tests.conftest import REPO, cli_env
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 DEPLOYMENT = "preference-pipeline/tiny"
 TRANSFORMERS = 'overrides={"sample": {"engine": "transformers"}}'

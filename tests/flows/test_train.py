@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REPO
 from tests.flows.test_pipeline import check_trained
 
+pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
+
 TINY = ("--set", "sample.engine=transformers")
 IMPORTED = ("--set", "train.policy=builtin:tiny-llama", "--set", "train.max_length=256")
 

@@ -53,6 +53,7 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
         os.sched_setaffinity(0, all_cores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restarts", [0, 1])
 def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
     """Items 0..9 squared by two replicas; the one handed 5 dies. restarts 0: the dead replica's item goes back

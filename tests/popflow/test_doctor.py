@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from popflow.doctor import check_package, diagnose, expected_rate, render
 from popflow.precision import Hardware
 
@@ -58,6 +60,7 @@ def test_expected_rate_reads_the_benchmarks_table(tmp_path):
     assert expected_rate(AVX2, tmp_path / "missing.md") is None
 
 
+@pytest.mark.slow
 def test_cli_exit_status_ok_then_broken_vllm(tmp_path):
     """The real CLI: exit 0 on this machine; exit 1 naming vllm when `import vllm` fails although the
     distribution is installed (a package earlier on the path that raises, as a broken install does)."""

@@ -80,6 +80,7 @@ def test_latest_views_show_the_newest_completed_run_only(tmp_path):
     assert lake.connect().sql("select x from latest_t order by x").fetchall() == [("q1",), ("r2",)]
 
 
+@pytest.mark.slow
 def test_catalog_rebuilds_race_with_other_processes_publishing_and_deleting(tmp_path):
     """Two pipeline runs share a lake: while one rebuilds the catalog, the other publishes tables the lake has
     never had (each stage's first output) and retention deletes old runs. Here a second process does that

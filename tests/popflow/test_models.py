@@ -26,6 +26,7 @@ def test_references_are_classified_and_checked(tmp_path):
         models.check_ref("builtin:gpt5", "k")
 
 
+@pytest.mark.slow
 def test_tiny_model_materialises_into_an_empty_models_dir(tmp_path):
     """From nothing: the tiny reward model needs SmolLM2's tokenizer, built first (this once deadlocked on the
     models-dir lock). The result is a normal HF directory, and the second call reuses it."""

@@ -10,14 +10,18 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import cli_env
+
+pytestmark = pytest.mark.slow  # Prefect's temporary server and a real run
 
 SCRIPT = """
 import sys, time
 from popflow import tempserver
 tempserver.detach()
 from prefect import flow
+
 
 @flow
 def wait():

