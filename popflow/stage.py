@@ -17,6 +17,8 @@ marks itself complete) derives the rest from the declaration:
 - the Prefect task (`Stage.task`), retried on transient errors only; flows/pipeline.py passes each task the
   states of the stages it reads from (`wait_for`), so the Prefect UI draws the stage graph.
 
+A heavy stage declares its units of work as `Parts` (below): the registry's side of resuming inside a stage.
+
 A stage receives a `RunContext` (a small, picklable reference: data dir, pipeline, run id, config) and
 returns an `Output` (table row counts, a report, model identities, precision): the flow never passes data
 frames between tasks.
@@ -34,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from popflow import __version__
 from popflow.config import PipelineConfig
@@ -227,6 +230,60 @@ def transient(task, task_run, state) -> bool:
     if isinstance(failure, State):
         failure = failure.data
     return not isinstance(failure, PopflowError)
+
+
+@dataclass
+class Parts:
+    """A heavy stage's units of work (sampling shards, reward models, method x seed trainings), resumable one
+    part at a time, as datatrove's executor resumes its tasks: the stage names its parts and does the work of
+    each; this owns which parts are staged already, the rest, staging a finished part (with the run columns,
+    atomically) and publishing its tables with a row-count check. A stage never touches the lake's staging.
+
+        parts = Parts(ctx, ("samples",), [f"shard-{k:05d}" for k in range(shards)])
+        for name in parts.todo:
+            parts.stage(name, samples=generate(name))
+        parts.publish(samples=prompts * n)              # PopflowError if the staged rows are not exactly that
+
+    A part is done when its part of the `done_by` table (default: the first) exists: `stage` writes that one
+    last, so a crash in between leaves the part to do again, and its other tables' parts are overwritten then.
+    """
+
+    ctx: RunContext
+    tables: tuple[str, ...]
+    names: list[str]
+    done_by: str | None = None
+
+    def __post_init__(self):
+        self.done_by = self.done_by or self.tables[0]
+        staged = self.ctx.lake.staged_parts(self.done_by, self.ctx.pipeline, self.ctx.run_id)
+        self.done = {p.stem for p in staged} & set(self.names)
+        self.todo = [n for n in self.names if n not in self.done]
+
+    @staticmethod
+    def started(ctx: RunContext, table: str) -> bool:
+        """Whether an earlier attempt of this run staged any part of `table` (before the parts are known)."""
+        return bool(ctx.lake.staged_parts(table, ctx.pipeline, ctx.run_id))
+
+    def stage(self, name: str, **tables: pa.Table) -> None:
+        """Stage part `name` of each table (every one of `tables`), the `done_by` table last."""
+        if set(tables) != set(self.tables):
+            raise RuntimeError(f"part {name}: tables {sorted(tables)} != declared {sorted(self.tables)}")
+        for table in sorted(self.tables, key=lambda t: t == self.done_by):
+            self.ctx.lake.write_staged_part(table, self.ctx.pipeline, self.ctx.run_id, name,
+                                            with_run_columns(self.ctx, tables[table]))
+
+    def publish(self, **expected: int | None) -> dict[str, int]:
+        """Publish every table's staged parts; {table: rows}. A table given an expected count is refused (nothing
+        published) unless its staged rows are exactly that."""
+        lake, pipeline, run_id = self.ctx.lake, self.ctx.pipeline, self.ctx.run_id
+        for table, want in expected.items():
+            staging = lake.staging(table, pipeline, run_id)  # else published already, by a crashed attempt
+            files = staging.glob("*.parquet") if staging.is_dir() else lake.partition(table, pipeline, run_id).glob(
+                "*.parquet")
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+            if want is not None and rows != want:  # never publish a table that is not exactly what it should be
+                raise PopflowError(f"{table} of run {run_id}: {rows} staged rows, expected {want}")
+        return {table: lake.publish_count(table, pipeline, run_id) for table in self.tables}
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:

@@ -34,13 +34,17 @@ from popflow import cluster, models, precision, sql
 from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
 from popflow.errors import PopflowError
 from popflow.replicas import GenerateReplica
-from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
+from popflow.stage import Output, Parts, RunContext, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
 
 def shards(num_prompts: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_prompts)) for s in range(0, num_prompts, shard_size)]
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
 
 
 def prompts_to_sample(ctx: RunContext, con) -> pa.Table:
@@ -120,11 +124,11 @@ def sample(ctx: RunContext) -> Output:
     logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
-    have = {p.stem for p in lake.staged_parts("samples", ctx.pipeline, ctx.run_id)}
     on_cluster = ctx.config.execution.sample.backend == "ray"
     timing, run = {"startup_s": 0.0, "generate_s": 0.0, "publish_s": 0.0}, {"per_request_seed": None}
     with ExitStack() as stack:
-        early = stack.enter_context(replica_pool(ctx, policy.path)) if on_cluster and not have else None
+        fresh = not Parts.started(ctx, "samples")
+        early = stack.enter_context(replica_pool(ctx, policy.path)) if on_cluster and fresh else None
         prompts = prompts_to_sample(ctx, con)
         ids = prompts.column("prompt_id").to_pylist()
         rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,
@@ -135,10 +139,12 @@ def sample(ctx: RunContext) -> Output:
         ids = [p.id for p in rendered]
         lake.write_table("skipped_prompts", ctx.pipeline, ctx.run_id,
                          with_run_columns(ctx, skipped_table(too_long, cfg.max_tokens, context)))
-        todo = [(k, s, e) for k, (s, e) in enumerate(shards(len(ids), cfg.shard_size))
-                if f"shard-{k:05d}" not in have]
+        spans = shards(len(ids), cfg.shard_size)
+        parts = Parts(ctx, ("samples",), [shard_name(k) for k in range(len(spans))])
+        todo = [(k, s, e) for k, (s, e) in enumerate(spans) if shard_name(k) in parts.todo]
         logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
-                    len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo), len(have))
+                    len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo),
+                    len(parts.done))
         if todo:
             total, done, tokens, t0 = sum(e - s for _, s, e in todo), 0, 0, time.time()
             span = {k: (s, e) for k, s, e in todo}
@@ -147,21 +153,16 @@ def sample(ctx: RunContext) -> Output:
             for i, (k, completions) in enumerate(source, 1):
                 t1 = time.time()
                 s, e = span[k]
-                part = with_run_columns(ctx, samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))
-                lake.write_staged_part("samples", ctx.pipeline, ctx.run_id, f"shard-{k:05d}", part)
+                parts.stage(shard_name(k), samples=samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))
                 timing["publish_s"] += time.time() - t1
                 done, tokens = done + e - s, tokens + sum(c.num_tokens for group in completions for c in group)
                 logger.info("sample: shard %d/%d written: %s", i, len(todo), progress(done, total, tokens,
                                                                                     time.time() - t0))
-    staged = lake.staging("samples", ctx.pipeline, ctx.run_id)
-    rows = con.sql(f"select count(*) from {sql.parquet(staged / '*.parquet')}").fetchall()[0][0]
-    if rows != len(ids) * cfg.n:  # never publish a table that is not exactly prompts x n
-        raise PopflowError(f"samples of run {ctx.run_id}: {rows} staged rows, expected {len(ids)} x {cfg.n}")
     t1 = time.time()
-    lake.publish("samples", ctx.pipeline, ctx.run_id)
+    rows = parts.publish(samples=len(ids) * cfg.n)["samples"]  # exactly prompts x n, or nothing
     timing = {k: round(v + (time.time() - t1 if k == "publish_s" else 0.0), 3) for k, v in timing.items()}
     report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
-              "shards": len(shards(len(ids), cfg.shard_size)), "resumed_shards": len(have),
+              "shards": len(spans), "resumed_shards": len(parts.done),
               "per_request_seed": run["per_request_seed"],
               "backend": ctx.config.execution.sample.backend, "replicas": run.get("replicas", 0), "timing": timing,
               "replica_pids": run.get("replica_pids", {}),

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from popflow import cluster, models, precision, sql
-from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
+from popflow.stage import Output, Parts, RunContext, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, check_finite, hf, rewards_part, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
@@ -90,24 +90,24 @@ def score(ctx: RunContext) -> Output:
     batch = ScoringBatch(
         prompts=data.column("prompt").to_pylist(), responses=data.column("response").to_pylist(),
         constraints=[json.loads(c) if c else None for c in data.column("constraints").to_pylist()])
-    staged = {p.stem for p in lake.staged_parts("rewards", ctx.pipeline, ctx.run_id)}
+    parts = Parts(ctx, ("rewards",), [f"model-{spec.name}" for spec in cfg.models])
     identities, report = {}, {"samples": len(ids)}
     dtypes = precision.announce(cfg.dtypes())
     todo = []
     for spec in cfg.models:
         if hasattr(spec, "model"):
             identities[spec.name] = models.resolve(spec.model, lake.data_dir, f"score.models[{spec.name}]").identity()
-        if f"model-{spec.name}" in staged:
+        if f"model-{spec.name}" in parts.done:
             logger.info("reward model %s: already scored in this run", spec.name)
         else:
             todo.append(spec)
     backend = on_ray if ctx.config.execution.score.backend == "ray" else locally
     t0 = time.time()
     for spec, part in backend(ctx, todo, batch, ids, idx):
-        lake.write_staged_part("rewards", ctx.pipeline, ctx.run_id, f"model-{spec.name}", with_run_columns(ctx, part))
+        parts.stage(f"model-{spec.name}", rewards=part)
         logger.info("reward model %s (%s): %d samples after %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
                     time.time() - t0, float(np.mean(part.column("score").to_numpy())))
-    lake.publish("rewards", ctx.pipeline, ctx.run_id)
+    parts.publish(rewards=len(ids) * len(cfg.models))
     agg = con.sql(aggregate_sql(ctx.table("rewards"), cfg)).to_arrow_table()
     lake.write_table("sample_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, agg))
     stats = con.sql(model_stats_sql(ctx.table("rewards"))).to_arrow_table().to_pylist()

@@ -34,7 +34,7 @@ from popflow import models, precision, sql
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
+from popflow.stage import Output, Parts, RunContext, artifact_key, run_logger, stage
 from popflow.train_config import Method
 from tasks.rewards.aggregate import normalised_sql
 from tasks.train_launch import train_launched
@@ -175,24 +175,27 @@ def policy_dir(ctx: RunContext, name: str, seed: int) -> Path:
        writes=("train_metrics", "heldout_margins", "policies"), when=lambda cfg: cfg.train is not None)
 def train(ctx: RunContext) -> Output:
     """Train every method x seed not yet done in this run; publish train_metrics, heldout_margins, policies."""
-    from tasks.trainer import train_one  # torch and TRL load only when the stage trains
-
     logger, cfg, lake, con = run_logger(), ctx.config.train, ctx.lake, sql.connect()
     dtypes = precision.announce({"train.dtype": cfg.dtype})
     check_reference(ctx, con)
     heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"),
                                        ctx.config.annotated_strategy())).to_arrow_table()
-    done = {p.stem for p in lake.staged_parts("policies", ctx.pipeline, ctx.run_id)}
+    names = [(method, ctx.config.method_name(method), seed) for method in cfg.methods for seed in cfg.seeds]
+    parts = Parts(ctx, ("train_metrics", "heldout_margins", "policies"), [f"{n}-s{seed}" for _, n, seed in names],
+                  done_by="policies")
     for method in cfg.methods:
         name = ctx.config.method_name(method)
         data = training_rows(ctx, con, method)
         for seed in cfg.seeds:
             part = f"{name}-s{seed}"
-            if part in done:
+            if part in parts.done:
                 logger.info("train %s: already done in this run", part)
                 continue
             out_dir = policy_dir(ctx, name, seed)
-            run_one = train_launched if cfg.accelerate else train_one
+            if cfg.accelerate:  # the launched processes load torch and TRL; this one need not
+                run_one = train_launched
+            else:
+                from tasks.trainer import train_one as run_one
             curve, heldout_h, stats = run_one(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
             tag = {"method": name, "loss_type": method.loss, "seed": seed}
             curve_t = pa.Table.from_pylist([{**tag, **row} for row in curve])
@@ -201,11 +204,9 @@ def train(ctx: RunContext) -> Output:
                                   "beta_h": pa.array(heldout_h, pa.float64()),  # float64 in every launch mode
                                   "gt_margin": heldout.column("gt_margin")})
             policy_t = pa.Table.from_pylist([{**tag, "path": str(out_dir), **stats}])
-            for table, t in (("train_metrics", curve_t), ("heldout_margins", margins_t), ("policies", policy_t)):
-                lake.write_staged_part(table, ctx.pipeline, ctx.run_id, part, with_run_columns(ctx, t))
+            parts.stage(part, train_metrics=curve_t, heldout_margins=margins_t, policies=policy_t)
             logger.info("train %s: %s", part, stats)
-    tables = {t: lake.publish_count(t, ctx.pipeline, ctx.run_id) for t in ("train_metrics", "heldout_margins",
-                                                                            "policies")}
+    tables = parts.publish(policies=len(names))
     summary = con.sql(f"""
         with final as (
             select method, seed, steps, examples, train_seconds, tokens_per_s, final_loss from {ctx.table('policies')}

@@ -73,3 +73,17 @@ def test_docs_lake_names_every_table_a_stage_writes():
     documented = {name for r in rows for name in re.findall(r"`([a-z_]+)`", r[0])}
     written = {table for s in STAGES for table in s.writes} | {"comparison", "pop_sweep"}
     assert written <= documented, sorted(written - documented)
+
+
+def test_no_symlink_is_tracked():
+    """A worktree's `.venv` or `data/models` link once slipped past `.gitignore` (its `dir/` patterns match only
+    folders) and its commit replaced main's real folders on checkout: git must track no symlink."""
+    import subprocess
+
+    import pytest
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout (an exported tree)")
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in staged.splitlines() if line.startswith("120000 ")]
+    assert not links, f"symlinks tracked by git: {links}"

@@ -12,8 +12,13 @@ from popflow import logs
 
 @pytest.fixture(autouse=True)
 def restore_levels():
+    """configure() sets logger levels and environment variables: every test here leaves both as it found them
+    (monkeypatch.delenv of an absent variable records nothing, so the environment is restored whole)."""
     before = {name: logging.getLogger(name).level for name in logs.ENGINE_LOGGERS}
+    environ = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(environ)
     for name, level in before.items():
         logging.getLogger(name).setLevel(level)
 

@@ -7,13 +7,14 @@ import ast
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from flows.pipeline import STAGES
 from popflow import stage as registry
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
-from popflow.stage import Output, RunContext, hash_sections, plan, stage, upstream
+from popflow.stage import Output, Parts, RunContext, hash_sections, plan, stage, upstream
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,3 +149,29 @@ def test_no_import_circle():
     graph = {name: (imports(path) & names.keys()) - {name} for name, path in names.items()}
     assert "tasks.train_launch" in graph["tasks.train"] and "tasks.trainer" in graph["tasks.train_launch"]
     TopologicalSorter(graph).prepare()
+
+
+def test_parts_resume_stage_last_the_marker_and_publish_only_exact_counts(tmp_path):
+    """Three parts of two tables, `b` marking a part done. Part p0 staged whole, p1 crashed after its `a` part
+    (no `b`): p1 and p2 are still to do. Publishing with a wrong expected count refuses and publishes nothing;
+    with the right counts (3 parts x 2 rows of a, x 1 row of b) both tables are published with the run columns."""
+    ctx = RunContext(str(tmp_path), "p", "r1", load_pipeline("tiny"))
+    a = pa.table({"x": [1, 2]})
+    b = pa.table({"y": [1]})
+    first = Parts(ctx, ("a", "b"), ["p0", "p1", "p2"], done_by="b")
+    assert first.todo == ["p0", "p1", "p2"] and not Parts.started(ctx, "b")
+    first.stage("p0", a=a, b=b)
+    ctx.lake.write_staged_part("a", "p", "r1", "p1", a)  # a crash between p1's two tables
+    again = Parts(ctx, ("a", "b"), ["p0", "p1", "p2"], done_by="b")
+    assert again.done == {"p0"} and again.todo == ["p1", "p2"] and Parts.started(ctx, "b")
+    with pytest.raises(RuntimeError, match="tables"):
+        again.stage("p1", a=a)
+    for name in again.todo:
+        again.stage(name, a=a, b=b)
+    with pytest.raises(PopflowError, match="a of run r1: 6 staged rows, expected 5"):
+        again.publish(a=5, b=3)
+    assert not ctx.has("a") and not ctx.has("b")
+    assert again.publish(a=6, b=3) == {"a": 6, "b": 3}
+    got = pa.concat_tables(pq.read_table(p) for p in sorted(Path(ctx.glob("a")).parent.glob("*.parquet")))
+    assert got.column_names == ["x", "pipeline", "run_id"] and got.num_rows == 6
+    assert Parts(ctx, ("a", "b"), ["p0"], done_by="b").publish(a=6) == {"a": 6, "b": 3}  # published already
