@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def cli_env(tmp_path: Path) -> dict:
@@ -87,6 +93,69 @@ class Cli:
         return line.split()[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: process exited {proc.returncode}\n{log.read_text()[-4000:]}")
+        try:
+            got = check()
+            if got:
+                return got
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not ready in {timeout} s\n{log.read_text()[-4000:]}")
+
+
+@contextmanager
+def prefect_server(home: Path, env: dict):
+    """A Prefect server on 127.0.0.1 (SQLite under `home`) in its own process group; yields its API url."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    proc = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")
+    try:
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "prefect server", proc,
+                 home / "server.log")
+        yield api
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect server for the session's CLI runs. Without it every `popflow run` starts Prefect's temporary
+    server, which costs seconds of start-up and database migrations per run on 2 cores. A test that reads the
+    server's own database, or tests popflow without a server, asks for its own: @pytest.mark.own_prefect."""
+    home = tmp_path_factory.mktemp("prefect-shared")
+    with prefect_server(home, cli_env(home)) as api:
+        yield api
+
+
 @pytest.fixture
-def cli(tmp_path) -> Cli:
-    return Cli(tmp_path)
+def cli(tmp_path, request) -> Cli:
+    made = Cli(tmp_path)
+    if not request.node.get_closest_marker("own_prefect"):
+        made.env["PREFECT_API_URL"] = request.getfixturevalue("prefect_api")
+    return made

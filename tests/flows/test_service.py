@@ -7,9 +7,6 @@ the transformers engine (no vLLM start-up per run).
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,49 +18,12 @@ import duckdb
 import httpx
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import PREFECT, REPO, cli_env, free_port, prefect_server, start, stop, wait_for
 
 pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 DEPLOYMENT = "preference-pipeline/tiny"
 TRANSFORMERS = 'overrides={"sample": {"engine": "transformers"}}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: process exited {proc.returncode}\n{log.read_text()[-4000:]}")
-        try:
-            got = check()
-            if got:
-                return got
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not ready in {timeout} s\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +31,15 @@ def server(tmp_path_factory):
     """A Prefect server on 127.0.0.1 (SQLite in a temporary PREFECT_HOME); yields (api url, env for clients)."""
     home = tmp_path_factory.mktemp("prefect-server")
     env = cli_env(home)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    proc = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")
-    try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "prefect server", proc,
-                 home / "server.log")
+    with prefect_server(home, env) as api:
         yield api, {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    finally:
-        stop(proc)
 
 
 def prefect(env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.own_prefect  # popflow without a server
 def test_serve_refuses_a_missing_server_and_a_bad_cron(cli, tmp_path):
     err = cli("serve", "tiny", expect=2).stderr
     assert "PREFECT_API_URL is not set" in err
