@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from popflow import __version__
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
-from popflow.lake import Lake
+from popflow.lake import Lake, write_text
 from popflow.sql import parquet
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,9 @@ def transient(task, task_run, state) -> bool:
     return not isinstance(failure, PopflowError)
 
 
+PARTS_STAMP = ".stage-hash"  # beside a table's staged parts: the stage hash of the attempt that staged them
+
+
 @dataclass
 class Parts:
     """A heavy stage's units of work (sampling shards, reward models, method x seed trainings), resumable one
@@ -239,25 +242,45 @@ class Parts:
     each; this owns which parts are staged already, the rest, staging a finished part (with the run columns,
     atomically) and publishing its tables with a row-count check. A stage never touches the lake's staging.
 
-        parts = Parts(ctx, ("samples",), [f"shard-{k:05d}" for k in range(shards)])
+        parts = Parts(ctx, "sample", ("samples",), [f"shard-{k:05d}" for k in range(shards)])
         for name in parts.todo:
             parts.stage(name, samples=generate(name))
         parts.publish(samples=prompts * n)              # PopflowError if the staged rows are not exactly that
 
     A part is done when its part of the `done_by` table (default: the first) exists: `stage` writes that one
     last, so a crash in between leaves the part to do again, and its other tables' parts are overwritten then.
+    Staged parts carry the stage hash of the attempt that made them (a stamp file beside them): an attempt under
+    another config (`--from-stage` with changed sections) reuses none of them, and parts whose names this
+    attempt does not have are dropped, so what is published is exactly this attempt's parts.
     """
 
     ctx: RunContext
+    stage_name: str
     tables: tuple[str, ...]
     names: list[str]
     done_by: str | None = None
 
     def __post_init__(self):
         self.done_by = self.done_by or self.tables[0]
-        staged = self.ctx.lake.staged_parts(self.done_by, self.ctx.pipeline, self.ctx.run_id)
+        if self.done_by not in self.tables or len(set(self.names)) != len(self.names):  # programming errors
+            raise RuntimeError(f"parts of {self.stage_name}: done_by {self.done_by!r} not among {self.tables}, or "
+                               f"repeated part names in {self.names}")
+        lake, pipeline, run_id, stamp = self.ctx.lake, self.ctx.pipeline, self.ctx.run_id, self.stamp()
+        for table in self.tables:
+            staging = lake.staging(table, pipeline, run_id)
+            made_by = staging / PARTS_STAMP
+            if made_by.is_file() and made_by.read_text() != stamp:  # (no stamp: staged before stamps existed)
+                lake.discard_staging(table, pipeline, run_id)
+                continue
+            for part in lake.staged_parts(table, pipeline, run_id):
+                if part.stem not in self.names:
+                    part.unlink()
+        staged = lake.staged_parts(self.done_by, pipeline, run_id)
         self.done = {p.stem for p in staged} & set(self.names)
         self.todo = [n for n in self.names if n not in self.done]
+
+    def stamp(self) -> str:
+        return self.ctx.stage_hash(self.stage_name)
 
     @staticmethod
     def started(ctx: RunContext, table: str) -> bool:
@@ -268,14 +291,19 @@ class Parts:
         """Stage part `name` of each table (every one of `tables`), the `done_by` table last."""
         if set(tables) != set(self.tables):
             raise RuntimeError(f"part {name}: tables {sorted(tables)} != declared {sorted(self.tables)}")
+        lake, pipeline, run_id = self.ctx.lake, self.ctx.pipeline, self.ctx.run_id
         for table in sorted(self.tables, key=lambda t: t == self.done_by):
-            self.ctx.lake.write_staged_part(table, self.ctx.pipeline, self.ctx.run_id, name,
-                                            with_run_columns(self.ctx, tables[table]))
+            made_by = lake.staging(table, pipeline, run_id) / PARTS_STAMP
+            if not made_by.is_file():
+                write_text(self.stamp(), made_by)
+            lake.write_staged_part(table, pipeline, run_id, name, with_run_columns(self.ctx, tables[table]))
 
     def publish(self, **expected: int | None) -> dict[str, int]:
         """Publish every table's staged parts; {table: rows}. A table given an expected count is refused (nothing
         published) unless its staged rows are exactly that."""
         lake, pipeline, run_id = self.ctx.lake, self.ctx.pipeline, self.ctx.run_id
+        if set(expected) - set(self.tables):
+            raise RuntimeError(f"parts of {self.stage_name}: expected counts for undeclared tables {sorted(expected)}")
         for table, want in expected.items():
             staging = lake.staging(table, pipeline, run_id)  # else published already, by a crashed attempt
             files = staging.glob("*.parquet") if staging.is_dir() else lake.partition(table, pipeline, run_id).glob(
@@ -283,7 +311,9 @@ class Parts:
             rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
             if want is not None and rows != want:  # never publish a table that is not exactly what it should be
                 raise PopflowError(f"{table} of run {run_id}: {rows} staged rows, expected {want}")
-        return {table: lake.publish_count(table, pipeline, run_id) for table in self.tables}
+        rows = {table: lake.publish_count(table, pipeline, run_id)  # the done_by table last, as when staging
+                for table in sorted(self.tables, key=lambda t: t == self.done_by)}
+        return {table: rows[table] for table in self.tables}
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:

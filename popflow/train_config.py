@@ -27,6 +27,14 @@ OWNED_TRL_KEYS = ("output_dir", "beta", "loss_type", "precompute_ref_log_probs",
                   "truncation_mode", "bf16", "fp16", "gradient_checkpointing", "report_to")
 
 
+
+def distinct_seeds(seeds: list[int]) -> list[int]:
+    """Each seed names one training (a part and a folder per method x seed): a repeat is a mistake."""
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"seeds must be distinct; repeated: {repeated}")
+    return seeds
+
 class LoraOptions(Strict):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
@@ -70,6 +78,11 @@ class TrainConfig(Strict):
     methods: list[Method] = Field(default_factory=lambda: [Method()], min_length=1,
                                   description="Methods trained on the same pairs (each x every seed).")
     seeds: list[int] = Field([0], min_length=1, description="Training seeds; the experiment reports the spread.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        return distinct_seeds(seeds)
     policy: str | None = Field(None, description="Model to train; default: sample.policy (on-policy).")
     reference: str | None = Field(None, description="Reference model of the DPO ratio; default: the policy.")
     beta: float = Field(0.1, gt=0.0, description="DPO beta (KL strength); Sweet Spot used 0.01 at 8B scale.")
@@ -151,6 +164,11 @@ class ExperimentConfig(Strict):
                                  Method(loss="dpo_pop", sampling="random"), Method(loss="distill")],
         description="The comparison (DPO-PoP Table 1 by default).")
     seeds: list[int] = Field([0, 1], min_length=1, description="Seeds per method: the table shows mean and spread.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        return distinct_seeds(seeds)
     set: list[str] = Field(default_factory=list, description="Extra key=value overrides for the experiment's run.")
     pop_sweep: PopSweep | None = Field(
         default_factory=PopSweep, description="Without training: PoP labels drawn with each sampling (iterative, "

@@ -140,8 +140,8 @@ def sample(ctx: RunContext) -> Output:
         lake.write_table("skipped_prompts", ctx.pipeline, ctx.run_id,
                          with_run_columns(ctx, skipped_table(too_long, cfg.max_tokens, context)))
         spans = shards(len(ids), cfg.shard_size)
-        parts = Parts(ctx, ("samples",), [shard_name(k) for k in range(len(spans))])
-        todo = [(k, s, e) for k, (s, e) in enumerate(spans) if shard_name(k) in parts.todo]
+        parts = Parts(ctx, "sample", ("samples",), [shard_name(k) for k in range(len(spans))])
+        todo = [(k, s, e) for k, (s, e) in enumerate(spans) if shard_name(k) not in parts.done]
         logger.info("sampling %d prompts x n=%d with %s in %s on %s: %d shard(s) to do, %d already staged",
                     len(ids), cfg.n, cfg.engine, dtypes["sample.dtype"], dtypes["device"], len(todo),
                     len(parts.done))

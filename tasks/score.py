@@ -90,7 +90,7 @@ def score(ctx: RunContext) -> Output:
     batch = ScoringBatch(
         prompts=data.column("prompt").to_pylist(), responses=data.column("response").to_pylist(),
         constraints=[json.loads(c) if c else None for c in data.column("constraints").to_pylist()])
-    parts = Parts(ctx, ("rewards",), [f"model-{spec.name}" for spec in cfg.models])
+    parts = Parts(ctx, "score", ("rewards",), [f"model-{spec.name}" for spec in cfg.models])
     identities, report = {}, {"samples": len(ids)}
     dtypes = precision.announce(cfg.dtypes())
     todo = []

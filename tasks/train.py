@@ -181,8 +181,8 @@ def train(ctx: RunContext) -> Output:
     heldout = con.sql(heldout_rows_sql(ctx.table("pairs"), ctx.table("ref_logps"),
                                        ctx.config.annotated_strategy())).to_arrow_table()
     names = [(method, ctx.config.method_name(method), seed) for method in cfg.methods for seed in cfg.seeds]
-    parts = Parts(ctx, ("train_metrics", "heldout_margins", "policies"), [f"{n}-s{seed}" for _, n, seed in names],
-                  done_by="policies")
+    parts = Parts(ctx, "train", ("train_metrics", "heldout_margins", "policies"),
+                  [f"{n}-s{seed}" for _, n, seed in names], done_by="policies")
     for method in cfg.methods:
         name = ctx.config.method_name(method)
         data = training_rows(ctx, con, method)

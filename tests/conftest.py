@@ -105,13 +105,20 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """Stop the process and everything left in its group (children outlive a leader that already exited)."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
@@ -134,7 +141,8 @@ def prefect_server(home: Path, env: dict):
     """A Prefect server on 127.0.0.1 (SQLite under `home`) in its own process group; yields its API url."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    proc = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")
+    proc = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off", "--no-ui"],
+                 env, home / "server.log")
     try:
         wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "prefect server", proc,
                  home / "server.log")

@@ -33,6 +33,7 @@ def refused_before_prefect(cli, *args: str, message: str) -> None:
     assert not (cli.data_dir.parent / "prefect-home" / "prefect.db").exists()
 
 
+@pytest.mark.own_prefect  # "before Prefect starts" is checked by the temporary server's database never appearing
 def test_preflight_refuses_bad_input_before_prefect_starts(cli, tmp_path):
     refused_before_prefect(cli, "--set", "sample.temprature=1.0", message="sample.temprature: unknown key")
     refused_before_prefect(cli, "--set", "sample.n=1", message="sample.n: Input should be greater than or equal")
@@ -132,6 +133,7 @@ def test_long_prompts_are_skipped_and_counted_or_fail_by_name(cli, tmp_path):
     assert "which leaves no room for sample.max_tokens=12 in the context of 512" in err
 
 
+@pytest.mark.own_prefect  # as above
 def test_promoted_references_that_cannot_resolve_stop_before_prefect(cli):
     """An unknown pipeline behind promoted:, and a loop whose promoted head has gone: one line naming the
     policy and the run that made it, exit 2, no Prefect database, no new run."""

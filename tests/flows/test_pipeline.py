@@ -208,6 +208,7 @@ def test_tiny_pipeline_with_transformers(cli, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.own_prefect  # SIGKILL, then a rerun on the same PREFECT_HOME, through Prefect's temporary server
 def test_killed_during_sampling_resumes_without_duplicates(cli):
     """SIGKILL the whole process group (CLI, Prefect, vLLM engine) once the first shard is staged; the rerun
     of the same run id generates only the missing shards. 19 one-prompt shards of up to 300 tokens leave the

@@ -166,6 +166,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     assert max(abs(a[3] - b[3]) for a, b in zip(local["rewards"], on_ray, strict=True)) < 1e-5
 
 
+@pytest.mark.own_prefect  # "before Prefect" is checked by the temporary server's database never appearing
 def test_unreachable_ray_address_is_one_line_before_prefect(cli):
     """A RAY_ADDRESS nothing answers: exit 2 from preflight, one line naming it, no lake, no Prefect database."""
     cli.env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"

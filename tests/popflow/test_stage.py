@@ -158,11 +158,11 @@ def test_parts_resume_stage_last_the_marker_and_publish_only_exact_counts(tmp_pa
     ctx = RunContext(str(tmp_path), "p", "r1", load_pipeline("tiny"))
     a = pa.table({"x": [1, 2]})
     b = pa.table({"y": [1]})
-    first = Parts(ctx, ("a", "b"), ["p0", "p1", "p2"], done_by="b")
+    first = Parts(ctx, "sample", ("a", "b"), ["p0", "p1", "p2"], done_by="b")
     assert first.todo == ["p0", "p1", "p2"] and not Parts.started(ctx, "b")
     first.stage("p0", a=a, b=b)
     ctx.lake.write_staged_part("a", "p", "r1", "p1", a)  # a crash between p1's two tables
-    again = Parts(ctx, ("a", "b"), ["p0", "p1", "p2"], done_by="b")
+    again = Parts(ctx, "sample", ("a", "b"), ["p0", "p1", "p2"], done_by="b")
     assert again.done == {"p0"} and again.todo == ["p1", "p2"] and Parts.started(ctx, "b")
     with pytest.raises(RuntimeError, match="tables"):
         again.stage("p1", a=a)
@@ -174,4 +174,26 @@ def test_parts_resume_stage_last_the_marker_and_publish_only_exact_counts(tmp_pa
     assert again.publish(a=6, b=3) == {"a": 6, "b": 3}
     got = pa.concat_tables(pq.read_table(p) for p in sorted(Path(ctx.glob("a")).parent.glob("*.parquet")))
     assert got.column_names == ["x", "pipeline", "run_id"] and got.num_rows == 6
-    assert Parts(ctx, ("a", "b"), ["p0"], done_by="b").publish(a=6) == {"a": 6, "b": 3}  # published already
+    assert Parts(ctx, "sample", ("a", "b"), ["p0"], done_by="b").publish(a=6) == {"a": 6, "b": 3}  # published already
+
+
+def test_parts_of_another_config_or_no_longer_named_are_not_reused(tmp_path):
+    """An attempt under another stage config (the sample stage's temperature changed, as `--from-stage sample`
+    allows) reuses none of the staged parts; a part whose name this attempt does not have (a reward model
+    dropped) is removed, so the count check and the published table hold exactly this attempt's parts."""
+    ctx = RunContext(str(tmp_path), "p", "r1", load_pipeline("tiny"))
+    one = pa.table({"x": [1]})
+    first = Parts(ctx, "sample", ("a",), ["m0", "m1"])
+    first.stage("m0", a=one)
+    first.stage("m1", a=one)
+    assert Parts(ctx, "sample", ("a",), ["m0", "m1"]).done == {"m0", "m1"}  # same config: both reused
+    fewer = Parts(ctx, "sample", ("a",), ["m0"])
+    assert fewer.done == {"m0"} and fewer.publish(a=1) == {"a": 1}
+    hotter = RunContext(str(tmp_path), "p", "r2", load_pipeline("tiny", overrides=["sample.temperature=0.5"]))
+    Parts(hotter, "sample", ("a",), ["m0"]).stage("m0", a=one)
+    assert Parts(hotter, "sample", ("a",), ["m0"]).done == {"m0"}
+    colder = RunContext(str(tmp_path), "p", "r2", load_pipeline("tiny"))
+    again = Parts(colder, "sample", ("a",), ["m0"])
+    assert again.done == set() and again.todo == ["m0"] and not Parts.started(colder, "a")
+    with pytest.raises(RuntimeError, match="repeated part names"):
+        Parts(ctx, "sample", ("a",), ["m0", "m0"])
