@@ -103,12 +103,18 @@ class Lake:
             os.replace(src, dst)
         return dst
 
+    def rows(self, table: str, pipeline: str, run_id: str) -> int:
+        """A run's rows of `table`: its staged parts when some are waiting to be published, else its published
+        partition (Parquet footers only)."""
+        staging = self.staging(table, pipeline, run_id)
+        folder = staging if staging.is_dir() else self.partition(table, pipeline, run_id)
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("*.parquet"))
+
     def publish_count(self, table: str, pipeline: str, run_id: str) -> int:
         """Publish a table's staged parts (if any are waiting) and return its published row count."""
         if self.staging(table, pipeline, run_id).is_dir():
             self.publish(table, pipeline, run_id)
-        parts = self.partition(table, pipeline, run_id).glob("*.parquet")
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        return self.rows(table, pipeline, run_id)
 
     def write_table(self, table: str, pipeline: str, run_id: str, data: pa.Table) -> Path:
         """Write a whole table for a run (one part) and publish it."""

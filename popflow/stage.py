@@ -36,7 +36,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from popflow import __version__
 from popflow.config import PipelineConfig
@@ -282,6 +281,10 @@ class Parts:
     def stamp(self) -> str:
         return self.ctx.stage_hash(self.stage_name)
 
+    def marker_last(self) -> list[str]:
+        """The tables in the order they are staged and published: the done_by table last."""
+        return sorted(self.tables, key=lambda t: t == self.done_by)
+
     @staticmethod
     def started(ctx: RunContext, table: str) -> bool:
         """Whether an earlier attempt of this run staged any part of `table` (before the parts are known)."""
@@ -292,7 +295,7 @@ class Parts:
         if set(tables) != set(self.tables):
             raise RuntimeError(f"part {name}: tables {sorted(tables)} != declared {sorted(self.tables)}")
         lake, pipeline, run_id = self.ctx.lake, self.ctx.pipeline, self.ctx.run_id
-        for table in sorted(self.tables, key=lambda t: t == self.done_by):
+        for table in self.marker_last():
             made_by = lake.staging(table, pipeline, run_id) / PARTS_STAMP
             if not made_by.is_file():
                 write_text(self.stamp(), made_by)
@@ -305,15 +308,11 @@ class Parts:
         if set(expected) - set(self.tables):
             raise RuntimeError(f"parts of {self.stage_name}: expected counts for undeclared tables {sorted(expected)}")
         for table, want in expected.items():
-            staging = lake.staging(table, pipeline, run_id)  # else published already, by a crashed attempt
-            files = staging.glob("*.parquet") if staging.is_dir() else lake.partition(table, pipeline, run_id).glob(
-                "*.parquet")
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+            rows = lake.rows(table, pipeline, run_id)  # staged, or published already by a crashed attempt
             if want is not None and rows != want:  # never publish a table that is not exactly what it should be
                 raise PopflowError(f"{table} of run {run_id}: {rows} staged rows, expected {want}")
-        rows = {table: lake.publish_count(table, pipeline, run_id)  # the done_by table last, as when staging
-                for table in sorted(self.tables, key=lambda t: t == self.done_by)}
-        return {table: rows[table] for table in self.tables}
+        published = {table: lake.publish_count(table, pipeline, run_id) for table in self.marker_last()}
+        return {table: published[table] for table in self.tables}
 
 
 def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:

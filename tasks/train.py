@@ -41,6 +41,7 @@ from tasks.train_launch import train_launched
 
 log = logging.getLogger(__name__)
 
+
 def margin_expr(method: Method, max_margin: float) -> str:
     """The per-pair margin a method subtracts, as a select expression over pairs `p` and margins `m`. The
     ground-truth margin is clipped to [0, margins.max_margin] like the margins stage's (PoP's and `gt`'s), so a
