@@ -25,8 +25,10 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from flows.pipeline import as_assignments, preference_pipeline
+from flows.preflight import checked, hand_over, preflight
 from popflow import sql
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
@@ -241,15 +243,21 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     """Train the experiment's methods x seeds on one run's pairs; write the comparison table."""
     from popflow.plots import plot_comparison, plot_pop_sweep
 
-    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
-    sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
+    try:
+        cfg = checked(pipeline, config_path, as_assignments(overrides))  # as the CLI checked it, if it did
+        sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
+        run_cfg = load_pipeline(pipeline, config_path, sets)  # the experiment's run: its own check, once
+        preflight(run_cfg, config_path)
+    except PopflowError as err:
+        get_run_logger().error("popflow: error: %s", err)
+        return Failed(message=str(err), data=err)
+    hand_over(pipeline, config_path, sets, run_cfg)
     state = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
                                 config_path=config_path, return_state=True)
     if state.is_failed():  # bad input: this flow ends with the pipeline's one-line failure
         return state
     result = state.result()
-    ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"],
-                     load_pipeline(pipeline, config_path, sets))
+    ctx = RunContext(str(resolve_data_dir(data_dir)), pipeline, result["run_id"], run_cfg)
     con = sql.connect()
     outcomes = ctx.table("eval_outcomes") if ctx.has("eval_outcomes") else NO_OUTCOMES  # evaluate.generate false
     heldout, pairs = ctx.table("heldout_margins"), ctx.table("pairs")

@@ -20,7 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.pipeline import preference_pipeline
-from popflow.config import PipelineConfig, load_pipeline
+from flows.preflight import checked, hand_over
+from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.lineage import complete_rounds
@@ -50,12 +51,15 @@ def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list
 
     logger = get_run_logger()
     try:
-        check_loop(load_pipeline(pipeline, config_path, as_assignments(overrides)), pipeline, rounds)
+        cfg = checked(pipeline, config_path, as_assignments(overrides))  # as the CLI checked it, if it did
+        check_loop(cfg, pipeline, rounds)
     except PopflowError as err:
         logger.error("popflow: error: %s", err)
         return Failed(message=str(err), data=err)
     lake = Lake(resolve_data_dir(data_dir))
     chain = complete_rounds(lake, pipeline)
+    if chain_length(chain) < rounds:  # the first round takes the checked config; later ones check anew
+        hand_over(pipeline, config_path, as_assignments(overrides), cfg)
     while chain_length(chain) < rounds:
         logger.info("loop %s: round %d of %d", pipeline, chain_length(chain) + 1, rounds)
         state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,

@@ -30,9 +30,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.preflight import preflight
+from flows.preflight import checked
 from popflow import logs
-from popflow.config import load_pipeline
 from popflow.config_base import check_name
 from popflow.errors import PopflowError
 from popflow.lake import Lake
@@ -155,8 +154,7 @@ def run_pipeline(pipeline: str, overrides, data_dir: str | None, run_id: str | N
     logs.configure()
     if run_id is not None:  # (load_pipeline checks the pipeline's name)
         check_name(run_id, "run_id")
-    cfg = load_pipeline(pipeline, config_path, as_assignments(overrides))
-    preflight(cfg, config_path)
+    cfg = checked(pipeline, config_path, as_assignments(overrides))
     if from_stage and not run_id:
         raise PopflowError("--from-stage needs --run-id: the run whose earlier stages are reused")
     lake = Lake(resolve_data_dir(data_dir))

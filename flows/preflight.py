@@ -1,5 +1,7 @@
 """What can be checked without a model, before Prefect starts: `popflow run` calls it first, so bad input
-fails in about a second with one line (exit 2); the flow calls it again for deployment runs.
+fails in about a second with one line (exit 2), and hands the flow the config it checked (`hand_over`), so a
+run loads and checks its config once; a run without the CLI before it (a deployment's, a loop's later rounds)
+checks once in the flow (`checked`).
 
     sources          every prompt of prompts.source (ids unique, splits, constraints) or every pair of
                      import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub);
@@ -22,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popflow import cluster, models
-from popflow.config import PipelineConfig, pipeline_names
+from popflow.config import PipelineConfig, load_pipeline, pipeline_names
 from popflow.errors import PopflowError
 from popflow.lineage import policy_refs
 from popflow.plugins import load_function
@@ -92,3 +94,21 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         check_launch(cfg.train.accelerate)
     if cfg.execution.uses_ray():
         cluster.check_ray(cfg.execution.ray)
+
+
+_HANDED: dict[tuple, PipelineConfig] = {}  # (pipeline, config path, overrides) -> the config checked for one run
+
+
+def hand_over(pipeline: str, config_path: str | Path | None, overrides: list[str], cfg: PipelineConfig) -> None:
+    """The config the caller has just loaded and preflighted for the flow it starts next, in this process."""
+    _HANDED[(pipeline, str(config_path) if config_path else None, tuple(overrides))] = cfg
+
+
+def checked(pipeline: str, config_path: str | Path | None, overrides: list[str]) -> PipelineConfig:
+    """The run's config, loaded and preflighted once: the one handed over for these arguments (taken, so a
+    later run in the same process, a served pipeline's next night, checks afresh), else loaded and checked now."""
+    cfg = _HANDED.pop((pipeline, str(config_path) if config_path else None, tuple(overrides)), None)
+    if cfg is None:
+        cfg = load_pipeline(pipeline, config_path, overrides)
+        preflight(cfg, config_path)
+    return cfg

@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def checked(args):
     """The pipeline's config after every check that needs no model (names, config, sources, model paths,
-    reward functions, the promoted policies a run would pin): bad input stops here, before Prefect starts."""
-    from flows.preflight import preflight
+    reward functions, the promoted policies a run would pin): bad input stops here, before Prefect starts. The
+    config goes to the flow the command starts next (flows.preflight.hand_over), which checks it no more."""
+    from flows.preflight import hand_over, preflight
     from popflow.config import load_pipeline
     from popflow.config_base import check_name
 
@@ -102,6 +103,7 @@ def checked(args):
 
         prepare_run(cfg, args.pipeline, Lake(resolve_data_dir(args.data_dir)), getattr(args, "run_id", None),
                     args.config, getattr(args, "from_stage", None))
+    hand_over(args.pipeline, args.config, args.overrides, cfg)
     return cfg
 
 

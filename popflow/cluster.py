@@ -10,6 +10,10 @@ shared filesystem and resume per shard works as on one machine.
             for key, result in pool.map("generate", items):          # items: [(key, args), ...]
                 ...                                                  # results in completion order
 
+A stage does not write that branch itself: `cluster.backend(cfg.execution.<stage>, cfg.execution.ray)` (through
+popflow.stage.backend) gives a `Backend` whose `pool(...)` is this Pool on Ray, or one `Local` instance of the same
+replica class in the stage's process, with the same interface; `tasks(fn, items)` runs plain functions either way.
+
 Faults: an actor whose process dies is restarted by Ray up to `max_restarts` times and its in-flight item
 retried (`max_task_retries`); past that its items go to the surviving replicas. Nothing else is redone, and
 the driver writes each key once. An address that does not answer within `connect_timeout_s` fails naming it.
@@ -233,6 +237,78 @@ class Pool:
             unavailable.pop(actor, None)
             idle.append(actor)
             yield key, result
+
+
+class Local:
+    """The local backend's pool: one `cls(*args)` in this process (not pinned: the stage's process keeps its cores),
+    its items in order. It has Pool's interface, so a stage runs the same code on either backend."""
+
+    def __init__(self, cls: type, args: tuple, name: str):
+        self.name = name
+        self.worker = cls(*args, slot=0, cpus=None)
+
+    def __enter__(self) -> Local:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        close = getattr(self.worker, "close", None)
+        if close:
+            close()
+
+    def ready(self) -> list[dict]:
+        return [self.worker.ready()]
+
+    def map(self, method: str, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
+        for key, args in items:
+            yield key, getattr(self.worker, method)(*args)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a stage's parts run (its `execution.<stage>` section): in this process (`info` None) or on the Ray
+    cluster of a session. A stage asks it for a pool of replicas or for tasks and never branches on which."""
+
+    opts: Replicas
+    info: ClusterInfo | None = None
+
+    @property
+    def on_ray(self) -> bool:
+        return self.info is not None
+
+    def pool(self, cls: type, args: tuple, name: str, gpus: float = 1.0) -> Pool | Local:
+        """`cls(*args)` replicas: `opts.replicas` Ray actors (`gpus` each by default when the cluster has GPUs),
+        or one instance here."""
+        if self.info is None:
+            return Local(cls, args, name)
+        return Pool(cls, args, self.opts, gpus_per_replica(self.opts, self.info, gpus), name)
+
+    def tasks(self, fn, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
+        """(key, fn(*args)) for every (key, args): here, in order, as the iterator is read; on Ray every item is
+        a one-CPU task submitted now (so they run while the caller does other work), yielded as they finish."""
+        if self.info is None:
+            return ((key, fn(*args)) for key, args in items)
+        import ray
+
+        remote = ray.remote(num_cpus=1)(fn)
+        refs = {remote.remote(*args): key for key, args in items}
+
+        def gather() -> Iterator[tuple[object, object]]:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield refs[done[0]], get(done[0])
+
+        return gather()
+
+
+@contextmanager
+def backend(opts: Replicas, ray_opts: RayOptions) -> Iterator[Backend]:
+    """The backend `opts.backend` names; for ray, a driver session (session()) held while this is entered."""
+    if opts.backend == "local":
+        yield Backend(opts)
+        return
+    with session(ray_opts) as info:
+        yield Backend(opts, info)
 
 
 def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | None = None,

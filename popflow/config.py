@@ -291,8 +291,8 @@ class PipelineConfig(Strict):
     schedule: ScheduleConfig | None = Field(default_factory=ScheduleConfig, description="When `popflow serve` "
                                             "runs the pipeline (nightly by default); null: on demand only.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How many runs to keep.")
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where sample and score run: "
-                                       "locally or as replicas on Ray (popflow/execution_config.py); never hashed.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where sample, score and evaluate "
+                                       "run: here or as replicas on Ray (popflow/execution_config.py); never hashed.")
 
     @model_validator(mode="after")
     def _methods_fit_pipeline(self) -> PipelineConfig:

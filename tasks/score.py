@@ -4,8 +4,9 @@ Each model's scores are staged as their own part as soon as they are computed, s
 model runs keeps the first two. `rewards` has one row per (sample, reward model); `sample_rewards` has the
 aggregate per sample: optionally each model z-normalised over the run, then mean, min or weighted mean.
 
-With `execution.score.backend: ray` each hf model runs as replicas scoring chunks, the cheap kinds as Ray CPU
-tasks, all written here as they finish (popflow/cluster.py); the tables are the same.
+Where the models run is `execution.score`'s (popflow.stage.backend): here, one model after another, or with
+`backend: ray` each hf model as replicas scoring chunks and the cheap kinds as Ray CPU tasks, all written here
+as they finish (popflow/cluster.py); the tables are the same.
 
     .venv/bin/popflow sql "select reward_model, avg(score), stddev_pop(score) from rewards group by all"
 """
@@ -20,8 +21,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from popflow import cluster, models, precision, sql
-from popflow.stage import Output, Parts, RunContext, run_logger, stage, with_run_columns
+from popflow import models, precision, sql
+from popflow.stage import Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, check_finite, hf, rewards_part, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
@@ -47,37 +48,26 @@ def model_stats_sql(rewards: str) -> str:
     select * from final order by reward_model"""
 
 
-def locally(ctx: RunContext, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
-            ) -> Iterator[tuple[object, pa.Table]]:
-    """(spec, rewards rows) of each reward model in turn, in this process."""
-    for spec in specs:
-        yield spec, score_with(spec, batch, ctx.lake.data_dir, ids, idx)
-
-
-def on_ray(ctx: RunContext, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
+def scored(ctx: RunContext, where, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
            ) -> Iterator[tuple[object, pa.Table]]:
-    """(spec, rewards rows) of each reward model as it finishes, on Ray: every cheap kind (constraints,
-    relevance, python) as one CPU task, all at once; each hf model as `execution.score.replicas` replicas, each
-    scoring chunks of `chunk_size` samples (popflow/cluster.py)."""
-    import ray
-
-    exe, data_dir = ctx.config.execution, ctx.lake.data_dir
-    with cluster.session(exe.ray) as info:
-        remote = ray.remote(num_cpus=1)(score_with)
-        cheap = {remote.remote(s, batch, data_dir, ids, idx): s for s in specs if s.kind != "hf"}
-        for spec in (s for s in specs if s.kind == "hf"):
-            path = models.resolve(spec.model, data_dir, f"score.models[{spec.name}].model").path
-            size, values = exe.score.chunk_size, np.empty(len(ids), dtype=np.float64)
-            chunks = [(i, (batch.prompts[i : i + size], batch.responses[i : i + size]))
-                      for i in range(0, len(ids), size)]
-            with cluster.Pool(hf.Replica, (path, spec), exe.score, cluster.gpus_per_replica(exe.score, info, 1.0),
-                              f"score {spec.name}") as pool:
-                for i, chunk in pool.map("score", chunks):
-                    values[i : i + len(chunk)] = chunk
-            check_finite(values, spec.name, ids, idx)
-            yield spec, rewards_part(spec.name, spec.kind, ids, idx, values)
-        for ref in cheap:
-            yield cheap[ref], cluster.get(ref)
+    """(spec, rewards rows) of every reward model in `specs`, where `execution.score` says (`where`, a
+    cluster.Backend): each cheap kind (constraints, relevance, python) as a task (on Ray one CPU task each, all
+    submitted first, so they run while the hf models score); each hf model as a pool of hf.Replica scoring chunks
+    of samples (here one replica, all samples in one chunk; on Ray `replicas` replicas, `chunk_size` per chunk)."""
+    data_dir = ctx.lake.data_dir
+    cheap = where.tasks(score_with, [(s, (s, batch, data_dir, ids, idx)) for s in specs if s.kind != "hf"])
+    exe = ctx.config.execution.score
+    size = exe.chunk_size if where.on_ray else max(len(ids), 1)
+    for spec in (s for s in specs if s.kind == "hf"):
+        path = models.resolve(spec.model, data_dir, f"score.models[{spec.name}].model").path
+        values = np.empty(len(ids), dtype=np.float64)
+        chunks = [(i, (batch.prompts[i : i + size], batch.responses[i : i + size])) for i in range(0, len(ids), size)]
+        with where.pool(hf.Replica, (path, spec), f"score {spec.name}") as pool:
+            for i, chunk in pool.map("score", chunks):
+                values[i : i + len(chunk)] = chunk
+        check_finite(values, spec.name, ids, idx)
+        yield spec, rewards_part(spec.name, spec.kind, ids, idx, values)
+    yield from cheap
 
 
 @stage("score", reads=("ingest", "sample"), sections=("score",), writes=("rewards", "sample_rewards"), retries=1,
@@ -101,12 +91,12 @@ def score(ctx: RunContext) -> Output:
             logger.info("reward model %s: already scored in this run", spec.name)
         else:
             todo.append(spec)
-    backend = on_ray if ctx.config.execution.score.backend == "ray" else locally
     t0 = time.time()
-    for spec, part in backend(ctx, todo, batch, ids, idx):
-        parts.stage(f"model-{spec.name}", rewards=part)
-        logger.info("reward model %s (%s): %d samples after %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
-                    time.time() - t0, float(np.mean(part.column("score").to_numpy())))
+    with backend(ctx, "score") as where:
+        for spec, part in scored(ctx, where, todo, batch, ids, idx):
+            parts.stage(f"model-{spec.name}", rewards=part)
+            logger.info("reward model %s (%s): %d samples after %.1fs, mean %.4f", spec.name, spec.kind, len(ids),
+                        time.time() - t0, float(np.mean(part.column("score").to_numpy())))
     parts.publish(rewards=len(ids) * len(cfg.models))
     agg = con.sql(aggregate_sql(ctx.table("rewards"), cfg)).to_arrow_table()
     lake.write_table("sample_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, agg))

@@ -34,7 +34,7 @@ from popflow import models, precision, sql
 from popflow.config import ScoreConfig
 from popflow.errors import PopflowError
 from popflow.sql import lit
-from popflow.stage import Output, Parts, RunContext, artifact_key, run_logger, stage
+from popflow.stage import Artifact, Output, Parts, RunContext, run_logger, stage
 from popflow.train_config import Method
 from tasks.rewards.aggregate import normalised_sql
 from tasks.train_launch import train_launched
@@ -213,12 +213,9 @@ def train(ctx: RunContext) -> Output:
             select method, seed, steps, examples, train_seconds, tokens_per_s, final_loss from {ctx.table('policies')}
         )
         select * from final order by method, seed""").to_arrow_table()
-    from prefect.artifacts import create_table_artifact
-
-    create_table_artifact(key=artifact_key(ctx.pipeline, "policies"), table=summary.to_pylist(),
-                          description=f"{ctx.pipeline} run {ctx.run_id}: trained policies")
     report = {"methods": [ctx.config.method_name(m) for m in cfg.methods], "seeds": cfg.seeds,
               "processes": cfg.accelerate.processes if cfg.accelerate else 1,
               "heldout_pairs": heldout.num_rows}
     policy = models.resolve(ctx.config.train_policy(), lake.data_dir, "train.policy")
-    return Output(tables, report, {"policy": policy.identity()}, dtypes)
+    return Output(tables, report, {"policy": policy.identity()}, dtypes, (
+        Artifact("policies", f"{ctx.pipeline} run {ctx.run_id}: trained policies", table=summary.to_pylist()),))

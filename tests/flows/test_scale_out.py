@@ -1,4 +1,4 @@
-"""Scale-out on real components: the tiny pipeline with sample and score on a real Ray head (started here on
+"""Scale-out on real components: the tiny pipeline with sample, score and evaluate on a real Ray head (started here on
 127.0.0.1 in its own process group, usage stats off, stopped after) with two vLLM-CPU replicas, one of them
 killed mid-stage; and training through `accelerate launch` in two gloo processes against one process."""
 
@@ -95,7 +95,8 @@ FLOAT32_RM = ("score.models=[{name: constraints, kind: constraints},"
 RAY_RUN = ("--set", FLOAT32_RM, "--set", "execution.sample.backend=ray", "--set", "execution.sample.replicas=2",
            "--set", "execution.score.backend=ray", "--set", "execution.score.replicas=2",
            "--set", "execution.score.chunk_size=10", "--set", "sample.shard_size=1", "--set", "sample.max_tokens=48",
-           "--set", "train=null")
+           "--set", "train.seeds=[0, 1]", "--set", "execution.evaluate.backend=ray",
+           "--set", "execution.evaluate.replicas=2")
 
 COMPARE = """
 import json, os, shutil
@@ -133,13 +134,15 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head):
-    """Sample (2 vLLM-CPU replicas) and score (2 replicas of the tiny hf reward model, cheap kinds as CPU tasks)
-    on the Ray head, through RAY_ADDRESS. One replica's process is killed while it generates a shard: Ray
+    """Sample (2 vLLM-CPU replicas), score (2 replicas of the tiny hf reward model, cheap kinds as CPU tasks) and
+    evaluate (2 engine replicas, a trained policy each, its adapter's files sent with the call) on the Ray head,
+    through RAY_ADDRESS. One replica's process is killed while it generates a shard: Ray
     restarts it and retries that shard, so the stage ends with exactly prompts x n samples, no key twice, and
     shards made by the restarted process. The samples table has the local backend's ids,
     indices, shards and counts (texts differ: vLLM-CPU honours no per-request seed, engines.py); the rewards
     equal the local backend's scores of the same samples (reward networks pinned to float32 on every CPU class:
-    1e-5)."""
+    1e-5). Evaluate's table holds each of the two policies' samples of each held-out prompt exactly n times, from
+    two calls to replicas."""
     cli.env["RAY_ADDRESS"], cli.env["HOME"] = ray_head[0], str(ray_head[1])  # as docs/scale-out.md: no RAY_AUTH_MODE
     cli.env.pop("RAY_AUTH_MODE", None)
     assert not (ray_head[1] / ".ray" / "auth_token").exists()
@@ -164,6 +167,11 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     assert [tuple(r[:3]) for r in local["rewards"]] == [r[:3] for r in on_ray]
     assert {r[2] for r in on_ray} == {"constraints", "relevance", "tiny_rm"}
     assert max(abs(a[3] - b[3]) for a, b in zip(local["rewards"], on_ray, strict=True)) < 1e-5
+
+    evaluated = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("evaluate.json")).read_text())["report"]
+    assert evaluated["backend"] == "ray" and sum(evaluated["replica_pids"].values()) == 2  # a policy per call
+    keys = cli.query("select method, seed, prompt_id, sample_idx from eval_samples")
+    assert len(set(keys)) == len(keys) == 2 * 3 * 2 and {k[1] for k in keys} == {0, 1}  # policies x prompts x n
 
 
 @pytest.mark.own_prefect  # "before Prefect" is checked by the temporary server's database never appearing

@@ -12,7 +12,7 @@ import pytest
 from popflow import cluster
 from popflow.errors import PopflowError
 from popflow.execution_config import RayOptions, Replicas
-from tests.fixtures.replicas import PoisonSquarer, Squarer
+from tests.fixtures.replicas import PoisonSquarer, Squarer, power
 
 
 def test_unreachable_address_fails_naming_it():
@@ -69,7 +69,9 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
         with cluster.Pool(Squarer, (str(marker), 5), opts, 0, "squares") as pool:
             first = {r["pid"] for r in pool.ready()}
             results = list(pool.map("square", [(x, (x,)) for x in range(10)]))
-        if restarts == 0:
+        if restarts == 0:  # the Ray backend's tasks in the same session: every key once, its result
+            where = cluster.Backend(Replicas(backend="ray"), info)
+            assert sorted(where.tasks(power, [(x, (x, 2)) for x in range(4)])) == [(x, x * x) for x in range(4)]
             three = Replicas(backend="ray", replicas=3, cpus=0.5, max_restarts=0)
             with cluster.Pool(PoisonSquarer, (str(tmp_path / "poison"), 3), three, 0, "poisoned") as pool:
                 with pytest.raises(cluster.ReplicaFailed, match=r"poisoned: item 3 was in flight when 2 replicas "
@@ -81,6 +83,51 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
     dead = int(marker.read_text())
     assert dead in first
     assert dict((k, pid) for k, (_, pid) in results)[5] != dead
+
+
+def test_the_local_backend_runs_the_same_interface_in_process(tmp_path):
+    """`backend: local` starts no Ray: its pool is one instance of the replica class in this process, unpinned
+    (cpus None), items in order, the replica's close() called on exit; its tasks run in order as read."""
+    from popflow.execution_config import Replicas as Opts
+
+    closed = []
+
+    class Closing(Squarer):
+        def __init__(self, marker, die_on, slot=0, cpus=1.0):
+            assert (slot, cpus) == (0, None)
+            super().__init__(marker, die_on, slot, cpus)
+
+        def close(self):
+            closed.append(True)
+
+    with cluster.backend(Opts(), RayOptions()) as where:
+        assert not where.on_ray
+        with where.pool(Closing, (str(tmp_path / "m"), -1), "squares") as pool:
+            assert pool.ready() == [{"pid": os.getpid()}]
+            assert list(pool.map("square", [(x, (x,)) for x in (3, 1, 2)])) == [(3, (9, os.getpid())),
+                                                                               (1, (1, os.getpid())),
+                                                                               (2, (4, os.getpid()))]
+        assert closed == [True]
+        assert list(where.tasks(power, [("a", (2, 3)), ("b", (3, 2))])) == [("a", 8), ("b", 9)]
+
+
+def test_an_adapter_travels_to_a_replica_as_its_files(tmp_path):
+    """pack() reads a folder's files (nested too) as {relative path: bytes}; unpack() writes them under another
+    folder, replacing an earlier copy; a relative path that would leave the folder is refused."""
+    from popflow.replicas import pack, unpack
+
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "adapter_config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    files = pack(src)
+    assert files == {"adapter_config.json": b"{}", "sub/w.bin": b"\x00\x01"}
+    dest = tmp_path / "node" / "policy-1"
+    dest.mkdir(parents=True)
+    (dest / "stale.bin").write_bytes(b"old")
+    assert pack(unpack(files, dest)) == files
+    with pytest.raises(ValueError, match="escapes"):
+        unpack({"../outside": b"x"}, tmp_path / "node" / "policy-2")
 
 
 def test_a_replica_error_carries_its_root_cause():

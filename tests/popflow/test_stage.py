@@ -180,7 +180,8 @@ def test_parts_resume_stage_last_the_marker_and_publish_only_exact_counts(tmp_pa
 def test_parts_of_another_config_or_no_longer_named_are_not_reused(tmp_path):
     """An attempt under another stage config (the sample stage's temperature changed, as `--from-stage sample`
     allows) reuses none of the staged parts; a part whose name this attempt does not have (a reward model
-    dropped) is removed, so the count check and the published table hold exactly this attempt's parts."""
+    dropped) is removed, so the count check and the published table hold exactly this attempt's parts. Parts made
+from other `inputs` (evaluate: a policy trained again under the same name) are not reused either."""
     ctx = RunContext(str(tmp_path), "p", "r1", load_pipeline("tiny"))
     one = pa.table({"x": [1]})
     first = Parts(ctx, "sample", ("a",), ["m0", "m1"])
@@ -197,3 +198,7 @@ def test_parts_of_another_config_or_no_longer_named_are_not_reused(tmp_path):
     assert again.done == set() and again.todo == ["m0"] and not Parts.started(colder, "a")
     with pytest.raises(RuntimeError, match="repeated part names"):
         Parts(ctx, "sample", ("a",), ["m0", "m0"])
+    Parts(ctx, "evaluate", ("a",), ["dpo-s0"], inputs="policies-v1").stage("dpo-s0", a=one)
+    assert Parts(ctx, "evaluate", ("a",), ["dpo-s0"], inputs="policies-v1").done == {"dpo-s0"}
+    retrained = Parts(ctx, "evaluate", ("a",), ["dpo-s0"], inputs="policies-v2")  # same name, another policy
+    assert retrained.done == set() and retrained.todo == ["dpo-s0"]
