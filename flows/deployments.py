@@ -19,7 +19,7 @@ run is created, so a bad `--param` fails at `prefect deployment run`, before any
 - `overrides` is a partial pipeline config: either a nested mapping, checked against the JSON schema of
   PipelineConfig (unknown keys and bad values refused), or `key.path=value` strings whose first part must be
   a config section (the rest is checked when the run starts, as `popflow run --set` is);
-- `run_id` resumes a failed or killed run (a name: popflow/config_base.py's NAME_PATTERN, as on the CLI);
+- `run_id` resumes a failed or killed run (a name: popflow/config/base.py's NAME_PATTERN, as on the CLI);
   `from_stage` reruns from a stage; `data_dir` and `config_path`
   default to what `popflow serve` was given, as absolute paths.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popflow.config import DEFAULT_CONFIG, PipelineConfig, load_pipeline, pipeline_names
-from popflow.config_base import NAME_PATTERN
+from popflow.config.base import NAME_PATTERN
 from popflow.errors import PopflowError
 from popflow.runs import code_version, resolve_data_dir
 

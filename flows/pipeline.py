@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.preflight import checked
 from popflow import logs
-from popflow.config_base import check_name
+from popflow.config.base import check_name
 from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.lineage import prepare_run

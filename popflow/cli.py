@@ -89,7 +89,7 @@ def checked(args):
     config goes to the flow the command starts next (flows.preflight.hand_over), which checks it no more."""
     from flows.preflight import hand_over, preflight
     from popflow.config import load_pipeline
-    from popflow.config_base import check_name
+    from popflow.config.base import check_name
 
     if getattr(args, "run_id", None):
         check_name(args.run_id, "--run-id")
@@ -185,7 +185,7 @@ def lake_with_runs(data_dir: str | None, pipeline: str | None):
 
 
 def cmd_policies(args) -> int:
-    from popflow.config_base import check_name
+    from popflow.config.base import check_name
     from popflow.sql import lit
 
     where = f"where pipeline = {lit(check_name(args.pipeline, 'pipeline'))}" if args.pipeline else ""
@@ -221,7 +221,7 @@ def climb(lake, pipeline: str) -> str:
 
 
 def cmd_report(args) -> int:
-    from popflow.config_base import check_name
+    from popflow.config.base import check_name
     from popflow.report import metrics_sql, render
 
     check_name(args.pipeline, "pipeline")

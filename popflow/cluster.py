@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from popflow.config.execution import RayOptions, Replicas
 from popflow.errors import PopflowError
-from popflow.execution_config import RayOptions, Replicas
 from popflow.lake import write_text
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from popflow.loop_config import GateConfig
+from popflow.config.loop import GateConfig
 
 
 def t_bounds(per_prompt: np.ndarray, alpha: float, lowest: float = 0.0,

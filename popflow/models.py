@@ -33,7 +33,6 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from popflow.config_base import check_name
 from popflow.errors import PopflowError
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,8 @@ def is_local_ref(ref: str) -> bool:
 def check_ref(ref: str, key: str) -> None:
     """Fail early, naming the config key, when a reference cannot possibly load."""
     if ref.startswith(PROMOTED):
+        from popflow.config.base import check_name  # here: popflow.config imports this module's names
+
         check_name(ref[len(PROMOTED):], f"{key} {ref!r}: pipeline")
         return
     if ref.startswith("builtin:") and ref not in BUILTINS:

@@ -80,7 +80,7 @@ def compute_ref_logps(pairs: pa.Table, ref_path: str, ref_name: str, cfg) -> pa.
 
     from tasks.trainer import PopDPOTrainer, dpo_args
 
-    prec = cfg.precision()  # the policy's starting weights' (train_config.py)
+    prec = cfg.precision()  # the policy's starting weights' (popflow/config/train.py)
     tok = models.load_tokenizer(ref_path, ref_name, "train.reference")
     reject_long_prompts(pairs, tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=prec.torch_dtype()).to(prec.device)

@@ -32,10 +32,10 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.config import ScoreConfig
+from popflow.config.train import Method
 from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Artifact, Output, Parts, RunContext, run_logger, stage
-from popflow.train_config import Method
 from tasks.rewards.aggregate import normalised_sql
 from tasks.train_launch import train_launched
 

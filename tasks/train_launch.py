@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from popflow.config.execution import AccelerateLaunch
 from popflow.errors import PopflowError
-from popflow.execution_config import AccelerateLaunch
 from popflow.lake import write_text
 
 
@@ -115,8 +115,8 @@ def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, ou
 def main(job: Path) -> None:
     """One process of a launched job: train, and on the main process write result.json."""
     from popflow.config import PipelineConfig
+    from popflow.config.train import Method
     from popflow.stage import RunContext
-    from popflow.train_config import Method
     from tasks.trainer import train_one
 
     spec = json.loads((job / "job.json").read_text())

@@ -26,9 +26,9 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from popflow import models
+from popflow.config.train import POP_LOSSES, Method
 from popflow.errors import PopflowError
 from popflow.stage import RunContext
-from popflow.train_config import POP_LOSSES, Method
 from tasks.losses import pair_loss
 
 POP_COLUMNS = ("margin", "target", "targets")

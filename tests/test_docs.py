@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from popflow import config_reference
+from popflow.config import reference as config_reference
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -40,7 +40,7 @@ def test_the_readme_lists_the_registry_stages_in_order():
 
 
 def test_the_config_reference_is_up_to_date():
-    """Regenerate with `.venv/bin/python -m popflow.config_reference > docs/config.md`."""
+    """Regenerate with `.venv/bin/python -m popflow.config.reference > docs/config.md`."""
     assert (REPO / "docs/config.md").read_text() == config_reference.render()
 
 

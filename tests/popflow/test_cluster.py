@@ -10,8 +10,8 @@ import time
 import pytest
 
 from popflow import cluster
+from popflow.config.execution import RayOptions, Replicas
 from popflow.errors import PopflowError
-from popflow.execution_config import RayOptions, Replicas
 from tests.fixtures.replicas import PoisonSquarer, Squarer, power
 
 
@@ -88,7 +88,7 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
 def test_the_local_backend_runs_the_same_interface_in_process(tmp_path):
     """`backend: local` starts no Ray: its pool is one instance of the replica class in this process, unpinned
     (cpus None), items in order, the replica's close() called on exit; its tasks run in order as read."""
-    from popflow.execution_config import Replicas as Opts
+    from popflow.config.execution import Replicas as Opts
 
     closed = []
 

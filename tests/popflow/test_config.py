@@ -160,7 +160,7 @@ def test_shipped_accelerate_configs_load_with_accelerate():
     launch --config_file` reads it), and opens with the command that uses it."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from popflow.execution_config import ACCELERATE_CONFIGS
+    from popflow.config.execution import ACCELERATE_CONFIGS
 
     kinds = {}
     for path in sorted(ACCELERATE_CONFIGS.glob("*.yaml")):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_1samp
 
+from popflow.config.loop import GateConfig
 from popflow.gate import decide, t_bounds
-from popflow.loop_config import GateConfig
 
 
 def test_t_bound_by_hand_and_against_scipy():

@@ -1,12 +1,12 @@
 """Names that become paths (pipelines, run ids, reward models, methods) match one pattern, checked before
-any work: popflow/config_base.py's NAME_PATTERN."""
+any work: popflow/config/base.py's NAME_PATTERN."""
 
 from __future__ import annotations
 
 import pytest
 
 from popflow.config import load_pipeline, pipeline_names
-from popflow.config_base import check_name
+from popflow.config.base import check_name
 from popflow.errors import PopflowError
 
 GOOD = ["tiny", "ultrafeedback-llama3", "20261125T020000Z-3fa2c1", "dpo_pop", "v1.2", "A"]

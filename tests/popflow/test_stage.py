@@ -121,7 +121,7 @@ def test_no_stage_module_imports_another():
 
 def test_the_core_package_imports_neither_tasks_nor_flows():
     """popflow/ is the bottom layer; only the CLI sits on top of the flows (docs/contributing.md)."""
-    for path in sorted((REPO / "popflow").glob("*.py")):
+    for path in sorted((REPO / "popflow").rglob("*.py")):
         upward = {m for m in imports(path) if m.split(".")[0] in ("tasks", "flows")}
         if path.name == "cli.py":
             assert upward and all(m.startswith("flows") for m in upward)

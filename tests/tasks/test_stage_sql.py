@@ -11,8 +11,8 @@ import pytest
 from flows.experiment import comparison_sql
 from popflow import sql
 from popflow.config import load_pipeline
+from popflow.config.train import Method
 from popflow.errors import PopflowError
-from popflow.train_config import Method
 from tasks.annotate import annotated_pairs
 from tasks.evaluate import (
     eval_prompts_sql,

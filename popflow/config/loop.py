@@ -1,6 +1,6 @@
 """Typed config of the on-policy loop: the `loop:` section (null: the pipeline trains once per run).
 
-Part of the one config (popflow/config.py imports it into PipelineConfig). With a loop, each run of the
+Part of the one config (popflow/config/__init__.py imports it into PipelineConfig). With a loop, each run of the
 pipeline is one round: it samples the pipeline's latest promoted policy (round 1: `sample.policy`, the
 chain's base), trains a candidate on those samples, and the `promote` stage promotes it when it passes the
 gate. tasks/promote.py and popflow/lineage.py say how; docs/loop.md shows a run.
@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from popflow.config_base import NAME_PATTERN, Strict
+from popflow.config.base import NAME_PATTERN, Strict
 
 
 class GateConfig(Strict):

@@ -1,6 +1,6 @@
 """Typed config of how a pipeline runs as a service: `schedule:` and `retention:` sections.
 
-Part of the one config (popflow/config.py imports these into PipelineConfig). Neither section changes what a
+Part of the one config (popflow/config/__init__.py imports these into PipelineConfig). Neither section changes what a
 run computes, so neither enters the run's config hash: a schedule can change without orphaning a run.
 
     nightly:
@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 
-from popflow.config_base import Strict
+from popflow.config.base import Strict
 
 
 class ScheduleConfig(Strict):

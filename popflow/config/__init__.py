@@ -18,15 +18,15 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from popflow.config_base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
+from popflow.config.base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
+from popflow.config.execution import ExecutionConfig
+from popflow.config.loop import LoopConfig
+from popflow.config.service import RetentionConfig, ScheduleConfig
+from popflow.config.train import EvaluateConfig, ExperimentConfig, TrainConfig
 from popflow.errors import PopflowError
-from popflow.execution_config import ExecutionConfig
-from popflow.loop_config import LoopConfig
 from popflow.models import MINILM, PROMOTED, SMOLLM2
-from popflow.service_config import RetentionConfig, ScheduleConfig
-from popflow.train_config import EvaluateConfig, ExperimentConfig, TrainConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "pipelines.yaml"
 
 # The seven points of "Finding the Sweet Spot", lowest first: a chosen point must come later than the rejected.
 POINTS = ("min", "mu-2sigma", "mu-sigma", "mu", "mu+sigma", "mu+2sigma", "max")
@@ -284,7 +284,7 @@ class PipelineConfig(Strict):
                                       "on TRL; null stops the pipeline after margins.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: held-out metrics.")
     loop: LoopConfig | None = Field(None, description="The on-policy loop: each run is a round that samples the "
-                                    "latest promoted policy and may promote its own (popflow/loop_config.py); null: "
+                                    "latest promoted policy and may promote its own (popflow/config/loop.py); null: "
                                     "off.")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig,
                                          description="`popflow experiment`: methods x seeds on one run's pairs.")
@@ -292,7 +292,7 @@ class PipelineConfig(Strict):
                                             "runs the pipeline (nightly by default); null: on demand only.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How many runs to keep.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where sample, score and evaluate "
-                                       "run: here or as replicas on Ray (popflow/execution_config.py); never hashed.")
+                                       "run: here or as replicas on Ray (popflow/config/execution.py); never hashed.")
 
     @model_validator(mode="after")
     def _methods_fit_pipeline(self) -> PipelineConfig:

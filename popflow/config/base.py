@@ -6,7 +6,7 @@ the models dir, so they match NAME_PATTERN: a letter or digit, then letters, dig
 64 characters (no '/', no leading '.', so never '..'). The CLI, the flow, the deployment parameter schema
 and the config check it before any work starts.
 
-    from popflow.config_base import Strict
+    from popflow.config.base import Strict
 """
 
 from __future__ import annotations

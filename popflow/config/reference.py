@@ -1,10 +1,10 @@
 """The config reference (docs/config.md), written from the pydantic schema so that it cannot go stale.
 
 Every key of a pipeline in pipelines.yaml, section by section: its type, default, bounds and the
-description its `Field` carries in popflow/config*.py. A test (tests/test_docs.py) fails when
+description its `Field` carries in popflow/config/. A test (tests/test_docs.py) fails when
 docs/config.md differs from what this writes, so a changed key changes the reference.
 
-    .venv/bin/python -m popflow.config_reference > docs/config.md
+    .venv/bin/python -m popflow.config.reference > docs/config.md
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from popflow.report import markdown_table
 HEADER = """# Configuration reference
 
 Every key of a pipeline in `pipelines.yaml`, generated from the typed config (`popflow/config*.py`) by
-`python -m popflow.config_reference > docs/config.md`; a test fails when this file is out of date. Unknown keys
+`python -m popflow.config.reference > docs/config.md`; a test fails when this file is out of date. Unknown keys
 and bad values are errors naming the key and its line. `extends: NAME` starts a pipeline from another's keys:
 mappings merge key by key, and any other value of its own, a list included, replaces the base's.
 `--set key.path=value` overrides one key for a run.

@@ -17,9 +17,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from popflow.config_base import Strict
+from popflow.config.base import Strict
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 class RayOptions(Strict):

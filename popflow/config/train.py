@@ -1,6 +1,6 @@
 """Typed config of the training end of the pipeline: `train:`, `evaluate:` and `experiment:` sections.
 
-Part of the one config (popflow/config.py imports these into PipelineConfig); kept in its own module so
+Part of the one config (popflow/config/__init__.py imports these into PipelineConfig); kept in its own module so
 each file stays readable. Every field says its allowed values and where it comes from.
 
     .venv/bin/popflow run tiny --set train.methods='[{loss: dpo_fixed_margin, gamma: 1.0}]'
@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from popflow.config_base import NAME_PATTERN, Strict
-from popflow.execution_config import AccelerateLaunch
+from popflow.config.base import NAME_PATTERN, Strict
+from popflow.config.execution import AccelerateLaunch
 
 # popflow's own losses (tasks/losses.py): DPO with a per-pair margin (DPO-PoP and its baselines) and reward
 # model distillation (Fisch et al. 2405.19316).
