@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="train the pipeline's experiment methods x seeds; comparison table")
     exp.add_argument("--run-id", help="resume this experiment run id")
 
+    export = sub.add_parser("export", parents=[config, data], help="write a run's pairs as a Hugging Face dataset "
+                            "folder with its card (docs/export.md)")
+    export.add_argument("pipeline")
+    export.add_argument("--to", required=True, help="the dataset folder to write")
+    export.add_argument("--run-id", help="this run (default: the pipeline's latest completed run)")
+    export.add_argument("--strategy", help="this pair strategy (default: the one the run trains on)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --to folder")
+    export.add_argument("--hub", metavar="REPO", help="then push the folder to this Hub dataset repo (needs a token "
+                        "and the network)")
+
     loop = sub.add_parser("loop", parents=[one, config, data, loud],
                           help="run an on-policy loop pipeline until its chain has --rounds rounds")
     loop.add_argument("--rounds", type=int, required=True, help="the number of complete rounds to reach (a rerun "
@@ -293,10 +303,26 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from popflow.config import load_pipeline
+    from popflow.export import export, push
+
+    lake = lake_with_runs(args.data_dir, args.pipeline)
+    out = export(lake, load_pipeline(args.pipeline, args.config), args.pipeline, args.run_id, args.strategy,
+                 Path(args.to), args.force)
+    splits = ", ".join(f"{k} {v}" for k, v in out["splits"].items())
+    print(f"exported run {out['run_id']} ({out['strategy']}: {splits} pairs) to {out['folder']}")
+    if args.hub:
+        print(f"pushed to {push(Path(out['folder']), args.hub)}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "loop": cmd_loop, "policies": cmd_policies,
             "report": cmd_report, "sql": cmd_sql, "runs": cmd_runs,
             "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
-            "deploy": cmd_deploy, "doctor": cmd_doctor}
+            "deploy": cmd_deploy, "doctor": cmd_doctor, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

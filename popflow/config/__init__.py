@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from popflow.config.base import DTYPE_HELP, NAME_PATTERN, NAME_RULE, Dtype, Strict, check_name
 from popflow.config.execution import ExecutionConfig
 from popflow.config.loop import LoopConfig
-from popflow.config.service import RetentionConfig, ScheduleConfig
+from popflow.config.service import ExportConfig, RetentionConfig, ScheduleConfig
 from popflow.config.train import EvaluateConfig, ExperimentConfig, TrainConfig
 from popflow.errors import PopflowError
 from popflow.models import MINILM, PROMOTED, SMOLLM2
@@ -262,7 +262,7 @@ class MarginsConfig(Strict):
 
 
 # Sections that say how a pipeline is operated, not what it computes: left out of the config hash.
-OPERATIONAL = ("description", "schedule", "retention", "execution")
+OPERATIONAL = ("description", "schedule", "retention", "execution", "export")
 
 
 # stage hash keys that are values derived from several sections (PipelineConfig methods), not a section
@@ -291,6 +291,8 @@ class PipelineConfig(Strict):
     schedule: ScheduleConfig | None = Field(default_factory=ScheduleConfig, description="When `popflow serve` "
                                             "runs the pipeline (nightly by default); null: on demand only.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How many runs to keep.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="`popflow export`: the dataset card's "
+                                 "licence, tags and name (popflow/export.py); never hashed.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where sample, score and evaluate "
                                        "run: here or as replicas on Ray (popflow/config/execution.py); never hashed.")
 

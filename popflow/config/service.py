@@ -1,4 +1,4 @@
-"""Typed config of how a pipeline runs as a service: `schedule:` and `retention:` sections.
+"""Typed config of how a pipeline runs as a service and publishes: `schedule:`, `retention:` and `export:`.
 
 Part of the one config (popflow/config/__init__.py imports these into PipelineConfig). Neither section changes what a
 run computes, so neither enters the run's config hash: a schedule can change without orphaning a run.
@@ -6,6 +6,7 @@ run computes, so neither enters the run's config hash: a schedule can change wit
     nightly:
       schedule: {cron: "30 1 * * *", timezone: Europe/Paris}   # default: 0 2 * * * UTC when served
       retention: {keep_runs: 14}                                # default: keep every run
+      export: {license: apache-2.0, tags: [math]}               # what `popflow export` writes in the card
 
     .venv/bin/popflow serve nightly        # a Prefect deployment with that cron (see flows/deployments.py)
 """
@@ -52,3 +53,11 @@ class RetentionConfig(Strict):
     keep_runs: int | None = Field(None, ge=1, description="After a run completes, keep this pipeline's newest N "
                                   "completed runs and delete older runs (their partitions, records and trained "
                                   "models); runs still in progress are never touched. null keeps everything.")
+
+
+class ExportConfig(Strict):
+    license: str = Field("other", pattern=r"^[a-z0-9][a-z0-9.\-]*$", description="The licence id the dataset card "
+                         "declares (a Hub licence identifier such as apache-2.0 or cc-by-4.0). The pairs hold the "
+                         "policy's outputs and your prompts: 'other' (the default) until you have checked both.")
+    tags: list[str] = Field(default_factory=list, description="Tags the card adds to dpo, trl, preference and popflow.")
+    pretty_name: str | None = Field(None, description="The dataset's display name (default: the pipeline's name).")

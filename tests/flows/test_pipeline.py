@@ -117,14 +117,17 @@ def test_tiny_pipeline_with_vllm(cli):
     assert evaluate["report"]["adapters"] == "merge"
     assert list((cli.data_dir / "models" / "tmp").iterdir()) == []
 
-    # the pairs table loads straight into `datasets` with TRL's conversational columns
+    # `popflow export`: the run's trained pairs as a dataset folder that `datasets` loads with TRL's columns
     import datasets
     from trl.data_utils import is_conversational
 
-    files = sorted(str(p) for p in (cli.data_dir / "lake" / "pairs").rglob("*.parquet"))
-    ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
-    assert is_conversational(ds[0]) and ds[0]["chosen"][0]["role"] == "assistant"
+    out = cli("export", "tiny", "--to", str(cli.data_dir / "export")).stdout
+    assert f"exported run {run_id} (seven_point:" in out
+    ds = datasets.load_dataset(str(cli.data_dir / "export"))
+    pairs = cli.query("select split, count(*) from pairs where strategy = 'seven_point' group by all order by 1")
+    assert [(name, ds[name].num_rows) for name in ("test", "train")] == [("test", pairs[0][1]), ("train", pairs[1][1])]
+    assert is_conversational(ds["train"][0]) and ds["train"][0]["chosen"][0]["role"] == "assistant"
+    assert set(ds["train"][0]["chosen_scores"]) == {"constraints", "relevance", "tiny_rm"}
 
     # the CLI's read side
     sql = cli("sql", "select chosen_point, rejected_point, count(*) as n from pairs group by all order by 1, 2")
