@@ -10,6 +10,7 @@ checks once in the flow (`checked`).
                      (hub ids load at run time), `promoted:<pipeline>` names a pipeline of the file (its
                      promoted files are checked when the run pins it: popflow/lineage.py)
     reward functions every `python` reward's module:function imports and is callable
+    human labels     annotate.labels: a readable Label Studio export whose answers are A or B
     execution        a Ray backend: ray is installed and RAY_ADDRESS (or execution.ray.address) answers;
                      train.accelerate: its config file exists (and deepspeed is installed when it names DeepSpeed)
 
@@ -28,6 +29,7 @@ from popflow.config import PipelineConfig, load_pipeline, pipeline_names
 from popflow.errors import PopflowError
 from popflow.lineage import policy_refs
 from popflow.plugins import load_function
+from tasks.human_labels import read_answers
 from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
 from tasks.train_launch import check_launch
@@ -90,6 +92,8 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         models.check_ref(cfg.train_policy(), "train.policy")
         models.check_ref(cfg.reference_policy(), "train.reference")
 
+    if cfg.annotate.labels:  # readable, and every answer A or B; which comparisons they are: the annotate stage
+        read_answers(cfg.annotate.labels)
     if cfg.train and cfg.train.accelerate:
         check_launch(cfg.train.accelerate)
     if cfg.execution.uses_ray():

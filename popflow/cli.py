@@ -63,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--hub", metavar="REPO", help="then push the folder to this Hub dataset repo (needs a token "
                         "and the network)")
 
+    annotate = sub.add_parser("annotate", help="PoP comparisons for people: export them as Label Studio tasks, "
+                              "import the answers as the run's PoP labels")
+    act = annotate.add_subparsers(dest="action", required=True)
+    tasks_out = act.add_parser("export", parents=[one, config, data], help="write a run's comparisons as tasks")
+    tasks_out.add_argument("--run-id", required=True, help="the run whose pairs are compared")
+    tasks_out.add_argument("--to", required=True, help="the folder for tasks.json and labeling_config.xml")
+    answers_in = act.add_parser("import", parents=[one, config, data, loud],
+                                help="rerun the run from annotate on people's answers (a Label Studio export)")
+    answers_in.add_argument("answers", help="Label Studio's JSON or JSON-MIN export of the tasks")
+    answers_in.add_argument("--run-id", required=True, help="the run the tasks were exported from")
+
     loop = sub.add_parser("loop", parents=[one, config, data, loud],
                           help="run an on-policy loop pipeline until its chain has --rounds rounds")
     loop.add_argument("--rounds", type=int, required=True, help="the number of complete rounds to reach (a rerun "
@@ -319,10 +330,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    from pathlib import Path
+
+    if args.action == "export":
+        from flows.labels import export_tasks
+
+        out = export_tasks(args.pipeline, args.run_id, args.overrides, args.config, args.data_dir, Path(args.to))
+        counts = ", ".join(f"{n} {s}" for s, n in out["comparisons"].items())
+        print(f"{counts} comparisons of run {args.run_id}: {out['tasks']} (labeling interface: "
+              f"{out['labeling_config']}); import into Label Studio, label, export JSON, then `popflow annotate "
+              f"import {args.pipeline} ANSWERS --run-id {args.run_id}`")
+        return 0
+    # import: the run again from annotate, on the answers (the margins, training and evaluation follow)
+    args.overrides = [*args.overrides, f"annotate.labels={Path(args.answers).resolve()}"]
+    args.from_stage = "annotate"
+    return cmd_run(args)
+
+
 COMMANDS = {"run": cmd_run, "experiment": cmd_experiment, "loop": cmd_loop, "policies": cmd_policies,
             "report": cmd_report, "sql": cmd_sql, "runs": cmd_runs,
             "validate": cmd_validate, "models": cmd_models, "serve": cmd_serve,
-            "deploy": cmd_deploy, "doctor": cmd_doctor, "export": cmd_export}
+            "deploy": cmd_deploy, "doctor": cmd_doctor, "export": cmd_export, "annotate": cmd_annotate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logs.configure(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns `serve`'s own output
-    flows = args.command in ("run", "loop", "experiment")
+    flows = args.command in ("run", "loop", "experiment") or getattr(args, "action", None) == "import"
     if flows:
         logs.quiet_console_tracebacks()
     try:

@@ -14,12 +14,15 @@ named by `annotate.ground_truth`). Two ways to choose comparisons (DPO-PoP, Chit
 Partners come from the whole dataset or only from pairs of the same prompt (`partners: same_prompt`).
 Noise: `flip` inverts the true order with probability p (the paper's model); `bradley_terry` labels
 P(a stronger) = sigmoid((m_a - m_b) / tau). Exact ties: `drop` the comparison or a fair `coin`.
-Same seed and inputs give identical labels.
+Same seed and inputs give identical labels. With `annotate.labels` the same comparisons are labelled by people
+instead (tasks/human_labels.py: Label Studio tasks out, its export back in; pop_labels.source says which).
 
     .venv/bin/popflow sql "select sampling, avg(flipped::int) from pop_labels group by all"
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +32,7 @@ from popflow import sql
 from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
+from tasks.human_labels import human_labels
 
 
 def group_layout(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -102,12 +106,22 @@ def simulate_pop_labels(gt: np.ndarray, groups: np.ndarray, sampling: str, k: in
     if np.isnan(gt).any():
         bad = int(np.flatnonzero(np.isnan(gt))[0])
         raise PopflowError(f"annotate: gt_margin is NaN for pair #{bad}: a ground truth is needed for every pair")
+    a, b, rng = draw_comparisons(groups, sampling, k, seed, partners)
+    a_stronger, flipped, keep = label(gt[a], gt[b], noise, p, tau, ties, rng)
+    return {"a": a[keep], "b": b[keep], "a_stronger": a_stronger[keep], "flipped": flipped[keep]}
+
+
+def draw_comparisons(groups: np.ndarray, sampling: str, k: int, seed: int, partners: str = "all"
+                     ) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """The comparisons (a, b) of one sampling over items 0..n-1, and the generator after the draw (the
+    simulated labels go on drawing from it): what people label too (tasks/human_labels.py)."""
+    if len(groups) < 2:
+        raise PopflowError("annotate: PoP labels need at least two pairs")
     _, _, _, size = group_layout(groups)
     check_k(k, size, partners)
     rng = np.random.default_rng(seed)
     a, b = (draw_iterative if sampling == "iterative" else draw_random)(groups, k, rng)
-    a_stronger, flipped, keep = label(gt[a], gt[b], noise, p, tau, ties, rng)
-    return {"a": a[keep], "b": b[keep], "a_stronger": a_stronger[keep], "flipped": flipped[keep]}
+    return a, b, rng
 
 
 def winner_counts(n: int, a: np.ndarray, b: np.ndarray, a_stronger: np.ndarray) -> np.ndarray:
@@ -154,17 +168,38 @@ def annotated_pairs(ctx: RunContext, con) -> pa.Table:
     return table
 
 
+def answered(cfg, ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, sampling: str) -> tuple[dict, dict]:
+    """People's labels of the comparisons the simulation would draw (annotate.labels: tasks/human_labels.py):
+    the labels as simulate_pop_labels gives them (`flipped`: disagrees with the reward models' order), and what
+    the report adds."""
+    if np.isnan(gt).any():
+        gt = np.nan_to_num(gt)  # people need no ground truth; `flipped` then compares with 0
+    a, b, _ = draw_comparisons(groups, sampling, cfg.k, cfg.seed, cfg.partners)
+    rows, strong, unanswered = human_labels(cfg.labels, sampling, a, b, ids)
+    a, b = a[rows], b[rows]
+    truth = gt[a] > gt[b]
+    import hashlib
+
+    digest = hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest()[:16]
+    return ({"a": a, "b": b, "a_stronger": strong, "flipped": (strong != truth) & (gt[a] != gt[b])},
+            {"source": "human", "answers": len(rows), "unanswered": unanswered, "labels_sha256": digest})
+
+
 def annotation(ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, cfg, sampling: str,
                train_on: str) -> tuple[pa.Table, pa.Table, dict]:
-    """PoP labels and the training-set composition of one sampling strategy."""
-    lab = simulate_pop_labels(gt, groups, sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
-                              cfg.partners)
+    """PoP labels (simulated, or people's: annotate.labels) and the training-set composition of one sampling."""
+    extra = {"source": "simulated"}
+    if cfg.labels:
+        lab, extra = answered(cfg, ids, gt, groups, sampling)
+    else:
+        lab = simulate_pop_labels(gt, groups, sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
+                                  cfg.partners)
     n = len(lab["a"])
     labels = pa.table({
         "pop_id": pa.array(np.arange(n), pa.int64()), "pair_a": ids[lab["a"]], "pair_b": ids[lab["b"]],
         "a_stronger": lab["a_stronger"], "flipped": lab["flipped"], "gt_margin_a": gt[lab["a"]],
         "gt_margin_b": gt[lab["b"]], "sampling": [sampling] * n, "k": pa.array([cfg.k] * n, pa.int32()),
-        "noise": [cfg.noise] * n,
+        "noise": [cfg.noise if not cfg.labels else "human"] * n, "source": [extra["source"]] * n,
     })
     copies = (np.ones(len(ids), dtype=np.int64) if train_on == "all_pairs"
               else winner_counts(len(ids), lab["a"], lab["b"], lab["a_stronger"]))
@@ -172,8 +207,15 @@ def annotation(ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, cfg, samplin
     train = pa.table({"pair_id": ids[keep], "copies": copies[keep], "train_on": [train_on] * int(keep.sum()),
                       "sampling": [sampling] * int(keep.sum())})
     report = {"comparisons": n, "flip_rate": round(float(lab["flipped"].mean()), 4) if n else 0.0,
-              "train_on": train_on, "train_pairs": int(keep.sum()), "train_examples": int(copies.sum())}
+              "train_on": train_on, "train_pairs": int(keep.sum()), "train_examples": int(copies.sum()), **extra}
     return labels, train, report
+
+
+def partner_groups(pairs: pa.Table, partners: str) -> np.ndarray:
+    """Each pair's group for drawing partners: its prompt (partners: same_prompt), else one group."""
+    if partners == "same_prompt":
+        return np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
+    return np.zeros(pairs.num_rows, dtype=np.int64)
 
 
 @stage("annotate", reads=("pair", "import_pairs", "score"), sections=("annotate",),
@@ -185,8 +227,7 @@ def annotate(ctx: RunContext) -> Output:
     pairs = annotated_pairs(ctx, sql.connect())
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt").to_numpy()
-    groups = (np.unique(pairs.column("prompt_id").to_numpy(zero_copy_only=False), return_inverse=True)[1]
-              if cfg.partners == "same_prompt" else np.zeros(len(ids), dtype=np.int64))
+    groups = partner_groups(pairs, cfg.partners)
     labels, train, report = [], [], {"pairs": len(ids), "k": cfg.k, "noise": cfg.noise}
     for sampling in cfg.sampling:
         lab, tr, rep = annotation(ids, gt, groups, cfg, sampling, ctx.config.train_on(sampling))

@@ -246,6 +246,9 @@ class AnnotateConfig(Strict):
 
     ties: Literal["drop", "coin"] = Field("coin", description="Exactly equal margins: drop, or a fair coin.")
     seed: int = Field(0, description="Seed of partner draws and label noise.")
+    labels: str | None = Field(None, description="People's labels instead of simulated ones: a Label Studio JSON "
+                               "(or JSON-MIN) export of the tasks `popflow annotate export` wrote for this run "
+                               "(relative to the config file; tasks/human_labels.py). null: simulate.")
 
 
 class MarginsConfig(Strict):
@@ -532,6 +535,8 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     if cfg.import_pairs:
         update["import_pairs"] = cfg.import_pairs.model_copy(
             update={"source": _absolute(cfg.import_pairs.source, base)})
+    if cfg.annotate.labels:
+        update["annotate"] = cfg.annotate.model_copy(update={"labels": _absolute(cfg.annotate.labels, base)})
     return cfg.model_copy(update=update)
 
 
