@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
 from flows.pipeline import as_assignments, preference_pipeline
-from flows.preflight import checked, hand_over, preflight
+from flows.preflight import checked, handing_over, preflight
 from popflow import sql
 from popflow.config import load_pipeline
 from popflow.errors import PopflowError
@@ -251,9 +251,9 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
     except PopflowError as err:
         get_run_logger().error("popflow: error: %s", err)
         return Failed(message=str(err), data=err)
-    hand_over(pipeline, config_path, sets, run_cfg)
-    state = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
-                                config_path=config_path, return_state=True)
+    with handing_over(pipeline, config_path, sets, run_cfg):
+        state = preference_pipeline(pipeline=pipeline, overrides=sets, data_dir=data_dir, run_id=run_id,
+                                    config_path=config_path, return_state=True)
     if state.is_failed():  # bad input: this flow ends with the pipeline's one-line failure
         return state
     result = state.result()

@@ -14,13 +14,14 @@ unfinished round first), so `popflow serve` walks the chain one round a night.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.pipeline import preference_pipeline
-from flows.preflight import checked, hand_over
+from flows.preflight import checked, handing_over
 from popflow.config import PipelineConfig
 from popflow.errors import PopflowError
 from popflow.lake import Lake
@@ -58,12 +59,12 @@ def preference_loop(pipeline: str, rounds: int, overrides: dict[str, Any] | list
         return Failed(message=str(err), data=err)
     lake = Lake(resolve_data_dir(data_dir))
     chain = complete_rounds(lake, pipeline)
-    if chain_length(chain) < rounds:  # the first round takes the checked config; later ones check anew
-        hand_over(pipeline, config_path, as_assignments(overrides), cfg)
     while chain_length(chain) < rounds:
         logger.info("loop %s: round %d of %d", pipeline, chain_length(chain) + 1, rounds)
-        state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
-                                    config_path=config_path, return_state=True)
+        with handing_over(pipeline, config_path, as_assignments(overrides), cfg) if cfg else nullcontext():
+            state = preference_pipeline(pipeline=pipeline, overrides=overrides, data_dir=data_dir,
+                                        config_path=config_path, return_state=True)
+        cfg = None  # the first round took the checked config; later ones check anew
         if state.is_failed():  # bad input in the round: its one line, already logged by the round
             return Failed(message=state.message, data=state.result(raise_on_failure=False))
         done, chain = chain_length(chain), complete_rounds(lake, pipeline)

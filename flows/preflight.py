@@ -22,6 +22,7 @@ stage never disagree.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from popflow import cluster, models
@@ -103,15 +104,35 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
 _HANDED: dict[tuple, PipelineConfig] = {}  # (pipeline, config path, overrides) -> the config checked for one run
 
 
+def _key(pipeline: str, config_path: str | Path | None, overrides: list[str]) -> tuple:
+    return pipeline, str(Path(config_path).resolve()) if config_path else None, tuple(overrides)
+
+
 def hand_over(pipeline: str, config_path: str | Path | None, overrides: list[str], cfg: PipelineConfig) -> None:
-    """The config the caller has just loaded and preflighted for the flow it starts next, in this process."""
-    _HANDED[(pipeline, str(config_path) if config_path else None, tuple(overrides))] = cfg
+    """The config the caller has just loaded and preflighted for the flow it starts next, in this process (the
+    caller forgets it when that flow returns: `handing_over`, or the CLI's `forget`)."""
+    _HANDED[_key(pipeline, config_path, overrides)] = cfg
+
+
+@contextmanager
+def handing_over(pipeline: str, config_path: str | Path | None, overrides: list[str], cfg: PipelineConfig):
+    """hand_over for the flow called inside; forgotten after it, taken or not (it may fail before it checks)."""
+    hand_over(pipeline, config_path, overrides, cfg)
+    try:
+        yield
+    finally:
+        _HANDED.pop(_key(pipeline, config_path, overrides), None)
+
+
+def forget() -> None:
+    """Drop every config handed over and not taken (the CLI, once its command has run)."""
+    _HANDED.clear()
 
 
 def checked(pipeline: str, config_path: str | Path | None, overrides: list[str]) -> PipelineConfig:
     """The run's config, loaded and preflighted once: the one handed over for these arguments (taken, so a
     later run in the same process, a served pipeline's next night, checks afresh), else loaded and checked now."""
-    cfg = _HANDED.pop((pipeline, str(config_path) if config_path else None, tuple(overrides)), None)
+    cfg = _HANDED.pop(_key(pipeline, config_path, overrides), None)
     if cfg is None:
         cfg = load_pipeline(pipeline, config_path, overrides)
         preflight(cfg, config_path)

@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(unexpected(exc), file=sys.stderr)
         return 1
+    finally:
+        if "flows.preflight" in sys.modules:  # a config checked for a flow that never took it goes too
+            sys.modules["flows.preflight"].forget()
 
 
 def unexpected(exc: BaseException) -> str:

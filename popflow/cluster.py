@@ -254,6 +254,7 @@ class Local:
         close = getattr(self.worker, "close", None)
         if close:
             close()
+        self.worker = None  # the next pool's replica may need the memory this one held
 
     def ready(self) -> list[dict]:
         return [self.worker.ready()]
@@ -283,10 +284,11 @@ class Backend:
         return Pool(cls, args, self.opts, gpus_per_replica(self.opts, self.info, gpus), name)
 
     def tasks(self, fn, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
-        """(key, fn(*args)) for every (key, args): here, in order, as the iterator is read; on Ray every item is
-        a one-CPU task submitted now (so they run while the caller does other work), yielded as they finish."""
+        """(key, fn(*args)) for every (key, args), started now: here run now, in order (so their errors come
+        first); on Ray submitted now as one-CPU tasks (they run while the caller does other work) and yielded as
+        they finish."""
         if self.info is None:
-            return ((key, fn(*args)) for key, args in items)
+            return iter([(key, fn(*args)) for key, args in items])
         import ray
 
         remote = ray.remote(num_cpus=1)(fn)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from popflow import precision
+from popflow.errors import PopflowError
 
 # A Python exception line ("ValueError: ...", "torch.OutOfMemoryError: ...") in a log; vLLM's own summary
 # lines point elsewhere ("See root cause above") and are not the cause.
@@ -70,7 +71,7 @@ def pin_cores(slot: int, cpus: float | None) -> list[int] | None:
 def engine_share(cfg, slot: int, cpus: float | None):
     """(sample config for this replica, its cores): pinned on a CPU node, where vLLM-CPU reserves
     gpu_memory_utilization of the node's RAM, so a replica takes its cores' share of that."""
-    node_cores = len(os.sched_getaffinity(0))
+    node_cores = len(os.sched_getaffinity(0)) if cpus is not None else None  # before pinning narrows it
     cores = pin_cores(slot, cpus)
     if cores:
         share = cfg.vllm.gpu_memory_utilization * len(cores) / node_cores
@@ -90,6 +91,8 @@ class GenerateReplica:
         self._open = self.engines.open(policy)
         try:
             self.engine = self._open.__enter__()
+        except PopflowError:  # bad input: its own one line, never retried
+            raise
         except Exception as exc:
             raise with_root_cause(exc) from None
         self.startup_s = time.time() - t0
@@ -131,10 +134,11 @@ class EvalReplica:
         if files is not None:
             self._received += 1
             path = str(unpack(files, Path(self._shipped.name) / f"policy-{self._received}"))
-        opened = self.engines.open(self.base, path) if adapter else self.engines.open(path)
         try:
-            with opened as engine:
+            with self.engines.open(self.base, path) if adapter else self.engines.open(path) as engine:
                 return engine.generate(prompts, n, params), os.getpid()
+        except PopflowError:  # bad input (a request the engine refuses): its own one line, never retried
+            raise
         except Exception as exc:
             raise with_root_cause(exc) from None
 

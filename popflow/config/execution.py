@@ -48,6 +48,16 @@ class Replicas(Strict):
         "then its shards go to the surviving replicas, and the stage fails only when none is left.")
 
 
+class EvaluateReplicas(Replicas):
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: in the stage's own process, one trained policy after another; ray: `replicas` "
+        "engine actors on the Ray cluster, each given one policy per call from one queue.")
+    replicas: int = Field(1, ge=1, description="ray: engine replicas, each sampling whole policies.")
+    gpus: float | None = Field(
+        None, ge=0, description="ray: GPUs per replica. Default: sample.vllm.tensor_parallel_size (vllm) or 1 when "
+        "the cluster has GPUs, else 0 (vLLM-CPU).")
+
+
 class ScoreReplicas(Replicas):
     chunk_size: int = Field(512, ge=1, description="ray: samples per task sent to a reward model replica.")
 
@@ -57,9 +67,10 @@ class ExecutionConfig(Strict):
     sample: Replicas = Field(default_factory=Replicas, description="Stage 1: where the vLLM engines run.")
     score: ScoreReplicas = Field(default_factory=ScoreReplicas, description="Stage 2: where the hf reward models run "
                                  "(the cheap kinds, constraints, relevance and python, become one Ray CPU task each).")
-    evaluate: Replicas = Field(default_factory=Replicas, description="Stage 7: where the trained policies generate "
-                               "on held-out prompts (one policy per call to a replica; a LoRA adapter's files travel "
-                               "with the call, a fully trained model must be at the same path on every node).")
+    evaluate: EvaluateReplicas = Field(
+        default_factory=EvaluateReplicas, description="Stage 7: where the trained policies generate on held-out "
+        "prompts (one policy per call to a replica; a LoRA adapter's files travel with the call, the base and a fully "
+        "trained model load from their paths: docs/scale-out.md).")
 
     def uses_ray(self) -> bool:
         return "ray" in (self.sample.backend, self.score.backend, self.evaluate.backend)

@@ -90,3 +90,14 @@ class Replica:
         texts, templated = format_texts(self.tokenizer, prompts, responses)
         return score_texts(self.tokenizer, self.model, texts, templated, self.spec.batch_size,
                            self.spec.max_length, f"score {self.spec.name}")
+
+    def close(self) -> None:
+        """Free the model before the next one loads (the local backend runs one reward model after another)."""
+        import gc
+
+        import torch
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slow  # trains two tiny adapters
 
 
 def test_evaluate_resumes_per_policy_after_a_crash(tmp_path, monkeypatch):
-    """Two trained policies (seeds 0 and 1). Evaluate fails while scoring the second one, after the first was
+    """Two trained policies (seeds 0 and 1). Evaluate fails while the second one generates, after the first was
     staged: nothing is published. The rerun generates only the second policy (one call to the replica's
-    generate) and publishes both: 2 policies x 3 held-out prompts x evaluate.n = 2 samples, no key twice; its
-    report says one policy was resumed and which process generated."""
+    generate), scores both after the engine closed, and publishes both: 2 policies x 3 held-out prompts x
+    evaluate.n = 2 samples, no key twice; its report says one policy was resumed and which process generated,
+    and the raw samples' staging is gone."""
     cfg = load_pipeline("tiny", overrides=["sample.engine=transformers", "train.seeds=[0, 1]",
                                            "score.models=[{name: constraints, kind: constraints}, {name: tiny_rm, "
                                            "kind: hf, model: 'builtin:tiny-reward', batch_size: 8, max_length: 512}]"])
@@ -28,27 +29,28 @@ def test_evaluate_resumes_per_policy_after_a_crash(tmp_path, monkeypatch):
     for s in stages[: [s.name for s in stages].index("evaluate")]:
         s(ctx)
     run_evaluate = next(s for s in stages if s.name == "evaluate")
-    real_score, calls = evaluate.score_samples, []
+    real_generate, calls = EvalReplica.generate, []
 
-    def killed_on_the_second(*args):
-        calls.append(1)
+    def killed_on_the_second(self, path, *args, **kwargs):
+        calls.append(path)
         if len(calls) == 2:
-            raise RuntimeError("killed while scoring the second policy")
-        return real_score(*args)
+            raise RuntimeError("killed while the second policy generates")
+        return real_generate(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "score_samples", killed_on_the_second)
-    with pytest.raises(RuntimeError, match="killed while scoring"):
+    monkeypatch.setattr(EvalReplica, "generate", killed_on_the_second)
+    with pytest.raises(RuntimeError, match="killed while the second"):
         run_evaluate(ctx)
     assert not ctx.has("eval_samples") and not ctx.has("eval_rewards")
+    assert len(ctx.lake.staged_parts(evaluate.GENERATED, "tiny", "r1")) == 1
 
-    monkeypatch.setattr(evaluate, "score_samples", real_score)
-    generated, real_generate = [], EvalReplica.generate
+    generated = []
     monkeypatch.setattr(EvalReplica, "generate", lambda self, path, *a, **k: generated.append(path)
                         or real_generate(self, path, *a, **k))
     result = run_evaluate(ctx)
-    assert len(generated) == 1 and generated[0].endswith("-s1")
+    assert len(generated) == 1 and generated[0] == calls[1] and generated[0].endswith("-s1")
     assert result.report["resumed_policies"] == 1 and sum(result.report["replica_pids"].values()) == 1
     keys = connect().sql(f"select method, seed, prompt_id, sample_idx from {ctx.table('eval_samples')}").fetchall()
     assert len(keys) == len(set(keys)) == 2 * 3 * 2 == result.tables["eval_samples"]
     assert {(m, s) for m, s, _, _ in keys} == {("dpo_pop", 0), ("dpo_pop", 1)}
     assert result.tables["eval_rewards"] == 2 * 12  # two reward models
+    assert not ctx.lake.staged_parts(evaluate.GENERATED, "tiny", "r1")

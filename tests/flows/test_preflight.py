@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import flows.pipeline
 import flows.preflight
-from flows.preflight import checked, hand_over
+from flows.preflight import checked, forget, hand_over, handing_over
 from popflow import cli, config
+from tests.conftest import REPO
 
 
 def counting(monkeypatch) -> dict:
@@ -33,7 +34,8 @@ def test_a_cli_run_loads_and_checks_its_config_once(monkeypatch, capsys):
     """`popflow run tiny --set sample.n=3` through the CLI, its flow replaced by one that gets its config as the
     real flow does (flows.preflight.checked): one load and one preflight in all, and the flow sees the CLI's
     overrides. The handed-over config is taken, not kept: a second run in the same process (a served pipeline's
-    next night) loads and checks again."""
+    next night) loads and checks again; one handed to a flow that never took it is forgotten when the flow
+    returns; the config file's key is its resolved path."""
     calls, seen = counting(monkeypatch), []
 
     def flow(pipeline, overrides, data_dir, run_id, config_path, from_stage):
@@ -48,4 +50,8 @@ def test_a_cli_run_loads_and_checks_its_config_once(monkeypatch, capsys):
     hand_over("tiny", None, ["sample.n=3"], seen[0])
     assert checked("tiny", None, ["sample.n=4"]).sample.n == 4  # other arguments: not the handed-over config
     assert calls == {"load": 3, "preflight": 3}
-    flows.preflight._HANDED.clear()
+    with handing_over("tiny", "pipelines.yaml", [], seen[0]):  # a flow that fails before it takes it
+        pass
+    assert checked("tiny", REPO / "pipelines.yaml", []).sample.n == 4  # forgotten; the same file however named
+    assert calls == {"load": 4, "preflight": 4}
+    forget()

