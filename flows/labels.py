@@ -15,7 +15,7 @@ from popflow.errors import PopflowError
 from popflow.lake import Lake
 from popflow.runs import resolve_data_dir
 from popflow.stage import RunContext
-from tasks.annotate import annotated_pairs, draw_comparisons, partner_groups
+from tasks.annotate import annotated_pairs, draw_comparisons, pair_texts, partner_groups
 from tasks.human_labels import tasks, write_tasks
 
 
@@ -31,15 +31,14 @@ def export_tasks(pipeline: str, run_id: str, overrides: list[str], config_path: 
         raise PopflowError(f"run {run_id!r} of {pipeline!r} has no pairs in {lake.root}: run it to the pair stage "
                            "first")
     con = sql.connect()
-    pairs = annotated_pairs(ctx, con)
+    pairs = annotated_pairs(ctx, con, need_gt=False)  # people need no ground truth
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     groups, a_cfg = partner_groups(pairs, cfg.annotate.partners), cfg.annotate
-    rows = {r["pair_id"]: r for r in con.sql(
-        f"select pair_id, prompt, chosen, rejected from {ctx.table('pairs')}").to_arrow_table().to_pylist()}
+    rows = pair_texts(ctx, con)
     comparisons, counts = [], {}
     for sampling in a_cfg.sampling:
         a, b, _ = draw_comparisons(groups, sampling, a_cfg.k, a_cfg.seed, a_cfg.partners)
         comparisons += [(sampling, i, ids[x], ids[y]) for i, (x, y) in enumerate(zip(a, b, strict=True))]
         counts[sampling] = len(a)
-    task_file, config_file = write_tasks(Path(to), tasks(comparisons, rows))
+    task_file, config_file = write_tasks(Path(to), tasks(comparisons, rows, run_id))
     return {"comparisons": counts, "tasks": str(task_file), "labeling_config": str(config_file)}

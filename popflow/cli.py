@@ -331,6 +331,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_annotate(args) -> int:
+    import json
     from pathlib import Path
 
     if args.action == "export":
@@ -343,7 +344,7 @@ def cmd_annotate(args) -> int:
               f"import {args.pipeline} ANSWERS --run-id {args.run_id}`")
         return 0
     # import: the run again from annotate, on the answers (the margins, training and evaluation follow)
-    args.overrides = [*args.overrides, f"annotate.labels={Path(args.answers).resolve()}"]
+    args.overrides = [*args.overrides, f"annotate.labels={json.dumps(str(Path(args.answers).resolve()))}"]
     args.from_stage = "annotate"
     return cmd_run(args)
 

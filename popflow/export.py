@@ -1,12 +1,13 @@
 """Publish a run's pairs as a Hugging Face dataset: a folder with its card, loadable by `datasets` and TRL as is.
 
     .venv/bin/popflow export demo --to exports/demo                    # the latest complete run, its trained pairs
-    .venv/bin/popflow export demo --run-id R --strategy max_min:max>min --to exports/demo-maxmin
+    .venv/bin/popflow export demo --run-id R --strategy max_min --to exports/demo-maxmin
     .venv/bin/popflow export demo --to exports/demo --hub you/demo-pairs   # then pushed (a token and the network)
     python -c "import datasets; print(datasets.load_dataset('exports/demo'))"
 
 The folder (written whole under a temporary name, then renamed: never half an export):
-    data/train-00000-of-00001.parquet   the run's train pairs of the strategy; data/test-...: its held-out pairs
+    data/train-00000-of-00001.parquet   the run's own train-split pairs of the strategy; data/test-...: held-out
+                                        (a loop round's own: earlier rounds' pairs export with their runs)
     README.md                           the dataset card: a YAML header (license from `export.license`, tags,
                                         task_categories, size_categories, `configs:` naming the splits' files)
                                         and what made the pairs, their counts, the reward spread, the figures
@@ -79,6 +80,8 @@ def export_sql(tables: dict[str, str], strategy: str, models: list[str], provena
     `sampling` rows give pop_margin (the PoP sampling training uses first); `models`: the reward models' names
     (validated config names); `provenance`: constant columns (literals)."""
     def scores(side: str) -> str:
+        if not tables.get("rewards"):  # imported pairs: no reward model scored them here
+            return f"{side}_scores as (select pair_id, null as {side}_scores from pairs)"
         fields = ", ".join(f"{lit(m)}: max(r.score) filter (where r.reward_model = {lit(m)})" for m in models)
         return f"""{side}_scores as (
             select p.pair_id, {{{fields}}} as {side}_scores
@@ -87,9 +90,9 @@ def export_sql(tables: dict[str, str], strategy: str, models: list[str], provena
             group by p.pair_id
         )"""
 
-    margins = (f"left join (select pair_id, margin from {tables['margins']} where sampling = {lit(sampling)}) m "
-               "using (pair_id)" if tables.get("margins") else "")
-    constants = ", ".join(f"{struct(v) if isinstance(v, dict) else value(v)} as {k}" for k, v in provenance.items())
+    margins = (f"left join (select pair_id, margin from {tables['margins']} where sampling = {lit(sampling)} "
+               "and method = 'pop') m using (pair_id)" if tables.get("margins") else "")
+    constants = ", ".join(f"{struct(v) if isinstance(v, dict) else value(v, k)} as {k}" for k, v in provenance.items())
     return f"""
     with pairs as (
         select * from {tables['pairs']} where strategy = {lit(strategy)}
@@ -111,14 +114,18 @@ def export_sql(tables: dict[str, str], strategy: str, models: list[str], provena
     select * from final order by split, pair_id"""
 
 
-def value(v) -> str:
-    """A SQL literal of a plain value; None as a typed null (an integer: only `round` and sampling's may be)."""
-    return "null::integer" if v is None else lit(v)
+TYPES = {"round": "integer", "n": "integer", "seed": "integer", "max_tokens": "integer", "temperature": "double",
+         "top_p": "double"}  # the provenance fields that are not text, for their typed nulls
+
+
+def value(v, name: str = "") -> str:
+    """A SQL literal of a plain value; None as a null of the field's type."""
+    return f"null::{TYPES.get(name, 'varchar')}" if v is None else lit(v)
 
 
 def struct(values: dict) -> str:
     """A DuckDB struct literal of plain values."""
-    return "{" + ", ".join(f"{lit(k)}: {value(v)}" for k, v in values.items()) + "}"
+    return "{" + ", ".join(f"{lit(k)}: {value(v, k)}" for k, v in values.items()) + "}"
 
 
 def provenance(record: dict, sample_report: dict, policy: dict) -> dict:
@@ -142,7 +149,7 @@ def size_category(n: int) -> str:
 
 
 def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int], spread: list[list],
-         policy: dict, reward_models: list[list], figures: list[str], template: bool) -> str:
+         policy: dict, reward_models: list[list], figures: list[str], template: bool, imported: bool = False) -> str:
     """The dataset card (README.md): the Hub's YAML header, then what made the pairs and how to use them."""
     name = cfg.export.pretty_name or record["pipeline"]
     header = {
@@ -163,14 +170,16 @@ def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int
         f"strategy's chosen and rejected points among the seven of each prompt's rewards ({', '.join(POINTS)}; "
         "\"Finding the Sweet Spot\", arXiv 2502.16825).", "",
         "| split | pairs |", "|---|---|", *[f"| {s} | {n} |" for s, n in counts.items()], "",
-        f"**Policy** `{policy.get('ref')}` (fingerprint `{policy.get('fingerprint')}`), sampled with temperature "
-        f"{sampling.get('temperature')}, top_p {sampling.get('top_p')}, at most {sampling.get('max_tokens')} new "
-        f"tokens, n = {sampling.get('n')} per prompt, seed {sampling.get('seed')}"
-        + (f", system prompt: {sampling.get('system_prompt')!r}" if sampling.get("system_prompt") else "")
-        + (" (its chat template: `chat_template.jinja`)." if template else "."), "",
-        "**Reward models** (their raw scores are the columns `chosen_scores` / `rejected_scores`; `score_chosen` / "
-        f"`score_rejected` are the aggregate, {(record.get('config') or {}).get('score', {}).get('aggregate')}):", "",
-        markdown_table(["name", "kind", "model", "fingerprint"], reward_models), "",
+        (f"**Pairs** {policy.get('ref')}: no policy sampled them and no reward model scored them here." if imported
+         else f"**Policy** `{policy.get('ref')}` (fingerprint `{policy.get('fingerprint')}`), sampled with temperature "
+         f"{sampling.get('temperature')}, top_p {sampling.get('top_p')}, at most {sampling.get('max_tokens')} new "
+         f"tokens, n = {sampling.get('n')} per prompt, seed {sampling.get('seed')}"
+         + (f", system prompt: {sampling.get('system_prompt')!r}" if sampling.get("system_prompt") else "")
+         + (" (its chat template: `chat_template.jinja`)." if template else ".")), "",
+        *([] if imported else [
+            "**Reward models** (their raw scores are the columns `chosen_scores` / `rejected_scores`; `score_chosen` "
+            f"/ `score_rejected` are the aggregate, {(record.get('config') or {}).get('score', {}).get('aggregate')}):",
+            "", markdown_table(["name", "kind", "model", "fingerprint"], reward_models), ""]),
         "**Reward spread** of the exported pairs:", "",
         markdown_table(["split", "score_chosen mean", "score_rejected mean", "reward_margin mean [min, max]",
                         "pairs with a PoP margin"], spread), "",
@@ -211,34 +220,38 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
     """Write the dataset folder `to` of a run's pairs (see the module docstring); its counts per split."""
     record = choose_run(lake, pipeline, run_id)
     run_id = record["run_id"]
-    to = Path(to)
-    if to.exists() and any(to.iterdir()) and not force:
-        raise PopflowError(f"--to {to}: exists and is not empty (pass --force to replace it)")
+    to = check_target(Path(to), lake, force)
     con = sql.connect()  # the run's own files; the catalog is left to the runs that rebuild it
 
     def table(name: str) -> str | None:
         files = Path(lake.glob(name, pipeline, run_id)).parent
         return f"read_parquet({lit(lake.glob(name, pipeline, run_id))})" if any(files.glob("*.parquet")) else None
 
-    if table("pairs") is None:
+    # this run's own pairs: a loop round's file part-00000 (with loop.pairs: all, earlier rounds' pairs sit
+    # beside it, sampled by other policies: their own runs export them with their own provenance)
+    own = lake.partition("pairs", pipeline, run_id) / "part-00000.parquet"
+    if not own.is_file():
         raise PopflowError(f"run {run_id} of {pipeline!r} has no pairs to export")
-    strategies = [s for (s,) in con.sql(f"select distinct strategy from {table('pairs')} order by 1").fetchall()]
+    pairs = sql.parquet(own)
+    strategies = [s for (s,) in con.sql(f"select distinct strategy from {pairs} order by 1").fetchall()]
     ran = as_ran(record)
     strategy = strategy or ran.annotated_strategy()
     if strategy not in strategies:
         raise PopflowError(f"--strategy {strategy!r}: run {run_id} has pairs of {', '.join(strategies)}")
     manifests = lake.read_manifests(pipeline, run_id)
     sample = manifests.get("sample", {})
-    policy = (sample.get("models") or {}).get("policy") or {"ref": (record.get("config") or {}).get("sample", {})
-                                                                   .get("policy")}
+    imported = (record.get("config") or {}).get("import_pairs")
+    policy = (sample.get("models") or {}).get("policy") or (
+        {"ref": f"imported from {imported.get('source')}"} if imported else {})
     models = [m for (m,) in con.sql(f"select distinct reward_model from {table('rewards')} order by 1").fetchall()] \
         if table("rewards") else []
     annotated = strategy == ran.annotated_strategy() and table("margins")
-    query = export_sql({"pairs": table("pairs"), "rewards": table("rewards"),
+    query = export_sql({"pairs": pairs, "rewards": table("rewards"),
                         "margins": table("margins") if annotated else None},
                        strategy, models, provenance(record, sample.get("report", {}), policy), ran.annotate.sampling[0])
     rows = con.sql(query).to_arrow_table()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}-", dir=to.parent if to.parent.exists() else None))
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}-", dir=to.parent))  # beside it: the renames stay on one disk
     try:
         counts = {}
         for split, name in SPLITS.items():
@@ -247,7 +260,7 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
                 write_parquet(part, tmp / "data" / f"{name}-00000-of-00001.parquet")
                 counts[name] = part.num_rows
         con.register("exported", rows)
-        spread = [[SPLITS[s], f"{a:.3f}", f"{b:.3f}", f"{m:.3f} [{lo:.3f}, {hi:.3f}]", str(k)] for s, a, b, m, lo, hi, k
+        spread = [[SPLITS[s], num(a), num(b), f"{num(m)} [{num(lo)}, {num(hi)}]", str(k)] for s, a, b, m, lo, hi, k
                   in con.sql("select split, avg(score_chosen), avg(score_rejected), avg(reward_margin), "
                              "min(reward_margin), max(reward_margin), count(pop_margin) from exported "
                              "group by split order by split desc").fetchall()]
@@ -260,28 +273,52 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
         identities = manifests.get("score", {}).get("models") or {}
         reward_models = [[m.name, m.kind, identities.get(m.name, {}).get("ref", ""),
                           (identities.get(m.name, {}).get("fingerprint") or "")[:19]] for m in ran.score.models]
-        write_text(card(cfg, record, strategy, counts, spread, policy, reward_models, figures, bool(template)),
-                   tmp / "README.md")
-        if to.exists():
-            shutil.rmtree(to)
-        to.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(to)
+        write_text(card(cfg, record, strategy, counts, spread, policy, reward_models, figures, bool(template),
+                        bool(imported)), tmp / "README.md")
+        old = to.with_name(f".{to.name}-replaced-{tmp.name}") if to.exists() else None
+        if old:
+            to.rename(old)  # aside, not deleted, until the new folder is in place
+        try:
+            tmp.rename(to)
+        except OSError:
+            if old:
+                old.rename(to)
+            raise
+        if old:
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"run_id": run_id, "strategy": strategy, "splits": counts, "folder": str(to)}
 
 
+def num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def check_target(to: Path, lake: Lake, force: bool) -> Path:
+    """The folder to write, resolved: not a file, not this folder or one above it, not holding the lake, and empty
+    unless `force` (then it is replaced)."""
+    to = to.resolve()
+    if to.exists() and not to.is_dir():
+        raise PopflowError(f"--to {to}: is a file")
+    here = Path.cwd().resolve()
+    if to == here or to in here.parents or to == lake.data_dir.resolve() or to in lake.data_dir.resolve().parents:
+        raise PopflowError(f"--to {to}: holds the current folder or the data dir; name a folder of its own")
+    if to.exists() and any(to.iterdir()) and not force:
+        raise PopflowError(f"--to {to}: exists and is not empty (pass --force to replace it)")
+    return to
+
+
 def push(folder: Path, repo: str) -> str:
     """Upload the folder as the dataset repo `repo` (created if missing) with huggingface_hub; its URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="dataset", exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="dataset",
                                  commit_message="popflow export")
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # offline, no token, refused, an HTTP error of any client version: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PopflowError(f"--hub {repo}: could not push {folder} ({type(exc).__name__}: {first}); the folder is "
                            "written: push it later with `huggingface-cli upload --repo-type dataset`") from None

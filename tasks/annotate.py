@@ -150,8 +150,15 @@ def annotated_pairs_sql(pairs: str, rewards: str | None, strategy: str, gt_model
     """
 
 
-def annotated_pairs(ctx: RunContext, con) -> pa.Table:
-    """The pairs to annotate (pair_id, prompt_id, gt) in a stable order; gt from a named reward model if asked."""
+def pair_texts(ctx: RunContext, con) -> dict[str, dict]:
+    """pair_id -> the pair's prompt, chosen and rejected message lists (what people read)."""
+    rows = con.sql(f"select pair_id, prompt, chosen, rejected from {ctx.table('pairs')}").to_arrow_table()
+    return {r["pair_id"]: r for r in rows.to_pylist()}
+
+
+def annotated_pairs(ctx: RunContext, con, need_gt: bool = True) -> pa.Table:
+    """The pairs to annotate (pair_id, prompt_id, gt) in a stable order; gt from a named reward model if asked,
+    and required unless `need_gt` is false (people label pairs no reward model scored)."""
     cfg, strategy = ctx.config, ctx.config.annotated_strategy()
     gt_model = cfg.annotate.ground_truth
     if gt_model != "aggregate" and (cfg.import_pairs or gt_model not in {m.name for m in cfg.score.models}):
@@ -162,35 +169,35 @@ def annotated_pairs(ctx: RunContext, con) -> pa.Table:
     if table.num_rows == 0:
         raise PopflowError(f"annotate: run {ctx.run_id} has no pairs with strategy {strategy!r} (annotate.pairs)")
     missing = table.filter(pc.is_null(table.column("gt"), nan_is_null=True))
-    if missing.num_rows:
+    if missing.num_rows and need_gt:
         raise PopflowError(f"annotate: pair {missing.column('pair_id')[0].as_py()!r} has no ground-truth margin "
                            f"({missing.num_rows} such pairs): PoP simulation needs chosen and rejected scores")
     return table
 
 
-def answered(cfg, ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, sampling: str) -> tuple[dict, dict]:
+def answered(cfg, ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, sampling: str, run_id: str,
+             texts: dict[str, dict]) -> tuple[dict, dict]:
     """People's labels of the comparisons the simulation would draw (annotate.labels: tasks/human_labels.py):
     the labels as simulate_pop_labels gives them (`flipped`: disagrees with the reward models' order), and what
     the report adds."""
-    if np.isnan(gt).any():
-        gt = np.nan_to_num(gt)  # people need no ground truth; `flipped` then compares with 0
     a, b, _ = draw_comparisons(groups, sampling, cfg.k, cfg.seed, cfg.partners)
-    rows, strong, unanswered = human_labels(cfg.labels, sampling, a, b, ids)
+    rows, strong, unanswered = human_labels(cfg.labels, sampling, a, b, ids, run_id, texts)
     a, b = a[rows], b[rows]
-    truth = gt[a] > gt[b]
+    with np.errstate(invalid="ignore"):  # a pair without a ground truth (unscored import): never "flipped"
+        truth, known = gt[a] > gt[b], ~np.isnan(gt[a]) & ~np.isnan(gt[b])
     import hashlib
 
     digest = hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest()[:16]
-    return ({"a": a, "b": b, "a_stronger": strong, "flipped": (strong != truth) & (gt[a] != gt[b])},
+    return ({"a": a, "b": b, "a_stronger": strong, "flipped": (strong != truth) & (gt[a] != gt[b]) & known},
             {"source": "human", "answers": len(rows), "unanswered": unanswered, "labels_sha256": digest})
 
 
 def annotation(ids: np.ndarray, gt: np.ndarray, groups: np.ndarray, cfg, sampling: str,
-               train_on: str) -> tuple[pa.Table, pa.Table, dict]:
+               train_on: str, people: tuple[str, dict] | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """PoP labels (simulated, or people's: annotate.labels) and the training-set composition of one sampling."""
     extra = {"source": "simulated"}
-    if cfg.labels:
-        lab, extra = answered(cfg, ids, gt, groups, sampling)
+    if cfg.labels:  # people: (run id, pair_id -> its texts)
+        lab, extra = answered(cfg, ids, gt, groups, sampling, *people)
     else:
         lab = simulate_pop_labels(gt, groups, sampling, cfg.k, cfg.noise, cfg.p, cfg.tau, cfg.ties, cfg.seed,
                                   cfg.partners)
@@ -224,13 +231,15 @@ def annotate(ctx: RunContext) -> Output:
     """Simulate PoP labels over the run's train pairs, once per sampling strategy; write pop_labels and
     the training-set composition (train_pairs)."""
     cfg = ctx.config.annotate
-    pairs = annotated_pairs(ctx, sql.connect())
+    con = sql.connect()
+    pairs = annotated_pairs(ctx, con, need_gt=not cfg.labels)  # people need no ground truth
+    people = (ctx.run_id, pair_texts(ctx, con)) if cfg.labels else None
     ids = pairs.column("pair_id").to_numpy(zero_copy_only=False)
     gt = pairs.column("gt").to_numpy()
     groups = partner_groups(pairs, cfg.partners)
     labels, train, report = [], [], {"pairs": len(ids), "k": cfg.k, "noise": cfg.noise}
     for sampling in cfg.sampling:
-        lab, tr, rep = annotation(ids, gt, groups, cfg, sampling, ctx.config.train_on(sampling))
+        lab, tr, rep = annotation(ids, gt, groups, cfg, sampling, ctx.config.train_on(sampling), people)
         labels.append(lab)
         train.append(tr)
         report[sampling] = rep

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from popflow import models, precision, sql
+from popflow import cluster, models, precision, sql
 from popflow.engines import Params, Prompt, prepare_prompts, samples_table
 from popflow.errors import PopflowError
 from popflow.lake import write_text
@@ -213,29 +213,30 @@ def serving_where(setting: str, where, budget: int, policies: int) -> str:
     """`evaluate.adapters` resolved for the machines that generate: this one, or on Ray the cluster (GPUs there
     mean CUDA engines, whatever the driver has), each replica sharing one LoRA engine among its own policies."""
     hw = precision.detect()
-    if where.on_ray:
-        hw = precision.Hardware("cuda") if where.info.gpus > 0 else hw
+    if where.on_ray:  # the replicas' GPUs, as the pool will ask for them
+        gpus = cluster.gpus_per_replica(where.opts, where.info, 1.0)
+        hw = precision.Hardware("cuda") if gpus > 0 else precision.Hardware("cpu", hw.cpu_flags)
         policies = -(-policies // where.opts.replicas)
     return adapter_serving(setting, hw, budget, policies)
 
 
 def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], rendered: list[Prompt], budget: int
-                   ) -> tuple[str, dict[str, int]]:
+                   ) -> tuple[str | None, dict[str, int]]:
     """Sample every trained policy not yet staged on the held-out prompts (rendered), with stage 1's engine and
     settings, where `execution.evaluate` says (one EvalReplica here, or a pool of them on Ray, a policy per
     call), and stage each policy's samples as they come back, so a rerun after a crash samples only the rest.
-    Nothing is scored here: the engines keep their memory until the pool closes. (how adapters were served,
-    {pid: policies} of the processes that generated)."""
+    Nothing is scored here: the engines keep their memory until the pool closes. (how adapters were served, None
+    when nothing was left to sample; {pid: policies} of the processes that generated)."""
     cfg = ctx.config.sample.model_copy(update={"n": ctx.config.evaluate.n})
     todo, pids = [p for p in policies if policy_part(p) in parts.todo], {}
     base = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")  # what adapters trained on
     ids, by_name = [p.id for p in rendered], {policy_part(p): p for p in todo}
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
     gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+    if not todo:  # every policy sampled already (a rerun after a crash in scoring): no engine, no cluster
+        return None, pids
     with backend(ctx, "evaluate") as where:
         serving = serving_where(ctx.config.evaluate.adapters, where, budget, len(policies))
-        if not todo:
-            return serving, pids
         scratch = None if where.on_ray else str(models.scratch_dir(ctx.lake.data_dir))  # merged copies: node-local
         items = [(policy_part(p), (p["path"], p["adapter"], rendered, cfg.n, Params.of(cfg),
                                    pack(Path(p["path"])) if where.on_ray and p["adapter"] else None)) for p in todo]
@@ -309,7 +310,6 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
     outcomes = con.sql(prompt_outcomes_sql(ctx.table("eval_samples"), ctx.table("sample_rewards"),
                                            ctx.table("samples"), ids, n, constraints)).to_arrow_table()
     lake.write_table("eval_outcomes", ctx.pipeline, ctx.run_id, with_run_columns(ctx, outcomes))
-    lake.discard_staging(GENERATED, ctx.pipeline, ctx.run_id)  # the tables hold it now
     return (generation_metrics_sql(ctx.table("eval_outcomes")),
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],

@@ -22,7 +22,7 @@ from popflow.report import markdown_table
 
 HEADER = """# Configuration reference
 
-Every key of a pipeline in `pipelines.yaml`, generated from the typed config (`popflow/config*.py`) by
+Every key of a pipeline in `pipelines.yaml`, generated from the typed config (`popflow/config/`) by
 `python -m popflow.config.reference > docs/config.md`; a test fails when this file is out of date. Unknown keys
 and bad values are errors naming the key and its line. `extends: NAME` starts a pipeline from another's keys:
 mappings merge key by key, and any other value of its own, a list included, replaces the base's.

@@ -19,8 +19,9 @@ def test_evaluate_resumes_per_policy_after_a_crash(tmp_path, monkeypatch):
     """Two trained policies (seeds 0 and 1). Evaluate fails while the second one generates, after the first was
     staged: nothing is published. The rerun generates only the second policy (one call to the replica's
     generate), scores both after the engine closed, and publishes both: 2 policies x 3 held-out prompts x
-    evaluate.n = 2 samples, no key twice; its report says one policy was resumed and which process generated,
-    and the raw samples' staging is gone."""
+    evaluate.n = 2 samples, no key twice; its report says one policy was resumed and which process generated.
+    The raw samples stay staged (a failure after them, or --from-stage evaluate with the same policies, samples
+    nothing again)."""
     cfg = load_pipeline("tiny", overrides=["sample.engine=transformers", "train.seeds=[0, 1]",
                                            "score.models=[{name: constraints, kind: constraints}, {name: tiny_rm, "
                                            "kind: hf, model: 'builtin:tiny-reward', batch_size: 8, max_length: 512}]"])
@@ -53,4 +54,4 @@ def test_evaluate_resumes_per_policy_after_a_crash(tmp_path, monkeypatch):
     assert len(keys) == len(set(keys)) == 2 * 3 * 2 == result.tables["eval_samples"]
     assert {(m, s) for m, s, _, _ in keys} == {("dpo_pop", 0), ("dpo_pop", 1)}
     assert result.tables["eval_rewards"] == 2 * 12  # two reward models
-    assert not ctx.lake.staged_parts(evaluate.GENERATED, "tiny", "r1")
+    assert len(ctx.lake.staged_parts(evaluate.GENERATED, "tiny", "r1")) == 2  # kept: --from-stage reuses them

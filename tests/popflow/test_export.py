@@ -116,3 +116,32 @@ def test_bad_exports_fail_with_one_line(tmp_path, monkeypatch):
 def test_size_categories_by_hand():
     assert [size_category(n) for n in (0, 999, 1000, 9999, 10_000, 999_999, 10**6)] == [
         "n<1K", "n<1K", "1K<n<10K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "n>1M"]
+
+
+def test_only_the_runs_own_pop_margins_and_pairs_are_exported(tmp_path, monkeypatch):
+    """pop_margin is a margin inferred from PoP labels only (margins.method pop): a `gt` baseline's margins leave
+    it null. A loop round's earlier rounds' pairs (loop.pairs: all, staged beside its own part-00000 with ids
+    r<k>/...) were sampled by other policies: they are not this run's to export. The current folder, or one
+    above it, is never an export target."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from popflow.stage import with_run_columns
+
+    ctx = exported_run(tmp_path)
+    ctx.lake.drop_table("margins", "tiny", "r1")  # the fixture's PoP margins, replaced by a gt baseline's
+    ctx.lake.write_table("margins", "tiny", "r1", with_run_columns(ctx, pa.Table.from_pylist([
+        {"pair_id": A, "margin": 0.25, "sampling": "iterative", "method": "gt"}])))
+    earlier = pa.Table.from_pylist([{"pair_id": f"r1/{A}", "prompt_id": P1, "split": "train", "strategy": "seven_point",
+                                     "prompt": [{"role": "user", "content": "old"}]}])
+    partition = ctx.lake.partition("pairs", "tiny", "r1")
+    pq.write_table(earlier, partition / "part-r00001.parquet")
+    export(ctx.lake, ctx.config, "tiny", "r1", None, tmp_path / "ds")
+    train = pq.read_table(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    rows = {r["pair_id"]: r for r in train.to_pylist()}
+    assert set(rows) == {A, B} and rows[A]["pop_margin"] is None
+    monkeypatch.chdir(tmp_path / "ds")
+    for here in (".", ".."):
+        with pytest.raises(PopflowError, match="holds the current folder or the data dir"):
+            export(ctx.lake, ctx.config, "tiny", "r1", None, tmp_path / "ds" / here, force=True)
+    assert (tmp_path / "ds" / "README.md").is_file()
