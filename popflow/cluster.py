@@ -283,6 +283,35 @@ class Backend:
             return Local(cls, args, name)
         return Pool(cls, args, self.opts, gpus_per_replica(self.opts, self.info, gpus), name)
 
+    @property
+    def replicas(self) -> int:
+        return self.opts.replicas if self.info is not None else 1
+
+    def chunk(self, size: int, total: int) -> int:
+        """Items per call: `size` on Ray (the calls spread over the replicas), all `total` at once here."""
+        return size if self.info is not None else max(total, 1)
+
+    def hardware(self, gpus: float = 1.0):
+        """What the replicas run on (popflow.precision.Hardware): this machine here; on Ray a GPU when each
+        replica gets one (`gpus_per_replica`), else a CPU (of this machine's class, the best guess there is)."""
+        from popflow import precision
+
+        hw = precision.detect()
+        if self.info is None:
+            return hw
+        return precision.Hardware("cuda") if gpus_per_replica(self.opts, self.info, gpus) > 0 else \
+            precision.Hardware("cpu", hw.cpu_flags)
+
+    def node_local(self, path) -> str | None:
+        """A folder of this machine that replicas may write to (scratch): here itself; on Ray None (each
+        replica uses its own node's temporary folder)."""
+        return str(path) if self.info is None else None
+
+    def ship(self, folder) -> dict | None:
+        """A folder the replica must read, as files sent with the call on Ray (a LoRA adapter: a few MB; the
+        replica's node need not see this machine's disk); here None: the replica reads the folder itself."""
+        return None if self.info is None else pack(Path(folder))
+
     def tasks(self, fn, items: list[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
         """(key, fn(*args)) for every (key, args), started now: here run now, in order (so their errors come
         first); on Ray submitted now as one-CPU tasks (they run while the caller does other work) and yielded as
@@ -369,3 +398,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def pack(folder: Path) -> dict[str, bytes]:
+    """A model folder's files (an adapter: a few MB) as {relative path: bytes}, to send to a replica."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def unpack(files: dict[str, bytes], folder: Path) -> Path:
+    """Write pack()'s files under `folder` (replacing an earlier copy); the folder."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for rel, data in files.items():
+        target = (folder / rel).resolve()
+        if not target.is_relative_to(folder.resolve()):  # a name is never a path out of the folder
+            raise ValueError(f"adapter file {rel!r} escapes its folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return folder

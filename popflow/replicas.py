@@ -133,6 +133,8 @@ class EvalReplica:
         of an adapter folder, written here first (the path on the driver may not exist on this node)."""
         if files is not None:
             self._received += 1
+            from popflow.cluster import unpack
+
             path = str(unpack(files, Path(self._shipped.name) / f"policy-{self._received}"))
         try:
             with self.engines.open(self.base, path) if adapter else self.engines.open(path) as engine:
@@ -145,22 +147,3 @@ class EvalReplica:
     def close(self) -> None:
         self.engines.close()
         self._shipped.cleanup()
-
-
-def pack(folder: Path) -> dict[str, bytes]:
-    """A model folder's files (an adapter: a few MB) as {relative path: bytes}, to send to a replica."""
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
-def unpack(files: dict[str, bytes], folder: Path) -> Path:
-    """Write pack()'s files under `folder` (replacing an earlier copy); the folder."""
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    for rel, data in files.items():
-        target = (folder / rel).resolve()
-        if not target.is_relative_to(folder.resolve()):  # a name is never a path out of the folder
-            raise ValueError(f"adapter file {rel!r} escapes its folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return folder

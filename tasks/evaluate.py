@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pyarrow as pa
 
-from popflow import cluster, models, precision, sql
+from popflow import models, precision, sql
 from popflow.engines import Params, Prompt, prepare_prompts, samples_table
 from popflow.errors import PopflowError
 from popflow.lake import write_text
-from popflow.replicas import EvalReplica, pack
+from popflow.replicas import EvalReplica
 from popflow.report import markdown_table
 from popflow.sql import interval_sql, lit, parquet
 from popflow.stage import Artifact, Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
@@ -209,17 +208,6 @@ def policies_stamp(policies: list[dict]) -> str:
 GENERATED = "eval_generated"  # evaluate's staging of each policy's raw samples: a part per policy, never published
 
 
-def serving_where(setting: str, where, budget: int, policies: int) -> str:
-    """`evaluate.adapters` resolved for the machines that generate: this one, or on Ray the cluster (GPUs there
-    mean CUDA engines, whatever the driver has), each replica sharing one LoRA engine among its own policies."""
-    hw = precision.detect()
-    if where.on_ray:  # the replicas' GPUs, as the pool will ask for them
-        gpus = cluster.gpus_per_replica(where.opts, where.info, 1.0)
-        hw = precision.Hardware("cuda") if gpus > 0 else precision.Hardware("cpu", hw.cpu_flags)
-        policies = -(-policies // where.opts.replicas)
-    return adapter_serving(setting, hw, budget, policies)
-
-
 def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], rendered: list[Prompt], budget: int
                    ) -> tuple[str | None, dict[str, int]]:
     """Sample every trained policy not yet staged on the held-out prompts (rendered), with stage 1's engine and
@@ -236,10 +224,12 @@ def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], rendered
     if not todo:  # every policy sampled already (a rerun after a crash in scoring): no engine, no cluster
         return None, pids
     with backend(ctx, "evaluate") as where:
-        serving = serving_where(ctx.config.evaluate.adapters, where, budget, len(policies))
-        scratch = None if where.on_ray else str(models.scratch_dir(ctx.lake.data_dir))  # merged copies: node-local
+        # for the machines that generate, each replica sharing one LoRA engine among its own policies
+        serving = adapter_serving(ctx.config.evaluate.adapters, where.hardware(gpus), budget,
+                                  -(-len(policies) // where.replicas))
+        scratch = where.node_local(models.scratch_dir(ctx.lake.data_dir))  # where merged copies go
         items = [(policy_part(p), (p["path"], p["adapter"], rendered, cfg.n, Params.of(cfg),
-                                   pack(Path(p["path"])) if where.on_ray and p["adapter"] else None)) for p in todo]
+                                   where.ship(p["path"]) if p["adapter"] else None)) for p in todo]
         with where.pool(EvalReplica, (base.path, cfg, serving, rank, scratch), "evaluate", gpus) as pool:
             for name, (completions, pid) in pool.map("generate", items):
                 pids[str(pid)] = pids.get(str(pid), 0) + 1

@@ -32,26 +32,23 @@ CHOICES = {"A": True, "B": False}  # the answer -> pair A's preference is the st
 QUESTION = ("Which preference is stronger? In each pair the first answer was preferred to the second: "
             "in which pair is the first answer MORE clearly better?")
 
+def _pair_view(side: str) -> str:
+    """One pair of the labeling interface: its prompt, the preferred answer, the rejected one."""
+    return f"""    <View style="flex: 50%">
+      <Header value="Pair {side.upper()}"/>
+      <Text name="prompt_{side}" value="$prompt_{side}"/>
+      <Header value="preferred" size="6"/>
+      <Text name="chosen_{side}" value="$chosen_{side}"/>
+      <Header value="over" size="6"/>
+      <Text name="rejected_{side}" value="$rejected_{side}"/>
+    </View>
+"""
+
+
 LABELING_CONFIG = f"""<View>
   <Header value="{QUESTION}"/>
   <View style="display: flex; gap: 1em">
-    <View style="flex: 50%">
-      <Header value="Pair A"/>
-      <Text name="prompt_a" value="$prompt_a"/>
-      <Header value="preferred" size="6"/>
-      <Text name="chosen_a" value="$chosen_a"/>
-      <Header value="over" size="6"/>
-      <Text name="rejected_a" value="$rejected_a"/>
-    </View>
-    <View style="flex: 50%">
-      <Header value="Pair B"/>
-      <Text name="prompt_b" value="$prompt_b"/>
-      <Header value="preferred" size="6"/>
-      <Text name="chosen_b" value="$chosen_b"/>
-      <Header value="over" size="6"/>
-      <Text name="rejected_b" value="$rejected_b"/>
-    </View>
-  </View>
+{_pair_view("a")}{_pair_view("b")}  </View>
   <Choices name="stronger" toName="prompt_a" choice="single" required="true" showInline="true">
     <Choice value="A"/>
     <Choice value="B"/>

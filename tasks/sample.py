@@ -96,7 +96,7 @@ def generated(pool, rendered: list[Prompt], todo: list[tuple[int, int, int]], cf
        when=lambda cfg: not cfg.import_pairs)
 def sample(ctx: RunContext) -> Output:
     """Check every prompt fits, generate the missing shards, then publish `samples` (and `skipped_prompts`).
-    On Ray a fresh stage asks for its replicas first, so their engines start while the prompts are checked."""
+    A fresh stage asks for its engines first: on Ray they start while the prompts are checked."""
     logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
@@ -109,7 +109,7 @@ def sample(ctx: RunContext) -> Output:
             return stack.enter_context(where.pool(GenerateReplica, (policy.path, cfg), "sample", gpus)), t0
 
         fresh = not Parts.started(ctx, "samples")
-        early = engines() if ctx.config.execution.sample.backend == "ray" and fresh else None
+        early = engines() if fresh else None  # (on Ray the replicas' engines start while the prompts are checked)
         prompts = prompts_to_sample(ctx, con)
         ids = prompts.column("prompt_id").to_pylist()
         rendered, too_long, context = prepare_prompts(policy.path, ids, prompts.column("prompt").to_pylist(), cfg,

@@ -57,7 +57,7 @@ def scored(ctx: RunContext, where, specs: list, batch: ScoringBatch, ids: list[s
     data_dir = ctx.lake.data_dir
     cheap = where.tasks(score_with, [(s, (s, batch, data_dir, ids, idx)) for s in specs if s.kind != "hf"])
     exe = ctx.config.execution.score
-    size = exe.chunk_size if where.on_ray else max(len(ids), 1)
+    size = where.chunk(exe.chunk_size, len(ids))
     for spec in (s for s in specs if s.kind == "hf"):
         path = models.resolve(spec.model, data_dir, f"score.models[{spec.name}].model").path
         values = np.empty(len(ids), dtype=np.float64)

@@ -37,7 +37,7 @@ from popflow.errors import PopflowError
 from popflow.sql import lit
 from popflow.stage import Artifact, Output, Parts, RunContext, run_logger, stage
 from tasks.rewards.aggregate import normalised_sql
-from tasks.train_launch import train_launched
+from tasks.train_launch import runner
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,7 @@ def train(ctx: RunContext) -> Output:
                 logger.info("train %s: already done in this run", part)
                 continue
             out_dir = policy_dir(ctx, name, seed)
-            if cfg.accelerate:  # the launched processes load torch and TRL; this one need not
-                run_one = train_launched
-            else:
-                from tasks.trainer import train_one as run_one
-            curve, heldout_h, stats = run_one(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
+            curve, heldout_h, stats = runner(cfg)(ctx, method, seed, data, heldout.drop(["gt_margin"]), out_dir)
             tag = {"method": name, "loss_type": method.loss, "seed": seed}
             curve_t = pa.Table.from_pylist([{**tag, **row} for row in curve])
             margins_t = pa.table({"pair_id": heldout.column("pair_id"), "method": [name] * heldout.num_rows,

@@ -112,6 +112,16 @@ def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, ou
     return result["curve"], np.asarray(result["heldout_h"], dtype=np.float64), result["stats"]
 
 
+def runner(cfg):
+    """How one method x seed trains: `train_one` in this process, or under `accelerate launch` when
+    `train.accelerate` is set (then this process loads neither torch nor TRL)."""
+    if cfg.accelerate:
+        return train_launched
+    from tasks.trainer import train_one
+
+    return train_one
+
+
 def main(job: Path) -> None:
     """One process of a launched job: train, and on the main process write result.json."""
     from popflow.config import PipelineConfig

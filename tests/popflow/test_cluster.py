@@ -70,8 +70,12 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
             first = {r["pid"] for r in pool.ready()}
             results = list(pool.map("square", [(x, (x,)) for x in range(10)]))
         if restarts == 0:  # the Ray backend's tasks in the same session: every key once, its result
-            where = cluster.Backend(Replicas(backend="ray"), info)
+            where = cluster.Backend(Replicas(backend="ray", replicas=3), info)
             assert sorted(where.tasks(power, [(x, (x, 2)) for x in range(4)])) == [(x, x * x) for x in range(4)]
+            (tmp_path / "adapter").mkdir()
+            (tmp_path / "adapter" / "w.bin").write_bytes(b"w")
+            assert (where.replicas, where.chunk(10, 40), where.node_local(tmp_path)) == (3, 10, None)
+            assert where.ship(tmp_path / "adapter") == {"w.bin": b"w"} and where.hardware().device == "cpu"
             three = Replicas(backend="ray", replicas=3, cpus=0.5, max_restarts=0)
             with cluster.Pool(PoisonSquarer, (str(tmp_path / "poison"), 3), three, 0, "poisoned") as pool:
                 with pytest.raises(cluster.ReplicaFailed, match=r"poisoned: item 3 was in flight when 2 replicas "
@@ -87,7 +91,8 @@ def test_a_dying_replica_costs_only_its_item(tmp_path, monkeypatch, restarts):
 
 def test_the_local_backend_runs_the_same_interface_in_process(tmp_path):
     """`backend: local` starts no Ray: its pool is one instance of the replica class in this process, unpinned
-    (cpus None), items in order, the replica's close() called on exit; its tasks run in order as read."""
+    (cpus None), items in order, the replica's close() called on exit; its tasks run in order; all items go in
+    one call; replicas write scratch to this machine's folders and need no files sent; the hardware is this."""
     from popflow.config.execution import Replicas as Opts
 
     closed = []
@@ -109,12 +114,17 @@ def test_the_local_backend_runs_the_same_interface_in_process(tmp_path):
                                                                                (2, (4, os.getpid()))]
         assert closed == [True]
         assert list(where.tasks(power, [("a", (2, 3)), ("b", (3, 2))])) == [("a", 8), ("b", 9)]
+        assert (where.replicas, where.chunk(512, 40), where.node_local(tmp_path), where.ship(tmp_path)) == (
+            1, 40, str(tmp_path), None)  # one call for all; its own disk; nothing to send
+        from popflow.precision import detect
+
+        assert where.hardware() == detect()
 
 
 def test_an_adapter_travels_to_a_replica_as_its_files(tmp_path):
     """pack() reads a folder's files (nested too) as {relative path: bytes}; unpack() writes them under another
     folder, replacing an earlier copy; a relative path that would leave the folder is refused."""
-    from popflow.replicas import pack, unpack
+    from popflow.cluster import pack, unpack
 
     src = tmp_path / "adapter"
     (src / "sub").mkdir(parents=True)
