@@ -57,7 +57,7 @@ class Cli:
         self.env = cli_env(tmp_path)
 
     def cmd(self, *args: str) -> list[str]:
-        takes_data = {"run", "sql", "runs", "experiment", "loop", "policies", "report"}
+        takes_data = {"run", "sql", "runs", "experiment", "loop", "policies", "report", "export", "annotate"}
         data = ["--data-dir", str(self.data_dir)] if args[0] in takes_data else []
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
