@@ -268,6 +268,10 @@ class MarginsConfig(Strict):
 OPERATIONAL = ("description", "schedule", "retention", "execution", "export")
 
 
+# Keys added to a section after runs were made with it: hashed only when set, so a run made before they existed
+# resumes with the same stage hashes (a key that changes what a stage computes enters here with default None).
+LATER_KEYS = {"annotate": ("labels",)}
+
 # stage hash keys that are values derived from several sections (PipelineConfig methods), not a section
 DERIVED = {"trained_strategies": "trained_strategies"}
 
@@ -408,6 +412,10 @@ class PipelineConfig(Strict):
         """Hash of the whole config, or of the named sections (a stage's own inputs): a section, one field of it
         ("train.reference"), or a value derived from several (DERIVED: "trained_strategies")."""
         data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
+        for section, keys in LATER_KEYS.items():  # unset, a key added later leaves earlier runs' hashes as they were
+            for key in keys:
+                if (data.get(section) or {}).get(key, 0) is None:
+                    del data[section][key]
         if sections:
             data = {k: getattr(self, DERIVED[k])() if k in DERIVED else
                     data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}

@@ -199,3 +199,20 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     instruction = {r["prompt_id"]: r["prompt"].split(". ")[0].rstrip(".") for r in tuning}
     valid = {instruction[r["prompt_id"]] for r in tuning if r["split"] == "eval"}
     assert valid and not valid & {instruction[r["prompt_id"]] for r in tuning if r["split"] == "train"}
+
+
+def test_a_key_added_later_leaves_earlier_runs_hashes_alone_until_set():
+    """annotate.labels came after runs were made: unset, the hash is that of the config without the key (so those
+    runs resume with their stage hashes); set, it changes the annotate section's hash."""
+    import hashlib
+    import json
+
+    from popflow.config import OPERATIONAL
+
+    cfg = load_pipeline("tiny")
+    data = cfg.model_dump(mode="json", exclude=set(OPERATIONAL))
+    del data["annotate"]["labels"]
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    assert cfg.hash() == hashlib.sha256(blob).hexdigest()[:12]
+    labelled = load_pipeline("tiny", overrides=["annotate.labels=/answers.json"])
+    assert labelled.hash("annotate") != cfg.hash("annotate") and labelled.hash("sample") == cfg.hash("sample")
