@@ -272,10 +272,6 @@ class Backend:
     opts: Replicas
     info: ClusterInfo | None = None
 
-    @property
-    def on_ray(self) -> bool:
-        return self.info is not None
-
     def pool(self, cls: type, args: tuple, name: str, gpus: float = 1.0) -> Pool | Local:
         """`cls(*args)` replicas: `opts.replicas` Ray actors (`gpus` each by default when the cluster has GPUs),
         or one instance here."""

@@ -38,6 +38,7 @@ from popflow.errors import PopflowError
 from popflow.lake import Lake, write_parquet, write_text
 from popflow.report import markdown_table
 from popflow.sql import lit
+from popflow.stage import RunContext
 
 SPLITS = {"train": "train", "eval": "test"}  # the lake's split -> the dataset's
 FIGURES = ("reward_distributions.png", "point_growth.png")
@@ -222,11 +223,6 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
     run_id = record["run_id"]
     to = check_target(Path(to), lake, force)
     con = sql.connect()  # the run's own files; the catalog is left to the runs that rebuild it
-
-    def table(name: str) -> str | None:
-        files = Path(lake.glob(name, pipeline, run_id)).parent
-        return f"read_parquet({lit(lake.glob(name, pipeline, run_id))})" if any(files.glob("*.parquet")) else None
-
     # this run's own pairs: a loop round's file part-00000 (with loop.pairs: all, earlier rounds' pairs sit
     # beside it, sampled by other policies: their own runs export them with their own provenance)
     own = lake.partition("pairs", pipeline, run_id) / "part-00000.parquet"
@@ -235,6 +231,11 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
     pairs = sql.parquet(own)
     strategies = [s for (s,) in con.sql(f"select distinct strategy from {pairs} order by 1").fetchall()]
     ran = as_ran(record)
+    ctx = RunContext(str(lake.data_dir), pipeline, run_id, ran)
+
+    def table(name: str) -> str | None:  # one of the run's tables as a relation, when it has one
+        return ctx.table(name) if ctx.has(name) else None
+
     strategy = strategy or ran.annotated_strategy()
     if strategy not in strategies:
         raise PopflowError(f"--strategy {strategy!r}: run {run_id} has pairs of {', '.join(strategies)}")

@@ -220,7 +220,7 @@ def generate_parts(ctx: RunContext, parts: Parts, policies: list[dict], rendered
     base = models.resolve(ctx.config.train_policy(), ctx.lake.data_dir, "train.policy")  # what adapters trained on
     ids, by_name = [p.id for p in rendered], {policy_part(p): p for p in todo}
     rank = max((ctx.config.train.lora.r if ctx.config.train.lora else 0), 8)
-    gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+    gpus = cfg.engine_gpus()
     if not todo:  # every policy sampled already (a rerun after a crash in scoring): no engine, no cluster
         return None, pids
     with backend(ctx, "evaluate") as where:

@@ -100,7 +100,7 @@ def sample(ctx: RunContext) -> Output:
     logger, cfg, lake, con = run_logger(), ctx.config.sample, ctx.lake, sql.connect()
     policy = models.resolve(cfg.policy, lake.data_dir, "sample.policy")
     dtypes = precision.announce({"sample.dtype": cfg.dtype})
-    gpus = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+    gpus = cfg.engine_gpus()
     timing, run = {"startup_s": 0.0, "generate_s": 0.0, "publish_s": 0.0}, {"per_request_seed": None}
     with ExitStack() as stack:
         def engines() -> tuple[object, float]:  # the pool of engines where execution.sample says, and when asked

@@ -101,6 +101,10 @@ class SampleConfig(Strict):
         "with the tokenizer before sampling and before evaluate's generation.")
     vllm: VllmOptions = Field(default_factory=VllmOptions, description="vLLM engine options.")
 
+    def engine_gpus(self) -> int:
+        """The GPUs one engine of this config uses: tensor_parallel_size for vllm, else one."""
+        return self.vllm.tensor_parallel_size if self.engine == "vllm" else 1
+
 
 class _RewardBase(Strict):
     name: str = Field(..., pattern=NAME_PATTERN, description="Unique name; the reward_model column value (a name: "

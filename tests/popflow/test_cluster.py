@@ -106,7 +106,7 @@ def test_the_local_backend_runs_the_same_interface_in_process(tmp_path):
             closed.append(True)
 
     with cluster.backend(Opts(), RayOptions()) as where:
-        assert not where.on_ray
+        assert where.info is None  # no Ray session
         with where.pool(Closing, (str(tmp_path / "m"), -1), "squares") as pool:
             assert pool.ready() == [{"pid": os.getpid()}]
             assert list(pool.map("square", [(x, (x,)) for x in (3, 1, 2)])) == [(3, (9, os.getpid())),
