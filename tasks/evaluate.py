@@ -246,9 +246,7 @@ def score_samples(ctx: RunContext, samples: pa.Table, prompts: pa.Table) -> pa.T
     """Per-model scores of the generated samples (the run's reward models), one row per sample x model."""
     by_id = {r["prompt_id"]: r for r in prompts.to_pylist()}
     pids = samples.column("prompt_id").to_pylist()
-    batch = ScoringBatch(prompts=[by_id[p]["prompt"] for p in pids], responses=samples.column("response").to_pylist(),
-                         constraints=[json.loads(by_id[p]["constraints"]) if by_id[p]["constraints"] else None
-                                      for p in pids])
+    batch = ScoringBatch.of([by_id[p] for p in pids], samples.column("response").to_pylist())
     keys = pa.table({"method": samples.column("method"), "seed": samples.column("seed")})
     parts = []
     for spec in ctx.config.score.models:

@@ -2,7 +2,7 @@
 
 Every row is checked before anything is written; an error names the file and line (JSONL) or row
 (Parquet / HF). Output columns: prompt_id, prompt, split ('train' | 'eval'), constraints (JSON text or
-null), source_row.
+null), instructions (IFEval labels as JSON text, tasks/rewards/ifeval.py, or null), source_row.
 
     .venv/bin/popflow run tiny        # ingest is the first stage of every pipeline
 """
@@ -17,6 +17,7 @@ from popflow.config import PromptsConfig
 from popflow.errors import PopflowError
 from popflow.sources import is_eval, read_records
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
+from tasks.rewards import ifeval
 from tasks.rewards.constraints import validate_constraints
 
 SPLITS = ("train", "eval")
@@ -54,12 +55,30 @@ def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str
             problem = validate_constraints(constraints)
             if problem:
                 raise PopflowError(f"{pos}: {problem}")
+        instructions = read_instructions(rec, cols, f"{pos}: prompt_id {pid!r}")
         rows.append({
             "prompt_id": pid, "prompt": prompt, "split": split,
             "constraints": json.dumps(constraints, sort_keys=True) if constraints else None,
+            "instructions": json.dumps(instructions, sort_keys=True) if instructions else None,
             "source_row": i,
         })
     return pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA)
+
+
+def read_instructions(rec: dict, cols, where: str) -> dict | None:
+    """A record's IFEval labels (open-instruct's ground truth column, else IFEval's two columns), checked against
+    lm-eval's checkers; None when it has none."""
+    if cols.ground_truth and rec.get(cols.ground_truth) is not None:
+        labels = ifeval.parse_ground_truth(rec[cols.ground_truth], where)
+    elif cols.instruction_ids and rec.get(cols.instruction_ids) not in (None, []):
+        kwargs = rec.get(cols.instruction_kwargs) if cols.instruction_kwargs else None
+        labels = ifeval.parse_labels(rec[cols.instruction_ids], kwargs, where)
+    else:
+        return None
+    problem = ifeval.validate_instructions(labels)
+    if problem:
+        raise PopflowError(f"{where}: {problem}")
+    return labels
 
 
 def apply_limits(table: pa.Table, limit: int | None, eval_limit: int | None) -> pa.Table:
@@ -76,7 +95,7 @@ def apply_limits(table: pa.Table, limit: int | None, eval_limit: int | None) -> 
 
 PROMPTS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("prompt", pa.string()), ("split", pa.string()),
-    ("constraints", pa.string()), ("source_row", pa.int64()),
+    ("constraints", pa.string()), ("instructions", pa.string()), ("source_row", pa.int64()),
 ])
 
 
@@ -96,6 +115,7 @@ def ingest(ctx: RunContext) -> Output:
     ctx.lake.write_table("prompts", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     splits = table.column("split").to_pylist()
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),
-              "with_constraints": table.num_rows - table.column("constraints").null_count}
+              "with_constraints": table.num_rows - table.column("constraints").null_count,
+              "with_instructions": table.num_rows - table.column("instructions").null_count}
     run_logger().info("prompts: %s", report)
     return Output({"prompts": table.num_rows}, report)

@@ -13,7 +13,6 @@ as they finish (popflow/cluster.py); the tables are the same.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -28,9 +27,12 @@ from tasks.rewards.aggregate import aggregate_sql
 
 
 def samples_to_score(ctx: RunContext, con) -> pa.Table:
+    """Every sample with its prompt's text and labels (a prompts table from before the IFEval labels: none)."""
+    has = "instructions" in con.sql(f"select * from {ctx.table('prompts')} limit 0").columns
     return con.sql(f"""
         with final as (
-            select s.prompt_id, s.sample_idx, p.prompt, s.response, p.constraints
+            select s.prompt_id, s.sample_idx, p.prompt, s.response, p.constraints,
+                   {'p.instructions' if has else 'null::varchar as instructions'}
             from {ctx.table('samples')} s
             join {ctx.table('prompts')} p using (prompt_id)
         )
@@ -51,7 +53,7 @@ def model_stats_sql(rewards: str) -> str:
 def scored(ctx: RunContext, where, specs: list, batch: ScoringBatch, ids: list[str], idx: list[int]
            ) -> Iterator[tuple[object, pa.Table]]:
     """(spec, rewards rows) of every reward model in `specs`, where `execution.score` says (`where`, a
-    cluster.Backend): each cheap kind (constraints, relevance, python) as a task (on Ray one CPU task each, all
+    cluster.Backend): each cheap kind (constraints, ifeval, relevance, python) as a task (on Ray one CPU task each, all
     submitted first, so they run while the hf models score); each hf model as a pool of hf.Replica scoring chunks
     of samples (here one replica, all samples in one chunk; on Ray `replicas` replicas, `chunk_size` per chunk)."""
     data_dir = ctx.lake.data_dir
@@ -77,9 +79,8 @@ def score(ctx: RunContext) -> Output:
     logger, cfg, lake, con = run_logger(), ctx.config.score, ctx.lake, sql.connect()
     data = samples_to_score(ctx, con)
     ids, idx = data.column("prompt_id").to_pylist(), data.column("sample_idx").to_pylist()
-    batch = ScoringBatch(
-        prompts=data.column("prompt").to_pylist(), responses=data.column("response").to_pylist(),
-        constraints=[json.loads(c) if c else None for c in data.column("constraints").to_pylist()])
+    batch = ScoringBatch.of(data.select(["prompt", "constraints", "instructions"]).to_pylist(),
+                            data.column("response").to_pylist())
     parts = Parts(ctx, "score", ("rewards",), [f"model-{spec.name}" for spec in cfg.models])
     identities, report = {}, {"samples": len(ids)}
     dtypes = precision.announce(cfg.dtypes())

@@ -4,8 +4,10 @@
 
 112 hand-written base instructions, each in variants that carry different verifiable constraints (stored as
 structured data under "constraints", rendered in words inside the prompt); every seventh prompt is left
-unconstrained. All variants of a base instruction share a split (about 1 in 6 bases is eval), so held-out
-prompts are new instructions, not rephrasings of trained ones.
+unconstrained. Where IFEval has an instruction for a constraint, the prompt also carries it in IFEval's own
+columns (instruction_id_list, kwargs: the `ifeval` reward kind); paragraphs (IFEval splits on '***', not blank
+lines) and starts_with have none. All variants of a base instruction share a split (about 1 in 6 bases is
+eval), so held-out prompts are new instructions, not rephrasings of trained ones.
 
     demo.jsonl        3 variants a base: 336 prompts (282 train, 54 eval)
     proof.jsonl       6 variants a base: 672 prompts (564 train, 108 eval), the proof pipelines' set
@@ -181,6 +183,29 @@ def render(constraints: dict) -> str:
     return " ".join(p if p.endswith((".", "'")) else p + "." for p in parts)
 
 
+def ifeval_labels(constraints: dict | None) -> dict:
+    """The IFEval instructions that state the same constraint (IFEval's "less than" is strict: at most N is less
+    than N + 1), as IFEval's columns; {} when none does."""
+    ids, kwargs = [], []
+    for key, value in (constraints or {}).items():
+        label = {
+            "max_words": ("length_constraints:number_words", lambda v: {"num_words": v + 1, "relation": "less than"}),
+            "min_words": ("length_constraints:number_words", lambda v: {"num_words": v, "relation": "at least"}),
+            "max_sentences": ("length_constraints:number_sentences",
+                              lambda v: {"num_sentences": v + 1, "relation": "less than"}),
+            "bullets": ("detectable_format:number_bullet_lists", lambda v: {"num_bullets": v}),
+            "include": ("keywords:existence", lambda v: {"keywords": list(v)}),
+            "exclude": ("keywords:forbidden_words", lambda v: {"forbidden_words": list(v)}),
+            "lowercase": ("change_case:english_lowercase", lambda v: {}),
+            "json": ("detectable_format:json_format", lambda v: {}),
+            "ends_with": ("startend:end_checker", lambda v: {"end_phrase": v}),
+        }.get(key)
+        if label:
+            ids.append(label[0])
+            kwargs.append(label[1](value))
+    return {"instruction_id_list": ids, "kwargs": kwargs} if ids else {}
+
+
 def build(variants: int = 3, prefix: str = "demo") -> list[dict]:
     rows, n = [], 0
     for b, (instruction, words) in enumerate(BASES):
@@ -189,8 +214,8 @@ def build(variants: int = 3, prefix: str = "demo") -> list[dict]:
             constraints = None if n % 7 == 6 else recipe(b * variants + v, words)
             prompt = instruction if constraints is None else f"{instruction} {render(constraints)}"
             rows.append({"prompt_id": f"{prefix}-{n:04d}", "prompt": prompt, "split": split,
-                         "constraints": constraints, "category": "constrained" if constraints else "open",
-                         "base": b})
+                         "constraints": constraints, **ifeval_labels(constraints),
+                         "category": "constrained" if constraints else "open", "base": b})
             n += 1
     return rows
 

@@ -40,6 +40,14 @@ class ColumnMap(Strict):
     prompt: str = Field("prompt", description="Column with the instruction text (a string).")
     split: str | None = Field("split", description="Column with 'train'/'eval'; missing -> eval_fraction.")
     constraints: str | None = Field("constraints", description="Column with verifiable constraints (dict).")
+    instruction_ids: str | None = Field(
+        "instruction_id_list", description="IFEval's format: column with a prompt's IFEval instruction ids (read "
+        "when present; the `ifeval` reward kind scores them).")
+    instruction_kwargs: str | None = Field(
+        "kwargs", description="IFEval's format: column with one kwargs object per instruction id.")
+    ground_truth: str | None = Field(
+        None, description="open-instruct's format instead: column with [{'instruction_id': [...], 'kwargs': "
+        "[...]}] (a list or JSON text).")
 
 
 class PromptsConfig(Strict):
@@ -133,6 +141,13 @@ class RelevanceReward(_RewardBase):
     dtype: Dtype = Field("auto", description=DTYPE_HELP)
 
 
+class IfevalReward(_RewardBase):
+    kind: Literal["ifeval"]
+    mode: Literal["strict", "loose"] = Field(
+        "strict", description="IFEval's strict check, or loose (also without the first or last line, or asterisks).")
+    unlabelled_score: float = Field(1.0, description="Score of a prompt that carries no IFEval instructions.")
+
+
 class PythonReward(_RewardBase):
     kind: Literal["python"]
     function: str = Field(
@@ -142,9 +157,11 @@ class PythonReward(_RewardBase):
 
 
 # The reward kinds, listed once: each kind is the module tasks/rewards/<kind>.py, which scores a batch.
-REWARD_SPECS = (HfReward, ConstraintsReward, RelevanceReward, PythonReward)
+REWARD_SPECS = (HfReward, ConstraintsReward, IfevalReward, RelevanceReward, PythonReward)
 REWARD_KINDS = tuple(get_args(spec.model_fields["kind"].annotation)[0] for spec in REWARD_SPECS)
 RewardModel = Annotated[Union[REWARD_SPECS], Field(discriminator="kind")]  # noqa: UP007 (a tuple of classes)
+# kinds whose reports show a pass rate (the share of samples scoring 1: every check met) rather than a mean
+PASS_RATE_KINDS = ("constraints", "ifeval")
 
 
 class ScoreConfig(Strict):
@@ -272,9 +289,10 @@ class MarginsConfig(Strict):
 OPERATIONAL = ("description", "schedule", "retention", "execution", "export")
 
 
-# Keys added to a section after runs were made with it: hashed only when set, so a run made before they existed
-# resumes with the same stage hashes (a key that changes what a stage computes enters here with default None).
-LATER_KEYS = {"annotate": ("labels",)}
+# Keys added to a section (or a block of one: "prompts.columns") after runs were made with it: hashed only when
+# they differ from their default, so a run made before they existed resumes with the same stage hashes.
+LATER_KEYS = {"annotate": ("labels",),
+              "prompts.columns": ("instruction_ids", "instruction_kwargs", "ground_truth")}
 
 # stage hash keys that are values derived from several sections (PipelineConfig methods), not a section
 DERIVED = {"trained_strategies": "trained_strategies"}
@@ -416,10 +434,13 @@ class PipelineConfig(Strict):
         """Hash of the whole config, or of the named sections (a stage's own inputs): a section, one field of it
         ("train.reference"), or a value derived from several (DERIVED: "trained_strategies")."""
         data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
-        for section, keys in LATER_KEYS.items():  # unset, a key added later leaves earlier runs' hashes as they were
+        for path, keys in LATER_KEYS.items():  # at its default, a key added later leaves earlier hashes as they were
+            block, model = data, type(self)
+            for name in path.split("."):
+                block, model = block.get(name) or {}, model.model_fields[name].annotation
             for key in keys:
-                if (data.get(section) or {}).get(key, 0) is None:
-                    del data[section][key]
+                if key in block and block[key] == model.model_fields[key].default:
+                    del block[key]
         if sections:
             data = {k: getattr(self, DERIVED[k])() if k in DERIVED else
                     data[k.split(".")[0]][k.split(".")[1]] if "." in k else data[k] for k in sections}

@@ -65,8 +65,9 @@ class ScoreReplicas(Replicas):
 class ExecutionConfig(Strict):
     ray: RayOptions = Field(default_factory=RayOptions, description="How to reach (or start) the Ray cluster.")
     sample: Replicas = Field(default_factory=Replicas, description="Stage 1: where the vLLM engines run.")
-    score: ScoreReplicas = Field(default_factory=ScoreReplicas, description="Stage 2: where the hf reward models run "
-                                 "(the cheap kinds, constraints, relevance and python, become one Ray CPU task each).")
+    score: ScoreReplicas = Field(
+        default_factory=ScoreReplicas, description="Stage 2: where the hf reward models run (the cheap kinds, "
+        "constraints, ifeval, relevance and python, become one Ray CPU task each).")
     evaluate: EvaluateReplicas = Field(
         default_factory=EvaluateReplicas, description="Stage 7: where the trained policies generate on held-out "
         "prompts (one policy per call to a replica; a LoRA adapter's files travel with the call, the base and a fully "

@@ -12,6 +12,7 @@ tasks/rewards/aggregate.py turns per-model scores into one reward per sample.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +23,26 @@ from popflow.errors import PopflowError
 
 @dataclass(frozen=True)
 class ScoringBatch:
+    """One entry per response: its prompt, the response, the prompt's constraints and IFEval labels (None: none)."""
+
     prompts: list[str]
     responses: list[str]
     constraints: list[dict | None]
+    instructions: list[dict | None] | None = None
+
+    def __post_init__(self):
+        if self.instructions is None:
+            object.__setattr__(self, "instructions", [None] * len(self.responses))
+
+    @classmethod
+    def of(cls, prompts: list[dict], responses: list[str]) -> ScoringBatch:
+        """From prompts-table rows (one per response; constraints and instructions as JSON text or null; a
+        prompts table written before the instructions column existed has none)."""
+        def labels(row: dict, key: str):
+            return json.loads(row[key]) if row.get(key) else None
+
+        return cls([r["prompt"] for r in prompts], responses, [labels(r, "constraints") for r in prompts],
+                   [labels(r, "instructions") for r in prompts])
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:

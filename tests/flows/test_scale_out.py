@@ -88,7 +88,7 @@ def kill_one_mid_generation(run: subprocess.Popen, timeout: float) -> tuple[int 
 
 # Rewards in float32 on every CPU class: the test compares two code paths (Ray chunks vs local batches), and bf16
 # rounds a reward differently when its batch is padded differently (one bf16 step, 2e-3, on the AVX-512 BF16 class)
-FLOAT32_RM = ("score.models=[{name: constraints, kind: constraints},"
+FLOAT32_RM = ("score.models=[{name: constraints, kind: constraints}, {name: ifeval, kind: ifeval},"
               " {name: relevance, kind: relevance, dtype: float32},"
               " {name: tiny_rm, kind: hf, model: 'builtin:tiny-reward', batch_size: 8, max_length: 512,"
               " dtype: float32}]")
@@ -165,7 +165,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     assert [tuple(r) for r in local["samples"]] == ray_keys
     on_ray = cli.query("select prompt_id, sample_idx, reward_model, score from rewards order by all")
     assert [tuple(r[:3]) for r in local["rewards"]] == [r[:3] for r in on_ray]
-    assert {r[2] for r in on_ray} == {"constraints", "relevance", "tiny_rm"}
+    assert {r[2] for r in on_ray} == {"constraints", "ifeval", "relevance", "tiny_rm"}
     assert max(abs(a[3] - b[3]) for a, b in zip(local["rewards"], on_ray, strict=True)) < 1e-5
 
     evaluated = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("evaluate.json")).read_text())["report"]

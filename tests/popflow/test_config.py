@@ -202,8 +202,9 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
 
 
 def test_a_key_added_later_leaves_earlier_runs_hashes_alone_until_set():
-    """annotate.labels came after runs were made: unset, the hash is that of the config without the key (so those
-    runs resume with their stage hashes); set, it changes the annotate section's hash."""
+    """annotate.labels and the IFEval columns of prompts.columns came after runs were made: at their defaults, the
+    hash is that of the config without them (so those runs resume with their stage hashes); set, they change the
+    hash of the section they belong to."""
     import hashlib
     import json
 
@@ -212,7 +213,11 @@ def test_a_key_added_later_leaves_earlier_runs_hashes_alone_until_set():
     cfg = load_pipeline("tiny")
     data = cfg.model_dump(mode="json", exclude=set(OPERATIONAL))
     del data["annotate"]["labels"]
+    for key in ("instruction_ids", "instruction_kwargs", "ground_truth"):
+        del data["prompts"]["columns"][key]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     assert cfg.hash() == hashlib.sha256(blob).hexdigest()[:12]
     labelled = load_pipeline("tiny", overrides=["annotate.labels=/answers.json"])
     assert labelled.hash("annotate") != cfg.hash("annotate") and labelled.hash("sample") == cfg.hash("sample")
+    mapped = load_pipeline("tiny", overrides=["prompts.columns.ground_truth=gt"])
+    assert mapped.hash("prompts") != cfg.hash("prompts") and mapped.hash("score") == cfg.hash("score")

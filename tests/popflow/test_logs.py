@@ -102,15 +102,15 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_traceback_fil
     assert console_handler.format(record) == "m\nKeyError: 'k'"
 
 
-def test_vllm_notices_are_dropped_and_other_warnings_kept(monkeypatch):
-    """Each of vLLM's repeated notices is dropped by its own logger once popflow quiets them, unless --verbose;
-    any other warning passes, and quieting twice adds one filter a logger."""
+def test_third_party_notices_are_dropped_and_other_warnings_kept(monkeypatch):
+    """Each of vLLM's (and lm-eval's IFEval) repeated notices is dropped by its own logger once popflow quiets
+    them, unless --verbose; any other warning passes, and quieting twice adds one filter a logger."""
     monkeypatch.delenv("POPFLOW_VERBOSE", raising=False)
-    loggers = {name: logging.getLogger(name) for name in logs.VLLM_NOTICES}
+    loggers = {name: logging.getLogger(name) for name in logs.NOTICES}
     before = {name: list(lg.filters) for name, lg in loggers.items()}
     try:
-        logs.quiet_vllm_notices()
-        logs.quiet_vllm_notices()
+        logs.quiet_notices()
+        logs.quiet_notices()
 
         def passes(name, msg):
             return loggers[name].filter(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None))
@@ -130,6 +130,8 @@ def test_vllm_notices_are_dropped_and_other_warnings_kept(monkeypatch):
             ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected on x86 CPUs."),
             ("vllm.platforms.cpu", "Reset SSM cache type to float32 for accelerated GDN mamba backend 'none'."),
             ("vllm.platforms.interface", "Unknown vLLM environment variable detected: VLLM_DIST_IDENT"),
+            ("lm_eval.tasks.ifeval.instructions", "Unable to detect language for text https://x.org due to No "
+                                                  "features in text."),
         ]
         for name, msg in dropped:
             assert not passes(name, msg), msg
