@@ -6,8 +6,11 @@
     python -c "import datasets; print(datasets.load_dataset('exports/demo'))"
 
 The folder (written whole under a temporary name, then renamed: never half an export):
-    data/train-00000-of-00001.parquet   the run's own train-split pairs of the strategy; data/test-...: held-out
-                                        (a loop round's own: earlier rounds' pairs export with their runs)
+    data/train-<fp>-00000-of-00001.parquet  the run's own train-split pairs of the strategy; data/test-...:
+                                        held-out (a loop round's own: earlier rounds' pairs export with their
+                                        runs). <fp>: a fingerprint of the data, in the card's `configs:` too:
+                                        `datasets` caches a folder by its name and its card, not its files, so
+                                        a re-export to the same folder would otherwise load the old rows
     README.md                           the dataset card: a YAML header (license from `export.license`, tags,
                                         task_categories, size_categories, `configs:` naming the splits' files)
                                         and what made the pairs, their counts, the reward spread, the figures
@@ -25,6 +28,7 @@ max_tokens, n, seed).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -149,8 +153,21 @@ def size_category(n: int) -> str:
     return "n>1M"
 
 
+def data_fingerprint(folder: Path, splits: list[str]) -> str:
+    """The first 12 hex digits of the sha256 of the splits' Parquet bytes; each file is renamed to
+    `<split>-<fingerprint>-00000-of-00001.parquet`."""
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update((folder / f"{split}.parquet").read_bytes())
+    fingerprint = digest.hexdigest()[:12]
+    for split in splits:
+        (folder / f"{split}.parquet").rename(folder / f"{split}-{fingerprint}-00000-of-00001.parquet")
+    return fingerprint
+
+
 def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int], spread: list[list],
-         policy: dict, reward_models: list[list], figures: list[str], template: bool, imported: bool = False) -> str:
+         policy: dict, reward_models: list[list], figures: list[str], template: bool, imported: bool = False,
+         fingerprint: str = "") -> str:
     """The dataset card (README.md): the Hub's YAML header, then what made the pairs and how to use them."""
     name = cfg.export.pretty_name or record["pipeline"]
     header = {
@@ -158,7 +175,7 @@ def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int
         "tags": TAGS + [t for t in cfg.export.tags if t not in TAGS],
         "task_categories": ["text-generation"], "size_categories": [size_category(sum(counts.values()))],
         "configs": [{"config_name": "default", "data_files": [
-            {"split": split, "path": f"data/{split}-*"} for split in counts]}],
+            {"split": split, "path": f"data/{split}-{fingerprint}-*"} for split in counts]}],
     }
     sampling = (record.get("config") or {}).get("sample", {})
     lines = [
@@ -258,8 +275,9 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
         for split, name in SPLITS.items():
             part = rows.filter(pc.equal(rows.column("split"), split)).drop(["split"])
             if part.num_rows:
-                write_parquet(part, tmp / "data" / f"{name}-00000-of-00001.parquet")
+                write_parquet(part, tmp / "data" / f"{name}.parquet")
                 counts[name] = part.num_rows
+        fingerprint = data_fingerprint(tmp / "data", list(counts))
         con.register("exported", rows)
         spread = [[SPLITS[s], num(a), num(b), f"{num(m)} [{num(lo)}, {num(hi)}]", str(k)] for s, a, b, m, lo, hi, k
                   in con.sql("select split, avg(score_chosen), avg(score_rejected), avg(reward_margin), "
@@ -275,7 +293,7 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
         reward_models = [[m.name, m.kind, identities.get(m.name, {}).get("ref", ""),
                           (identities.get(m.name, {}).get("fingerprint") or "")[:19]] for m in ran.score.models]
         write_text(card(cfg, record, strategy, counts, spread, policy, reward_models, figures, bool(template),
-                        bool(imported)), tmp / "README.md")
+                        bool(imported), fingerprint), tmp / "README.md")
         old = to.with_name(f".{to.name}-replaced-{tmp.name}") if to.exists() else None
         if old:
             to.rename(old)  # aside, not deleted, until the new folder is in place

@@ -56,10 +56,28 @@ def test_an_export_loads_with_datasets_and_keeps_every_pair_and_its_provenance(t
     text = (tmp_path / "ds" / "README.md").read_text()
     header = yaml.safe_load(text.split("---")[1])
     assert header["license"] == "other" and {"dpo", "trl"} <= set(header["tags"])
+    fp = next((tmp_path / "ds" / "data").glob("train-*")).name.split("-")[1]
     assert header["configs"] == [{"config_name": "default", "data_files": [
-        {"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}]}]
+        {"split": "train", "path": f"data/train-{fp}-*"}, {"split": "test", "path": f"data/test-{fp}-*"}]}]
     assert header["size_categories"] == ["n<1K"] and "| train | 2 |" in text
     assert "{%" in (tmp_path / "ds" / "chat_template.jinja").read_text()
+
+
+def test_a_re_export_to_the_same_folder_loads_the_new_rows(tmp_path):
+    """`datasets` caches a folder by its name and its card's `configs:`, not by its files: the data files'
+    fingerprint in both is what makes a re-export (here the max_min pair D in place of A, B and C) load as itself
+    rather than as the rows cached from the first export (one cache for both loads, as on a user's machine)."""
+    import datasets
+
+    ctx = exported_run(tmp_path)
+    cache = str(tmp_path / "hf-cache")
+    export(ctx.lake, ctx.config, "tiny", "r1", None, tmp_path / "ds")
+    first = datasets.load_dataset(str(tmp_path / "ds"), cache_dir=cache)
+    assert sorted(r["pair_id"] for split in first.values() for r in split) == sorted([A, B, C])
+    export(ctx.lake, ctx.config, "tiny", "r1", "max_min", tmp_path / "ds", force=True)
+    again = datasets.load_dataset(str(tmp_path / "ds"), cache_dir=cache)
+    assert [r["pair_id"] for split in again.values() for r in split] == [D]
+    assert len(list((tmp_path / "ds" / "data").iterdir())) == 1
 
 
 @pytest.mark.slow  # a TRL training step
@@ -137,7 +155,7 @@ def test_only_the_runs_own_pop_margins_and_pairs_are_exported(tmp_path, monkeypa
     partition = ctx.lake.partition("pairs", "tiny", "r1")
     pq.write_table(earlier, partition / "part-r00001.parquet")
     export(ctx.lake, ctx.config, "tiny", "r1", None, tmp_path / "ds")
-    train = pq.read_table(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    train = pq.read_table(next((tmp_path / "ds" / "data").glob("train-*-00000-of-00001.parquet")))
     rows = {r["pair_id"]: r for r in train.to_pylist()}
     assert set(rows) == {A, B} and rows[A]["pop_margin"] is None
     monkeypatch.chdir(tmp_path / "ds")
