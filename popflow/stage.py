@@ -348,12 +348,15 @@ def with_run_columns(ctx: RunContext, table: pa.Table) -> pa.Table:
 
 def finish(ctx: RunContext, name: str, started: float, out: Output) -> StageResult:
     """Write the stage manifest (last: its existence means the stage's tables are whole), refresh the catalog.
-    `out.precision`: the device and resolved dtypes the stage computed in (popflow.precision.announce)."""
+    `out.precision`: the device and resolved dtypes the stage computed in (popflow.precision.announce); `execution`:
+    where its parts ran (its `execution.<stage>` section, for the stages that have one)."""
     seconds = round(time.time() - started, 3)
+    execution = getattr(ctx.config.execution, name, None)
     ctx.lake.write_manifest(ctx.pipeline, ctx.run_id, name, {
         "stage": name, "pipeline": ctx.pipeline, "run_id": ctx.run_id,
         "stage_hash": ctx.stage_hash(name), "config_hash": ctx.config.hash(), "seed": ctx.config.seed,
         "models": out.models, "precision": out.precision, "tables": out.tables, "report": out.report,
+        "execution": execution.model_dump(mode="json") if execution else None,
         "seconds": seconds, "finished_at": now(), "popflow_version": __version__, "host": platform.node(),
     })
     ctx.lake.rebuild_catalog()

@@ -302,7 +302,7 @@ def generation_metrics(ctx: RunContext, con, policies: list[dict]) -> tuple[str 
             {"eval_prompts": prompts.num_rows, "samples_per_policy": prompts.num_rows * n,
              "skipped_prompts": len(too_long), "skipped_ids": [pid for pid, _ in too_long[:20]],
              "adapters": serving if ctx.config.sample.engine == "vllm" else "merge",
-             "backend": ctx.config.execution.evaluate.backend, "resumed_policies": len(parts.done),
+             "resumed_policies": len(parts.done),
              "replica_pids": pids,
              "eval_samples": scored.num_rows, "eval_rewards": rewards.num_rows,
              "eval_outcomes": outcomes.num_rows})

@@ -144,7 +144,7 @@ def sample(ctx: RunContext) -> Output:
     report = {"prompts": len(ids), "n": cfg.n, "samples": rows, "engine": cfg.engine,
               "shards": len(spans), "resumed_shards": len(parts.done),
               "per_request_seed": run["per_request_seed"],
-              "backend": ctx.config.execution.sample.backend, "replicas": run.get("replicas", 0), "timing": timing,
+              "replicas": run.get("replicas", 0), "timing": timing,
               "replica_pids": run.get("replica_pids", {}),
               "skipped_prompts": len(too_long),
               "skipped_ids": [pid for pid, _ in too_long[:20]], "context": context,

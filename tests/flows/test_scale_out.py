@@ -153,7 +153,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
 
     manifest = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("sample.json")).read_text())
     report = manifest["report"]
-    assert (report["backend"], report["replicas"], report["samples"]) == ("ray", 2, 9 * 4)
+    assert (manifest["execution"]["backend"], report["replicas"], report["samples"]) == ("ray", 2, 9 * 4)
     made = {int(pid): shards for pid, shards in report["replica_pids"].items()}
     assert sum(made.values()) == 9  # every shard once
     assert set(made) - first  # the restarted replica made at least the shard it was retried with
@@ -168,8 +168,9 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     assert {r[2] for r in on_ray} == {"constraints", "ifeval", "relevance", "tiny_rm"}
     assert max(abs(a[3] - b[3]) for a, b in zip(local["rewards"], on_ray, strict=True)) < 1e-5
 
-    evaluated = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("evaluate.json")).read_text())["report"]
-    assert evaluated["backend"] == "ray" and sum(evaluated["replica_pids"].values()) == 2  # a policy per call
+    evaluated = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("evaluate.json")).read_text())
+    assert evaluated["execution"]["backend"] == "ray"  # the registry records where a stage's parts ran
+    assert sum(evaluated["report"]["replica_pids"].values()) == 2  # a policy per call
     keys = cli.query("select method, seed, prompt_id, sample_idx from eval_samples")
     assert len(set(keys)) == len(keys) == 2 * 3 * 2 and {k[1] for k in keys} == {0, 1}  # policies x prompts x n
 
