@@ -10,6 +10,7 @@ null), instructions (IFEval labels as JSON text, tasks/rewards/ifeval.py, or nul
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -99,7 +100,32 @@ PROMPTS_SCHEMA = pa.schema([
 ])
 
 
+_CHECKED: dict[tuple, pa.Table] = {}  # (prompts config, the file's identity) -> its checked table: the last one
+
+
+def file_identity(source: str) -> tuple | None:
+    """A local file's (device, inode, size, mtime): what changes when it is rewritten; None for hf: sources."""
+    path = Path(source)
+    if source.startswith("hf:") or not path.is_file():
+        return None
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def load_prompts(cfg: PromptsConfig) -> pa.Table:
+    """The checked prompts table of a source. A local file read and checked already in this process (the
+    preflight's, before the flow's ingest) is not read again while it is unchanged on disk."""
+    key = (cfg.model_dump_json(), file_identity(cfg.source))
+    if key[1] is not None and key in _CHECKED:
+        return _CHECKED[key]
+    table = _load_prompts(cfg)
+    if key[1] is not None:
+        _CHECKED.clear()
+        _CHECKED[key] = table
+    return table
+
+
+def _load_prompts(cfg: PromptsConfig) -> pa.Table:
     records, unit = read_records(cfg)
     table = build_prompts(records, cfg, cfg.source, unit)
     table = apply_limits(table, cfg.limit, cfg.eval_limit)

@@ -81,3 +81,24 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "p.csv").write_text("prompt\nx\n")
     with pytest.raises(PopflowError, match="unsupported file type"):
         load_prompts(PromptsConfig(source=str(tmp_path / "p.csv")))
+
+
+def test_a_checked_file_is_read_once_while_unchanged(tmp_path, monkeypatch):
+    """The preflight and the flow's ingest load the same file in one process: the second load is the first's table;
+    a rewrite of the file (same size, so only its mtime tells) or another prompts config reads it again."""
+    import os
+
+    import tasks.prompts as module
+
+    reads, real = [], module.read_records
+    monkeypatch.setattr(module, "read_records", lambda cfg: reads.append(cfg.source) or real(cfg))
+    path = jsonl(tmp_path, [{"prompt_id": "a", "prompt": "x"}])
+    cfg = PromptsConfig(source=str(path), eval_fraction=0)
+    first = load_prompts(cfg)
+    assert load_prompts(cfg) is first and len(reads) == 1
+    mtime = path.stat().st_mtime_ns
+    path.write_text(json.dumps({"prompt_id": "a", "prompt": "y"}) + "\n")
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert load_prompts(cfg).column("prompt").to_pylist() == ["y"] and len(reads) == 2
+    load_prompts(cfg.model_copy(update={"limit": 5}))
+    assert len(reads) == 3
