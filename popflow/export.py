@@ -335,8 +335,9 @@ def push(folder: Path, repo: str) -> str:
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="dataset", exist_ok=True)
+        # the data files' names change with their content: the previous export's go in the same commit
         info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="dataset",
-                                 commit_message="popflow export")
+                                 commit_message="popflow export", delete_patterns=["data/*"])
     except Exception as exc:  # offline, no token, refused, an HTTP error of any client version: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PopflowError(f"--hub {repo}: could not push {folder} ({type(exc).__name__}: {first}); the folder is "

@@ -41,7 +41,7 @@ from popflow.replicas import EvalReplica
 from popflow.report import markdown_table
 from popflow.sql import interval_sql, lit, parquet
 from popflow.stage import Artifact, Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
-from tasks.rewards import ScoringBatch, score_with
+from tasks.rewards import ScoringBatch, labels_sql, require_ifeval_labels, score_with
 from tasks.rewards.aggregate import aggregate_sql, win_outcome_sql
 
 
@@ -151,14 +151,15 @@ def generation_metrics_sql(outcomes: str) -> str:
     """
 
 
-def eval_prompts_sql(prompts: str, max_prompts: int | None) -> str:
-    """The held-out prompts evaluate generates for (the first `max_prompts` in source order)."""
+def eval_prompts_sql(prompts: str, max_prompts: int | None, labels: str = "p.constraints, p.instructions") -> str:
+    """The held-out prompts evaluate generates for (the first `max_prompts` in source order), with their labels
+    (`labels`: tasks.prompts.labels_sql's select list for the alias p)."""
     limit = f"limit {int(max_prompts)}" if max_prompts else ""
     return f"""
         with final as (
-            select prompt_id, prompt, constraints, source_row from {prompts} where split = 'eval'
+            select p.prompt_id, p.prompt, {labels}, p.source_row from {prompts} p where p.split = 'eval'
         )
-        select prompt_id, prompt, constraints from final order by source_row {limit}
+        select prompt_id, prompt, constraints, instructions from final order by source_row {limit}
     """
 
 
@@ -188,7 +189,9 @@ def eval_prompts(ctx: RunContext, con, base_path: str) -> tuple[pa.Table, list[P
     """The held-out prompts, rendered with the policy's chat template, without those too long for the
     sampling settings (sample.long_prompts: skip; fail raises): (prompts table, rendered, too long)."""
     cfg = ctx.config.sample
-    prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts)).to_arrow_table()
+    require_ifeval_labels(con, ctx.table("prompts"), ctx.config.score.models, ctx.run_id)
+    prompts = con.sql(eval_prompts_sql(ctx.table("prompts"), ctx.config.evaluate.max_prompts,
+                                       labels_sql(con, ctx.table("prompts"), "p"))).to_arrow_table()
     ids = prompts.column("prompt_id").to_pylist()
     rendered, too_long, _ = prepare_prompts(base_path, ids, prompts.column("prompt").to_pylist(), cfg, "evaluate")
     kept = {p.id for p in rendered}

@@ -22,17 +22,15 @@ import pyarrow as pa
 
 from popflow import models, precision, sql
 from popflow.stage import Output, Parts, RunContext, backend, run_logger, stage, with_run_columns
-from tasks.rewards import ScoringBatch, check_finite, hf, rewards_part, score_with
+from tasks.rewards import ScoringBatch, check_finite, hf, labels_sql, require_ifeval_labels, rewards_part, score_with
 from tasks.rewards.aggregate import aggregate_sql
 
 
 def samples_to_score(ctx: RunContext, con) -> pa.Table:
     """Every sample with its prompt's text and labels (a prompts table from before the IFEval labels: none)."""
-    has = "instructions" in con.sql(f"select * from {ctx.table('prompts')} limit 0").columns
     return con.sql(f"""
         with final as (
-            select s.prompt_id, s.sample_idx, p.prompt, s.response, p.constraints,
-                   {'p.instructions' if has else 'null::varchar as instructions'}
+            select s.prompt_id, s.sample_idx, p.prompt, s.response, {labels_sql(con, ctx.table('prompts'), 'p')}
             from {ctx.table('samples')} s
             join {ctx.table('prompts')} p using (prompt_id)
         )
@@ -77,6 +75,7 @@ def scored(ctx: RunContext, where, specs: list, batch: ScoringBatch, ids: list[s
 def score(ctx: RunContext) -> Output:
     """Score with each reward model (resuming per model), publish rewards and sample_rewards."""
     logger, cfg, lake, con = run_logger(), ctx.config.score, ctx.lake, sql.connect()
+    require_ifeval_labels(con, ctx.table("prompts"), cfg.models, ctx.run_id)
     data = samples_to_score(ctx, con)
     ids, idx = data.column("prompt_id").to_pylist(), data.column("sample_idx").to_pylist()
     batch = ScoringBatch.of(data.select(["prompt", "constraints", "instructions"]).to_pylist(),

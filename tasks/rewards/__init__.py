@@ -88,3 +88,21 @@ def score_with(spec, batch: ScoringBatch, data_dir, prompt_ids: list[str], sampl
                            f"sample_idx={sample_idx[i]}; nothing was written") from None
     check_finite(values, spec.name, prompt_ids, sample_idx)
     return rewards_part(spec.name, spec.kind, prompt_ids, sample_idx, values)
+
+
+def labels_sql(con, prompts: str, alias: str) -> str:
+    """The label columns of a prompts relation for a select list: constraints and instructions (null for a table
+    ingested before popflow read IFEval labels)."""
+    has = "instructions" in con.sql(f"select * from {prompts} limit 0").columns
+    return f"{alias}.constraints, " + (f"{alias}.instructions" if has else "null::varchar as instructions")
+
+
+def require_ifeval_labels(con, prompts: str, specs: list, run_id: str) -> None:
+    """An `ifeval` reward needs the run's prompts table to carry labels: one ingested before popflow read them (a
+    resumed older run) would score every sample `unlabelled_score` (the preflight reads the file, not the table)."""
+    names = [s.name for s in specs if s.kind == "ifeval"]
+    has = "instructions" in con.sql(f"select * from {prompts} limit 0").columns
+    if names and not (has and con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0]):
+        raise PopflowError(
+            f"reward model {names[0]!r} (ifeval): the prompts of run {run_id} carry no IFEval labels (ingested "
+            "before popflow read them, or the source has none); start a new run (a new --run-id) to ingest them")

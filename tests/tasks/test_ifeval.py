@@ -126,3 +126,26 @@ def test_an_ifeval_reward_without_labelled_prompts_fails_preflight(tmp_path):
     cfg = load_pipeline("tiny", overrides=[*extra, f"prompts.source={path}"])
     with pytest.raises(PopflowError, match=r"score.models\[instr\]: kind ifeval, but no prompt of .*p.jsonl"):
         preflight(cfg)
+
+
+def test_a_prompts_table_without_labels_is_refused_for_an_ifeval_reward(tmp_path):
+    """A run ingested before popflow read IFEval labels (the small lake's prompts table has no instructions column)
+    would score every sample unlabelled_score: score and evaluate refuse it, naming the model and the run; its
+    labels read as null for the other kinds; a table with labels passes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from popflow import sql
+    from tasks.rewards import labels_sql, require_ifeval_labels
+    from tests.fixtures.lake import small_lake
+
+    ctx, con = small_lake(tmp_path), sql.connect()
+    specs = [IfevalReward(kind="ifeval", name="instr")]
+    with pytest.raises(PopflowError, match=r"reward model 'instr' \(ifeval\): the prompts of run r1 carry no IFEval"):
+        require_ifeval_labels(con, ctx.table("prompts"), specs, "r1")
+    require_ifeval_labels(con, ctx.table("prompts"), [], "r1")  # no ifeval reward: nothing to check
+    assert con.sql(f"select {labels_sql(con, ctx.table('prompts'), 'p')} from {ctx.table('prompts')} p "
+                   "limit 1").fetchall() == [(None, None)]
+    pq.write_table(pa.table({"prompt_id": ["a"], "constraints": [None],
+                             "instructions": [json.dumps(labels(JSON))]}), tmp_path / "new.parquet")
+    require_ifeval_labels(con, sql.parquet(str(tmp_path / "new.parquet")), specs, "r2")

@@ -24,6 +24,7 @@ from tasks.margins import pop_labels_of, train_pairs_sql
 from tasks.pair import write_pairs
 from tasks.promote import outcomes_sql, round_rewards_sql
 from tasks.ref_logps import pair_rows_sql
+from tasks.rewards import labels_sql
 from tasks.sample import prompts_to_sample
 from tasks.score import samples_to_score
 from tasks.train import heldout_rows_sql, training_rows
@@ -163,9 +164,11 @@ def test_evaluate_metrics_by_hand(ctx):
     no_gt = ("(select * from (values ('m', 0, 1.0, null::double), ('m', 0, -2.0, null), ('m', 0, 3.0, null)) "
              "t(method, seed, beta_h, gt_margin))")  # imported pairs without scores: accuracy 2/3, no correlation
     assert con.sql(heldout_metrics_sql(no_gt)).fetchall() == [("m", 0, "accuracy", pytest.approx(2 / 3))]
-    ids = [r[0] for r in con.sql(eval_prompts_sql(ctx.table("prompts"), None)).fetchall()]
-    assert ids == [E1, E2]
-    assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1)).fetchall()[0][0] == E1
+    labels = labels_sql(con, ctx.table("prompts"), "p")  # the fixture's prompts table predates IFEval labels
+    held_out = con.sql(eval_prompts_sql(ctx.table("prompts"), None, labels)).fetchall()
+    ids = [r[0] for r in held_out]
+    assert ids == [E1, E2] and [r[3] for r in held_out] == [None, None]
+    assert con.sql(eval_prompts_sql(ctx.table("prompts"), 1, labels)).fetchall()[0][0] == E1
     constraints = (ctx.table("eval_rewards"), ctx.table("rewards"), "a")
 
     def outcomes(ids, constraints=None) -> str:
