@@ -168,9 +168,9 @@ def test_tiny_pipeline_with_vllm(cli):
     assert "SQL error" in bad.stderr
 
     # a rerun of the same run id skips every stage and changes nothing
-    again = cli("run", "tiny", *MERGE, "--run-id", run_id)
+    again = cli("run", "tiny", *MERGE, *WITH_IFEVAL, "--run-id", run_id)
     assert again.stdout.count("(already complete)") == 9
-    check_tiny_run(cli, run_id, "vllm")
+    check_tiny_run(cli, run_id, "vllm", ("constraints", "ifeval", "relevance", "tiny_rm"))
 
 
 def quoted_prompts(tmp_path) -> str:
