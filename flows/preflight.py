@@ -34,6 +34,7 @@ from popflow.plugins import load_function
 from tasks.human_labels import read_answers
 from tasks.import_pairs import load_imported_pairs
 from tasks.prompts import load_prompts
+from tasks.rewards import check_labelled
 from tasks.train_launch import check_launch
 
 
@@ -75,11 +76,8 @@ def check_heldout(cfg: PipelineConfig, held_out: int) -> None:
 def check_ifeval_labels(cfg: PipelineConfig, labelled: int) -> None:
     """An `ifeval` reward needs prompts with IFEval labels: with none, it would give every sample the same score."""
     for spec in cfg.score.models:
-        if spec.kind == "ifeval" and not labelled:
-            raise PopflowError(
-                f"score.models[{spec.name}]: kind ifeval, but no prompt of {cfg.prompts.source} carries IFEval labels "
-                f"(columns {cfg.prompts.columns.instruction_ids!r} + {cfg.prompts.columns.instruction_kwargs!r}, or "
-                "prompts.columns.ground_truth)")
+        if spec.kind == "ifeval":
+            check_labelled(spec.name, labelled, f"the prompts of {cfg.prompts.source}")
 
 
 def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> None:

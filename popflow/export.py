@@ -335,9 +335,11 @@ def push(folder: Path, repo: str) -> str:
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="dataset", exist_ok=True)
-        # the data files' names change with their content: the previous export's go in the same commit
+        # the repo becomes this export: the earlier one's data files (their names change with their content),
+        # figures and template go in the same commit (files uploaded in it are never deleted)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="dataset",
-                                 commit_message="popflow export", delete_patterns=["data/*"])
+                                 commit_message="popflow export",
+                                 delete_patterns=["data/*", *FIGURES, "chat_template.jinja"])
     except Exception as exc:  # offline, no token, refused, an HTTP error of any client version: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PopflowError(f"--hub {repo}: could not push {folder} ({type(exc).__name__}: {first}); the folder is "

@@ -18,7 +18,7 @@ from popflow.config import PromptsConfig
 from popflow.errors import PopflowError
 from popflow.sources import is_eval, read_records
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
-from tasks.rewards import ifeval
+from tasks.rewards import check_labelled, ifeval
 from tasks.rewards.constraints import validate_constraints
 
 SPLITS = ("train", "eval")
@@ -138,6 +138,10 @@ def _load_prompts(cfg: PromptsConfig) -> pa.Table:
 def ingest(ctx: RunContext) -> Output:
     """Validate the whole prompt set, then write the `prompts` table."""
     table = load_prompts(ctx.config.prompts)
+    for spec in ctx.config.score.models:  # checked in the preflight for files; hf: datasets load only here
+        if spec.kind == "ifeval":
+            check_labelled(spec.name, table.num_rows - table.column("instructions").null_count,
+                           f"the prompts of {ctx.config.prompts.source}")
     ctx.lake.write_table("prompts", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     splits = table.column("split").to_pylist()
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),

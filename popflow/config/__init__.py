@@ -353,6 +353,13 @@ class PipelineConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _generation_has_prompts(self) -> PipelineConfig:
+        if self.import_pairs is not None and self.train is not None and self.evaluate.generate:
+            raise ValueError("evaluate.generate: an import_pairs pipeline has no prompts to sample the trained "
+                             "policies on (set evaluate.generate: false; held-out pair accuracy needs none)")
+        return self
+
+    @model_validator(mode="after")
     def _loop_fits_pipeline(self) -> PipelineConfig:
         """A loop samples, trains, evaluates by generation and sets the policy and reference itself."""
         if self.loop is None:

@@ -101,8 +101,19 @@ def require_ifeval_labels(con, prompts: str, specs: list, run_id: str) -> None:
     """An `ifeval` reward needs the run's prompts table to carry labels: one ingested before popflow read them (a
     resumed older run) would score every sample `unlabelled_score` (the preflight reads the file, not the table)."""
     names = [s.name for s in specs if s.kind == "ifeval"]
-    has = "instructions" in con.sql(f"select * from {prompts} limit 0").columns
-    if names and not (has and con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0]):
+    if not names:
+        return
+    if "instructions" not in con.sql(f"select * from {prompts} limit 0").columns:
         raise PopflowError(
-            f"reward model {names[0]!r} (ifeval): the prompts of run {run_id} carry no IFEval labels (ingested "
-            "before popflow read them, or the source has none); start a new run (a new --run-id) to ingest them")
+            f"reward model {names[0]!r} (ifeval): the prompts of run {run_id} were ingested before popflow read "
+            "IFEval labels; start a new run (a new --run-id) to ingest them")
+    check_labelled(names[0], con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0],
+                   f"the prompts of run {run_id}")
+
+
+def check_labelled(name: str, labelled: int, where: str) -> None:
+    """An `ifeval` reward with no labelled prompt would give every sample the same score."""
+    if not labelled:
+        raise PopflowError(
+            f"score.models[{name}]: kind ifeval, but {where} carry no IFEval labels (columns "
+            "prompts.columns.instruction_ids + instruction_kwargs, or prompts.columns.ground_truth)")

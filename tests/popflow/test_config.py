@@ -106,6 +106,10 @@ def test_overrides_are_validated_like_the_file():
     assert load_pipeline("tiny", overrides=["execution.score.chunk_size=4"]).execution.score.chunk_size == 4
     with pytest.raises(PopflowError, match="execution.sample.chunk_size: unknown key"):
         load_pipeline("tiny", overrides=["execution.sample.chunk_size=4"])
+    # imported pairs come without prompts: evaluate cannot sample the trained policies on held-out ones
+    assert load_pipeline("imported").evaluate.generate is False
+    with pytest.raises(PopflowError, match="evaluate.generate: an import_pairs pipeline has no prompts"):
+        load_pipeline("imported", overrides=["evaluate.generate=true"])
 
 
 def test_unknown_pipeline_and_missing_file(tmp_path):

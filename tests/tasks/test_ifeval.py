@@ -124,7 +124,7 @@ def test_an_ifeval_reward_without_labelled_prompts_fails_preflight(tmp_path):
     path.write_text("".join(json.dumps({"prompt_id": f"x{i}", "prompt": "q", "split": ["train", "eval"][i % 2]})
                             + "\n" for i in range(8)))
     cfg = load_pipeline("tiny", overrides=[*extra, f"prompts.source={path}"])
-    with pytest.raises(PopflowError, match=r"score.models\[instr\]: kind ifeval, but no prompt of .*p.jsonl"):
+    with pytest.raises(PopflowError, match=r"score.models\[instr\]: kind ifeval, but the prompts of .*p.jsonl"):
         preflight(cfg)
 
 
@@ -141,7 +141,8 @@ def test_a_prompts_table_without_labels_is_refused_for_an_ifeval_reward(tmp_path
 
     ctx, con = small_lake(tmp_path), sql.connect()
     specs = [IfevalReward(kind="ifeval", name="instr")]
-    with pytest.raises(PopflowError, match=r"reward model 'instr' \(ifeval\): the prompts of run r1 carry no IFEval"):
+    with pytest.raises(PopflowError, match=r"reward model 'instr' \(ifeval\): the prompts of run r1 were ingested "
+                                            "before popflow read IFEval labels; start a new run"):
         require_ifeval_labels(con, ctx.table("prompts"), specs, "r1")
     require_ifeval_labels(con, ctx.table("prompts"), [], "r1")  # no ifeval reward: nothing to check
     assert con.sql(f"select {labels_sql(con, ctx.table('prompts'), 'p')} from {ctx.table('prompts')} p "
@@ -149,3 +150,7 @@ def test_a_prompts_table_without_labels_is_refused_for_an_ifeval_reward(tmp_path
     pq.write_table(pa.table({"prompt_id": ["a"], "constraints": [None],
                              "instructions": [json.dumps(labels(JSON))]}), tmp_path / "new.parquet")
     require_ifeval_labels(con, sql.parquet(str(tmp_path / "new.parquet")), specs, "r2")
+    pq.write_table(pa.table({"prompt_id": ["a"], "constraints": [None], "instructions": pa.array([None], pa.string())}),
+                   tmp_path / "none.parquet")  # the column, no labels (an hf: source without them): no new run helps
+    with pytest.raises(PopflowError, match=r"score.models\[instr\]: kind ifeval, but the prompts of run r3 carry no"):
+        require_ifeval_labels(con, sql.parquet(str(tmp_path / "none.parquet")), specs, "r3")
