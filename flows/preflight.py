@@ -90,7 +90,7 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
     else:
         check_gate_size(cfg)
         if not cfg.prompts.source.startswith("hf:"):
-            prompts = load_prompts(cfg.prompts)
+            prompts = load_prompts(cfg.prompts, cfg.score.uses("ifeval"))
             check_heldout(cfg, prompts.column("split").to_pylist().count("eval"))
             check_ifeval_labels(cfg, prompts.num_rows - prompts.column("instructions").null_count)
         models.check_ref(cfg.sample.policy, "sample.policy")

@@ -24,8 +24,10 @@ from tasks.rewards.constraints import validate_constraints
 SPLITS = ("train", "eval")
 
 
-def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str) -> pa.Table:
-    """Validate and normalise raw records into the prompts table (before limits)."""
+def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str, checkers: bool = False
+                  ) -> pa.Table:
+    """Validate and normalise raw records into the prompts table (before limits); `checkers`: IFEval labels are
+    also checked against lm-eval's checkers (when an `ifeval` reward will score them: the import costs seconds)."""
     if not records:
         raise PopflowError(f"{where}: no prompts (the source is empty)")
     cols = cfg.columns
@@ -56,7 +58,7 @@ def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str
             problem = validate_constraints(constraints)
             if problem:
                 raise PopflowError(f"{pos}: {problem}")
-        instructions = read_instructions(rec, cols, f"{pos}: prompt_id {pid!r}")
+        instructions = read_instructions(rec, cols, f"{pos}: prompt_id {pid!r}", checkers)
         rows.append({
             "prompt_id": pid, "prompt": prompt, "split": split,
             "constraints": json.dumps(constraints, sort_keys=True) if constraints else None,
@@ -66,9 +68,9 @@ def build_prompts(records: list[dict], cfg: PromptsConfig, where: str, unit: str
     return pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA)
 
 
-def read_instructions(rec: dict, cols, where: str) -> dict | None:
-    """A record's IFEval labels (open-instruct's ground truth column, else IFEval's two columns), checked against
-    lm-eval's checkers; None when it has none."""
+def read_instructions(rec: dict, cols, where: str, checkers: bool = True) -> dict | None:
+    """A record's IFEval labels (open-instruct's ground truth column, else IFEval's two columns), their shape
+    checked and, with `checkers`, their ids and kwargs against lm-eval's checkers; None when it has none."""
     if cols.ground_truth and rec.get(cols.ground_truth) is not None:
         labels = ifeval.parse_ground_truth(rec[cols.ground_truth], where)
     elif cols.instruction_ids and rec.get(cols.instruction_ids) not in (None, []):
@@ -76,7 +78,7 @@ def read_instructions(rec: dict, cols, where: str) -> dict | None:
         labels = ifeval.parse_labels(rec[cols.instruction_ids], kwargs, where)
     else:
         return None
-    problem = ifeval.validate_instructions(labels)
+    problem = ifeval.validate_instructions(labels) if checkers else None
     if problem:
         raise PopflowError(f"{where}: {problem}")
     return labels
@@ -112,22 +114,22 @@ def file_identity(source: str) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def load_prompts(cfg: PromptsConfig) -> pa.Table:
-    """The checked prompts table of a source. A local file read and checked already in this process (the
-    preflight's, before the flow's ingest) is not read again while it is unchanged on disk."""
-    key = (cfg.model_dump_json(), file_identity(cfg.source))
-    if key[1] is not None and key in _CHECKED:
+def load_prompts(cfg: PromptsConfig, checkers: bool = False) -> pa.Table:
+    """The checked prompts table of a source (`checkers`: see build_prompts). A local file read and checked already
+    in this process (the preflight's, before the flow's ingest) is not read again while it is unchanged on disk."""
+    key = (cfg.model_dump_json(), checkers, file_identity(cfg.source))
+    if key[2] is not None and key in _CHECKED:
         return _CHECKED[key]
-    table = _load_prompts(cfg)
-    if key[1] is not None:
+    table = _load_prompts(cfg, checkers)
+    if key[2] is not None:
         _CHECKED.clear()
         _CHECKED[key] = table
     return table
 
 
-def _load_prompts(cfg: PromptsConfig) -> pa.Table:
+def _load_prompts(cfg: PromptsConfig, checkers: bool) -> pa.Table:
     records, unit = read_records(cfg)
-    table = build_prompts(records, cfg, cfg.source, unit)
+    table = build_prompts(records, cfg, cfg.source, unit, checkers)
     table = apply_limits(table, cfg.limit, cfg.eval_limit)
     if table.num_rows == 0 or "train" not in table.column("split").to_pylist():
         raise PopflowError(f"{cfg.source}: no train prompts to sample from")
@@ -137,7 +139,7 @@ def _load_prompts(cfg: PromptsConfig) -> pa.Table:
 @stage("ingest", sections=("prompts",), writes=("prompts",), when=lambda cfg: not cfg.import_pairs)
 def ingest(ctx: RunContext) -> Output:
     """Validate the whole prompt set, then write the `prompts` table."""
-    table = load_prompts(ctx.config.prompts)
+    table = load_prompts(ctx.config.prompts, ctx.config.score.uses("ifeval"))
     for spec in ctx.config.score.models:  # checked in the preflight for files; hf: datasets load only here
         if spec.kind == "ifeval":
             check_labelled(spec.name, table.num_rows - table.column("instructions").null_count,

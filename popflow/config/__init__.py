@@ -179,6 +179,10 @@ class ScoreConfig(Strict):
         "models on different scales count equally.",
     )
 
+    def uses(self, kind: str) -> bool:
+        """Whether a reward model of this kind scores."""
+        return any(m.kind == kind for m in self.models)
+
     def dtypes(self) -> dict[str, str]:
         """{config key: requested dtype} of the reward models that run a network (popflow.precision resolves)."""
         return {f"score.models[{m.name}].dtype": m.dtype for m in self.models if hasattr(m, "dtype")}

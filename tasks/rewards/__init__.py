@@ -109,6 +109,15 @@ def require_ifeval_labels(con, prompts: str, specs: list, run_id: str) -> None:
             "IFEval labels; start a new run (a new --run-id) to ingest them")
     check_labelled(names[0], con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0],
                    f"the prompts of run {run_id}")
+    # labels are checked against lm-eval's checkers at ingest only when an ifeval reward was configured then
+    from tasks.rewards.ifeval import validate_instructions
+
+    for pid, text in con.sql(f"select min(prompt_id), instructions from {prompts} where instructions is not null "
+                             "group by instructions order by 1").fetchall():
+        problem = validate_instructions(json.loads(text))
+        if problem:
+            raise PopflowError(f"reward model {names[0]!r} (ifeval): prompt_id {pid!r} of run {run_id}: {problem}; "
+                               "fix its labels and start a new run")
 
 
 def check_labelled(name: str, labelled: int, where: str) -> None:

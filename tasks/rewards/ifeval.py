@@ -12,9 +12,10 @@ A response scores the fraction of its prompt's instructions it follows, strict (
 without asterisks); an unlabelled prompt scores `unlabelled_score`. A score of 1 is IFEval's prompt-level
 accuracy for that response.
 
-Labels are checked when the prompts are read, before sampling (`validate_instructions`): an unknown id, kwargs
-the check does not take, a missing kwarg (IFEval would draw it at random: the score would not be reproducible),
-or a value the check refuses.
+Labels are checked (`validate_instructions`) when the prompts are read, before sampling, if an `ifeval` reward
+is configured (else only their shape: importing lm-eval and nltk costs seconds), and by score and evaluate before
+they score: an unknown id, kwargs the check does not take, a missing kwarg (IFEval would draw it at random: the
+score would not be reproducible), or a value the check refuses.
 
 The checkers need nltk's punkt_tab sentence data; `make setup` installs a package that ships it
 (llama-index-core, without its dependencies) and popflow points nltk at it: nothing is downloaded at run time.

@@ -74,7 +74,9 @@ def test_bad_labels_refused_at_ingest_naming_line_prompt_and_id(tmp_path, label,
             {"prompt_id": "bad-7", "prompt": "y", "instruction_id_list": [label[0]], "kwargs": [label[1]]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(PopflowError, match=rf"p.jsonl:2: prompt_id 'bad-7': {message}"):
-        load_prompts(PromptsConfig(source=str(path), eval_fraction=0))
+        load_prompts(PromptsConfig(source=str(path), eval_fraction=0), checkers=True)
+    # with no ifeval reward to score them, labels are carried with their shape checked only (no lm-eval import)
+    assert load_prompts(PromptsConfig(source=str(path), eval_fraction=0)).num_rows == 2
 
 
 def test_both_label_formats_give_the_same_prompts_table(tmp_path):
@@ -150,7 +152,27 @@ def test_a_prompts_table_without_labels_is_refused_for_an_ifeval_reward(tmp_path
     pq.write_table(pa.table({"prompt_id": ["a"], "constraints": [None],
                              "instructions": [json.dumps(labels(JSON))]}), tmp_path / "new.parquet")
     require_ifeval_labels(con, sql.parquet(str(tmp_path / "new.parquet")), specs, "r2")
+    bad = {"instruction_id_list": ["nope:x"], "kwargs": [{}]}  # carried unchecked by a run without an ifeval reward
+    pq.write_table(pa.table({"prompt_id": ["b", "a"], "constraints": [None, None],
+                             "instructions": [json.dumps(bad), json.dumps(labels(JSON))]}), tmp_path / "bad.parquet")
+    with pytest.raises(PopflowError, match=r"reward model 'instr' \(ifeval\): prompt_id 'b' of run r4: unknown IFEval"):
+        require_ifeval_labels(con, sql.parquet(str(tmp_path / "bad.parquet")), specs, "r4")
     pq.write_table(pa.table({"prompt_id": ["a"], "constraints": [None], "instructions": pa.array([None], pa.string())}),
                    tmp_path / "none.parquet")  # the column, no labels (an hf: source without them): no new run helps
     with pytest.raises(PopflowError, match=r"score.models\[instr\]: kind ifeval, but the prompts of run r3 carry no"):
         require_ifeval_labels(con, sql.parquet(str(tmp_path / "none.parquet")), specs, "r3")
+
+
+def test_prompts_without_an_ifeval_reward_never_import_lm_eval():
+    """lm-eval and nltk cost about two seconds to import: a run that scores no ifeval reward reads the labelled
+    demo prompts without them (a fresh interpreter, since this one has imported them)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from popflow.config import PromptsConfig; from tasks.prompts import load_prompts; "
+            "t = load_prompts(PromptsConfig(source='data/prompts/demo.jsonl')); "
+            "print(t.column('instructions').null_count < t.num_rows, 'lm_eval' in sys.modules, 'nltk' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
