@@ -40,9 +40,10 @@ for p in proof proof_pairs; do  # the claims: methods x 3 seeds (proof: DPO-PoP'
        where pipeline = '$p' order by metric, method" > "$out/${p}_comparison.csv"
   cp "$runs/pipeline=$p/run=$(latest "$p")/comparison.png" "$out/${p}_comparison.png"
 done
-if has proof; then  # the PoP sweep: margin Spearman against the ground truth
-  sql "$(query flows.experiment pop_sweep_sql "(select * from latest_pop_sweep where pipeline = 'proof')")" \
-      > "$out/pop_sweep.csv"
-  cp "$runs/pipeline=proof/run=$(latest proof)/pop_sweep.png" "$out/pop_sweep.png"
-fi
+for p in proof proof_pairs; do  # the PoP sweeps: margin Spearman against the ground truth, on each run's pairs
+  has "$p" || continue
+  sql "$(query flows.experiment pop_sweep_sql "(select * from latest_pop_sweep where pipeline = '$p')")" \
+      > "$out/${p}_pop_sweep.csv"
+  cp "$runs/pipeline=$p/run=$(latest "$p")/pop_sweep.png" "$out/${p}_pop_sweep.png"
+done
 ls -l "$out"
