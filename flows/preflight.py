@@ -33,8 +33,7 @@ from popflow.lineage import policy_refs
 from popflow.plugins import load_function
 from tasks.human_labels import read_answers
 from tasks.import_pairs import load_imported_pairs
-from tasks.prompts import load_prompts
-from tasks.rewards import check_labelled
+from tasks.prompts import check_ifeval_labels, load_prompts
 from tasks.train_launch import check_launch
 
 
@@ -73,13 +72,6 @@ def check_heldout(cfg: PipelineConfig, held_out: int) -> None:
                            f"{gate.min_prompts}: the gate would never promote")
 
 
-def check_ifeval_labels(cfg: PipelineConfig, labelled: int) -> None:
-    """An `ifeval` reward needs prompts with IFEval labels: with none, it would give every sample the same score."""
-    for spec in cfg.score.models:
-        if spec.kind == "ifeval":
-            check_labelled(spec.name, labelled, f"the prompts of {cfg.prompts.source}")
-
-
 def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> None:
     """Raise a PopflowError naming the first bad input of this config (see the module docstring); promoted
     references are looked up in `config_path` (default: pipelines.yaml)."""
@@ -92,7 +84,7 @@ def preflight(cfg: PipelineConfig, config_path: str | Path | None = None) -> Non
         if not cfg.prompts.source.startswith("hf:"):
             prompts = load_prompts(cfg.prompts, cfg.score.uses("ifeval"))
             check_heldout(cfg, prompts.column("split").to_pylist().count("eval"))
-            check_ifeval_labels(cfg, prompts.num_rows - prompts.column("instructions").null_count)
+            check_ifeval_labels(cfg, prompts)
         models.check_ref(cfg.sample.policy, "sample.policy")
         for spec in cfg.score.models:
             if hasattr(spec, "model"):

@@ -151,7 +151,7 @@ def generation_metrics_sql(outcomes: str) -> str:
     """
 
 
-def eval_prompts_sql(prompts: str, max_prompts: int | None, labels: str = "p.constraints, p.instructions") -> str:
+def eval_prompts_sql(prompts: str, max_prompts: int | None, labels: str) -> str:
     """The held-out prompts evaluate generates for (the first `max_prompts` in source order), with their labels
     (`labels`: tasks.rewards.labels_sql's select list for the alias p)."""
     limit = f"limit {int(max_prompts)}" if max_prompts else ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from popflow.config import PromptsConfig
+from popflow.config import PipelineConfig, PromptsConfig
 from popflow.errors import PopflowError
 from popflow.sources import is_eval, read_records
 from popflow.stage import Output, RunContext, run_logger, stage, with_run_columns
@@ -84,6 +84,17 @@ def read_instructions(rec: dict, cols, where: str, checkers: bool = True) -> dic
     return labels
 
 
+def labelled(table: pa.Table) -> int:
+    """How many prompts of a prompts table carry IFEval labels."""
+    return table.num_rows - table.column("instructions").null_count
+
+
+def check_ifeval_labels(cfg: PipelineConfig, table: pa.Table) -> None:
+    """An `ifeval` reward needs some of the pipeline's prompts labelled (the preflight's check for files; ingest's
+    for hf: datasets, which load only there)."""
+    check_labelled(cfg.score.models, labelled(table), f"the prompts of {cfg.prompts.source}")
+
+
 def apply_limits(table: pa.Table, limit: int | None, eval_limit: int | None) -> pa.Table:
     """Keep the first `limit` train and `eval_limit` eval prompts, in source order."""
     keep = []
@@ -140,14 +151,11 @@ def _load_prompts(cfg: PromptsConfig, checkers: bool) -> pa.Table:
 def ingest(ctx: RunContext) -> Output:
     """Validate the whole prompt set, then write the `prompts` table."""
     table = load_prompts(ctx.config.prompts, ctx.config.score.uses("ifeval"))
-    for spec in ctx.config.score.models:  # checked in the preflight for files; hf: datasets load only here
-        if spec.kind == "ifeval":
-            check_labelled(spec.name, table.num_rows - table.column("instructions").null_count,
-                           f"the prompts of {ctx.config.prompts.source}")
+    check_ifeval_labels(ctx.config, table)
     ctx.lake.write_table("prompts", ctx.pipeline, ctx.run_id, with_run_columns(ctx, table))
     splits = table.column("split").to_pylist()
     report = {"source": ctx.config.prompts.source, "train": splits.count("train"), "eval": splits.count("eval"),
               "with_constraints": table.num_rows - table.column("constraints").null_count,
-              "with_instructions": table.num_rows - table.column("instructions").null_count}
+              "with_instructions": labelled(table)}
     run_logger().info("prompts: %s", report)
     return Output({"prompts": table.num_rows}, report)

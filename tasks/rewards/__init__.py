@@ -90,24 +90,29 @@ def score_with(spec, batch: ScoringBatch, data_dir, prompt_ids: list[str], sampl
     return rewards_part(spec.name, spec.kind, prompt_ids, sample_idx, values)
 
 
+def has_instructions(con, prompts: str) -> bool:
+    """Whether a prompts relation has the IFEval labels column (a table ingested before popflow read them has not)."""
+    return "instructions" in con.sql(f"select * from {prompts} limit 0").columns
+
+
 def labels_sql(con, prompts: str, alias: str) -> str:
     """The label columns of a prompts relation for a select list: constraints and instructions (null for a table
     ingested before popflow read IFEval labels)."""
-    has = "instructions" in con.sql(f"select * from {prompts} limit 0").columns
-    return f"{alias}.constraints, " + (f"{alias}.instructions" if has else "null::varchar as instructions")
+    labels = f"{alias}.instructions" if has_instructions(con, prompts) else "null::varchar as instructions"
+    return f"{alias}.constraints, {labels}"
 
 
 def require_ifeval_labels(con, prompts: str, specs: list, run_id: str) -> None:
     """An `ifeval` reward needs the run's prompts table to carry labels: one ingested before popflow read them (a
     resumed older run) would score every sample `unlabelled_score` (the preflight reads the file, not the table)."""
-    names = [s.name for s in specs if s.kind == "ifeval"]
-    if not names:
+    name = ifeval_reward(specs)
+    if name is None:
         return
-    if "instructions" not in con.sql(f"select * from {prompts} limit 0").columns:
+    if not has_instructions(con, prompts):
         raise PopflowError(
-            f"reward model {names[0]!r} (ifeval): the prompts of run {run_id} were ingested before popflow read "
+            f"reward model {name!r} (ifeval): the prompts of run {run_id} were ingested before popflow read "
             "IFEval labels; start a new run (a new --run-id) to ingest them")
-    check_labelled(names[0], con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0],
+    check_labelled(specs, con.sql(f"select count(instructions) from {prompts}").fetchall()[0][0],
                    f"the prompts of run {run_id}")
     # labels are checked against lm-eval's checkers at ingest only when an ifeval reward was configured then
     from tasks.rewards.ifeval import validate_instructions
@@ -116,13 +121,19 @@ def require_ifeval_labels(con, prompts: str, specs: list, run_id: str) -> None:
                              "group by instructions order by 1").fetchall():
         problem = validate_instructions(json.loads(text))
         if problem:
-            raise PopflowError(f"reward model {names[0]!r} (ifeval): prompt_id {pid!r} of run {run_id}: {problem}; "
+            raise PopflowError(f"reward model {name!r} (ifeval): prompt_id {pid!r} of run {run_id}: {problem}; "
                                "fix its labels and start a new run")
 
 
-def check_labelled(name: str, labelled: int, where: str) -> None:
-    """An `ifeval` reward with no labelled prompt would give every sample the same score."""
-    if not labelled:
+def ifeval_reward(specs: list) -> str | None:
+    """The name of the first `ifeval` reward model among `specs`, if any."""
+    return next((s.name for s in specs if s.kind == "ifeval"), None)
+
+
+def check_labelled(specs: list, labelled: int, where: str) -> None:
+    """An `ifeval` reward among `specs` with no labelled prompt would give every sample the same score."""
+    name = ifeval_reward(specs)
+    if name is not None and not labelled:
         raise PopflowError(
             f"score.models[{name}]: kind ifeval, but {where} carry no IFEval labels (columns "
             "prompts.columns.instruction_ids + instruction_kwargs, or prompts.columns.ground_truth)")

@@ -45,7 +45,7 @@ def packaged_nltk_data() -> Path | None:
     except metadata.PackageNotFoundError:
         return None
     for f in files:
-        if f.as_posix().endswith("_static/nltk_cache/tokenizers/punkt_tab/english/sent_starters.txt"):
+        if f.as_posix().endswith(f"_static/nltk_cache/{PUNKT}sent_starters.txt"):
             return Path(f.locate()).parents[3]
     return None
 
