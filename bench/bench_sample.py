@@ -8,6 +8,12 @@
 2. popflow's vLLM engine vs its transformers engine on SmolLM2-135M-Instruct (fewer prompts for the slow
    one; tokens/s compared). Goal: vLLM >= 2x.
 Engine start-up is reported apart: it is paid once per stage, not per shard.
+
+    .venv/bin/python bench/bench_sample.py --engines transformers [--hf-prompts 64] [--hf-batch 16]
+
+3. The transformers engine alone (a machine without vLLM, e.g. a CUDA image: bench/gpu_check.sh runs it):
+   `--hf-prompts` prompts at `sample.batch_size` = `--hf-batch` prompts per generate() call, after one
+   untimed warm-up call; reads demo.jsonl directly (no lake, no DuckDB, no Prefect).
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--hf-prompts", type=int, default=4)
+    parser.add_argument("--hf-batch", type=int, default=8, help="sample.batch_size of the transformers engine")
+    parser.add_argument("--model", default=None, help="part 3 only; default: builtin:smollm2-135m-instruct")
+    parser.add_argument("--engines", choices=("vllm", "transformers"), nargs="+", default=["vllm", "transformers"],
+                        help="vllm: parts 1 and 2 (both engines); transformers alone: part 3")
     args = parser.parse_args()
+    if "vllm" not in args.engines:
+        return transformers_only(args)
 
     from smollm2 import demo_prompts
     from vllm import SamplingParams
@@ -77,6 +89,28 @@ def main() -> None:
     print(f"ratio popflow / raw LLM.generate: {rate['popflow'] / rate['raw']:.3f}x")
     print(f"transformers engine ({k} prompts x n={cfg.n}): {hf_rate:.1f} tok/s")
     print(f"ratio vLLM engine / transformers engine: {rate['popflow'] / hf_rate:.2f}x")
+
+
+def transformers_only(args) -> None:
+    """Part 3: the transformers engine's tokens/s on this machine's device, after one warm-up call."""
+    from smollm2 import demo_texts
+
+    from popflow import precision
+    from popflow.engines import Params, TransformersEngine
+
+    path, rendered, cfg = demo_texts(args.hf_prompts, args.n, args.max_tokens, args.hf_batch, args.model)
+    engine = TransformersEngine(path, cfg)
+    engine.generate(rendered[: min(len(rendered), args.hf_batch)], cfg.n, Params.of(cfg))  # warm-up
+    t = time.perf_counter()
+    comps = engine.generate(rendered, cfg.n, Params.of(cfg))
+    seconds = time.perf_counter() - t
+    engine.close()
+    tokens = sum(c.num_tokens for group in comps for c in group)
+    hw = precision.detect()
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {hw.device}; {Path(path).name} {engine.dtype}")
+    print(f"workload: {len(rendered)} prompts x n={cfg.n}, max {cfg.max_tokens} new tokens, "
+          f"{args.hf_batch} prompts per generate() call")
+    print(f"transformers engine: {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s")
 
 
 if __name__ == "__main__":

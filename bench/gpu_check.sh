@@ -11,6 +11,7 @@
 #     2. bench/bench_score.py              hf reward scoring batched vs a batch-size-1 loop
 #     3. bench/bench_train.py              stock TRL vs popflow's trainer, stored vs live reference (bf16 on CUDA)
 #     4. bench/train_step.py               one training step of the tiny pipeline's trainer (loss finite, LoRA moves)
+#     5. bench/bench_sample.py --engines transformers   the sampling fallback's tokens/s (no vLLM in a CUDA image)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. Wheels in .gpu/wheels are installed (to a temporary
 # folder on PYTHONPATH) only for packages that are missing or older than the carried wheel. Without the model
@@ -86,13 +87,16 @@ export POPFLOW_MODELS_DIR=$MODELS
 # Sizes: the GPU runs bigger batches (a batch-size-1 loop leaves it idle); the CPU ones match BENCHMARKS.md.
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   SCORE_ARGS="--samples 1024 --batch-size 64"; TRAIN_ARGS="--pairs 512 --batch 16 --repeats 2"
+  SAMPLE_ARGS="--hf-prompts 64 --hf-batch 16 --n 8 --max-tokens 128"
 else
   SCORE_ARGS="--samples 256 --batch-size 16"; TRAIN_ARGS="--pairs 48 --batch 8"
+  SAMPLE_ARGS="--hf-prompts 2 --hf-batch 2 --n 2 --max-tokens 16"
 fi
 SCORE_ARGS=${GPU_CHECK_SCORE_ARGS:-$SCORE_ARGS}
 TRAIN_ARGS=${GPU_CHECK_TRAIN_ARGS:-$TRAIN_ARGS}
+SAMPLE_ARGS=${GPU_CHECK_SAMPLE_ARGS:-$SAMPLE_ARGS}
 
-STEPS=${GPU_CHECK_STEPS:-1234}  # which of the four checks to run, e.g. GPU_CHECK_STEPS=3
+STEPS=${GPU_CHECK_STEPS:-12345}  # which of the five checks to run, e.g. GPU_CHECK_STEPS=3
 step() {
   [[ $STEPS == *"${1:0:1}"* ]] || return 0
   echo; echo "== $1"; shift
@@ -109,6 +113,8 @@ step "2. hf reward scoring: batched vs batch-size-1 loop" "$PY" bench/bench_scor
 # shellcheck disable=SC2086
 step "3. training: stock TRL vs popflow's trainer" "$PY" bench/bench_train.py $TRAIN_ARGS || status=1
 step "4. one training step of the tiny pipeline's trainer" "$PY" bench/train_step.py || status=1
+# shellcheck disable=SC2086
+step "5. sampling: the transformers engine" "$PY" bench/bench_sample.py --engines transformers $SAMPLE_ARGS || status=1
 echo
 echo "== gpu_check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status

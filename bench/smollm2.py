@@ -30,6 +30,26 @@ def demo_prompts(split: str, count: int, n: int, max_tokens: int):
     return path, ids, [Prompt(i, t) for i, t in zip(ids, rendered, strict=True)], cfg
 
 
+def demo_texts(count: int, n: int, max_tokens: int, batch_size: int = 8, model: str | None = None):
+    """(the model's path (default SmolLM2), the first `count` train prompts of demo.jsonl rendered with its
+    chat template as popflow.engines.Prompt, SampleConfig), read without the prompts stage (no DuckDB or
+    Prefect: what a bare CUDA image has)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from popflow import models
+    from popflow.config import SampleConfig
+    from popflow.engines import Prompt, render_prompts
+
+    path = model or models.resolve(models.SMOLLM2, REPO / "data").path
+    rows = [json.loads(line) for line in (REPO / "data/prompts/demo.jsonl").read_text().splitlines() if line]
+    rows = [r for r in rows if r.get("split") == "train"][:count]
+    cfg = SampleConfig(policy=model or models.SMOLLM2, n=n, max_tokens=max_tokens, seed=0, batch_size=batch_size)
+    rendered = render_prompts(AutoTokenizer.from_pretrained(path), [r["prompt"] for r in rows], None, cfg.policy)
+    return path, [Prompt(r["prompt_id"], t) for r, t in zip(rows, rendered, strict=True)], cfg
+
+
 # What `bench/gpu_check.sh --pack` copies for a machine without the model package: enough to rebuild the
 # architecture and tokenizer, not the weights.
 SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

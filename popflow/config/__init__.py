@@ -98,7 +98,8 @@ class SampleConfig(Strict):
         512, ge=1, description="Prompts per shard: each shard goes to the engine in one call and is written "
         "when done, so a crash loses at most one shard.",
     )
-    batch_size: int = Field(8, ge=1, description="transformers engine only: prompts per generate() call.")
+    batch_size: int = Field(8, ge=1, description="transformers engine only: prompts per generate() call (n "
+                            "sequences each); on a GPU without vLLM raise it (BENCHMARKS.md section 7).")
     dtype: Dtype = Field("auto", description=DTYPE_HELP)
     system_prompt: str | None = Field(None, description="Optional system message before each prompt.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
