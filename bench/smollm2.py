@@ -42,7 +42,7 @@ def demo_texts(count: int, n: int, max_tokens: int, batch_size: int = 8, model: 
     from popflow.config import SampleConfig
     from popflow.engines import Prompt, render_prompts
 
-    path = model or models.resolve(models.SMOLLM2, REPO / "data").path
+    path = models.resolve(model or models.SMOLLM2, REPO / "data").path
     rows = [json.loads(line) for line in (REPO / "data/prompts/demo.jsonl").read_text().splitlines() if line]
     rows = [r for r in rows if r.get("split") == "train"][:count]
     cfg = SampleConfig(policy=model or models.SMOLLM2, n=n, max_tokens=max_tokens, seed=0, batch_size=batch_size)

@@ -239,11 +239,11 @@ def test_tiny_pipeline_with_transformers(cli, tmp_path):
 @pytest.mark.own_prefect  # SIGKILL, then a rerun on the same PREFECT_HOME, through Prefect's temporary server
 def test_killed_during_sampling_resumes_without_duplicates(cli):
     """SIGKILL the whole process group (CLI, Prefect, vLLM engine) once the first shard is staged; the rerun
-    of the same run id generates only the missing shards. 13 one-prompt shards of up to 128 tokens leave the
-    kill a window of 12 shards of a second or more each (9 shards of 12 tokens once closed before it landed)."""
-    prompts = 10 + EVAL
-    args = ("run", "tiny", "--run-id", "killed-run", "--set", "prompts.limit=10", "--set", "sample.shard_size=1",
-            "--set", "train=null", "--set", "sample.max_tokens=128")
+    of the same run id generates only the missing shards. 19 one-prompt shards of up to 300 tokens leave the
+    kill a window of 18 shards even when the machine is busy (9 shorter ones once closed before it landed)."""
+    prompts = 16 + EVAL
+    args = ("run", "tiny", "--run-id", "killed-run", "--set", "prompts.limit=16", "--set", "sample.shard_size=1",
+            "--set", "train=null", "--set", "sample.max_tokens=300", "--set", "sample.vllm.max_model_len=1024")
     staging = cli.data_dir / "lake" / "_staging" / "samples" / "pipeline=tiny" / "run=killed-run"
     proc = cli.popen(*args)
     deadline = time.time() + 600
