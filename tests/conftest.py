@@ -23,6 +23,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+# A CLI run's time limit in the tests: generous, since beside another xdist worker on the slower CPU class an
+# end-to-end run can take several times its time alone; a hang still fails long before CI's own limit.
+CLI_TIMEOUT = 1800
 
 
 def cli_env(tmp_path: Path) -> dict:
@@ -61,7 +64,7 @@ class Cli:
         data = ["--data-dir", str(self.data_dir)] if args[0] in takes_data else []
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
-    def __call__(self, *args: str, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:
+    def __call__(self, *args: str, expect: int = 0, timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
         proc = subprocess.run(self.cmd(*args), env=self.env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout)
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tasks.train_launch import free_port
-from tests.conftest import REPO, cli_env, run_script
+from tests.conftest import CLI_TIMEOUT, REPO, cli_env, run_script
 
 pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
 
@@ -148,7 +148,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     assert not (ray_head[1] / ".ray" / "auth_token").exists()
     run = cli.popen("run", "tiny", *RAY_RUN, "--run-id", "onray")
     killed, first = kill_one_mid_generation(run, timeout=600)
-    assert run.wait(timeout=900) == 0 and killed is not None
+    assert run.wait(timeout=CLI_TIMEOUT) == 0 and killed is not None
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
 
     manifest = json.loads(next((cli.data_dir / "lake" / "_runs").rglob("sample.json")).read_text())

@@ -18,7 +18,7 @@ import duckdb
 import httpx
 import pytest
 
-from tests.conftest import PREFECT, REPO, cli_env, free_port, prefect_server, start, stop, wait_for
+from tests.conftest import CLI_TIMEOUT, PREFECT, REPO, cli_env, free_port, prefect_server, start, stop, wait_for
 
 pytestmark = pytest.mark.slow  # the real CLI end to end (Prefect, engines, training): make test-fast leaves these out
 
@@ -26,16 +26,18 @@ DEPLOYMENT = "preference-pipeline/tiny"
 TRANSFORMERS = 'overrides={"sample": {"engine": "transformers"}}'
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server(tmp_path_factory):
-    """A Prefect server on 127.0.0.1 (SQLite in a temporary PREFECT_HOME); yields (api url, env for clients)."""
+    """A Prefect server on 127.0.0.1 (SQLite in a temporary PREFECT_HOME); yields (api url, env for clients).
+    One per test: two tests register the same deployment name and one asserts that no flow run exists yet, which
+    a server shared within the module makes depend on the order in which an xdist worker runs them."""
     home = tmp_path_factory.mktemp("prefect-server")
     env = cli_env(home)
     with prefect_server(home, env) as api:
         yield api, {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
 
 
-def prefect(env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def prefect(env: dict, *args: str, timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -85,12 +87,12 @@ def test_deployment_runs_concurrently_on_a_local_server(server, tmp_path):
 
         # two overlapping runs of one pipeline, while a reader keeps querying the catalog
         reads, errors, done = [0], [], threading.Event()
-        reader = threading.Thread(target=read_catalog, args=(data, reads, errors, done))
+        reader = threading.Thread(target=read_catalog, args=(data, reads, errors, done), daemon=True)
         reader.start()
         watched = [subprocess.Popen([PREFECT, "deployment", "run", DEPLOYMENT, "--param", TRANSFORMERS, "--watch"],
                                     env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for _ in range(2)]
-        outputs = [p.communicate(timeout=900)[0] for p in watched]
+        outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in watched]
         done.set()
         reader.join()
         assert [p.returncode for p in watched] == [0, 0], ("\n".join(outputs)[-3000:] + "\nserve.log:\n"
