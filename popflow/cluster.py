@@ -341,21 +341,23 @@ def backend(opts: Replicas, ray_opts: RayOptions) -> Iterator[Backend]:
 def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | None = None,
                 wait_s: float = 120.0) -> list[int]:
     """The cores a CPU replica binds to: int(cpus) cores of this node that no live process has claimed, kept as
-    {pid: [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of several
-    stages, of several widths and restarted replicas never share a core while the owner lives. `slot` picks the
-    preferred block of cores when it is free; else the lowest free cores. With too few free cores it waits up
-    to `wait_s` for owners to exit, then fails naming them. A fractional replica (cpus < 1: Ray packs several
-    on a core) shares the least-claimed core instead, without waiting."""
+    {"pid@start time": [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of
+    several stages, of several widths and restarted replicas never share a core while the owner lives (the start
+    time tells a dead owner from a later process that was given its pid). `slot` picks the preferred block of
+    cores when it is free; else the lowest free cores. With too few free cores it waits up to `wait_s` for owners
+    to exit, then fails naming them. A fractional replica (cpus < 1: Ray packs several on a core) shares the
+    least-claimed core instead, without waiting."""
     from filelock import FileLock
 
     cores, width, pid = sorted(os.sched_getaffinity(0)), max(int(cpus), 1), pid or os.getpid()
     if width > len(cores):
         raise PopflowError(f"a replica asks for {width} cores; this node lets it use {len(cores)}: {cores}")
     path = Path(lock_dir or tempfile.gettempdir()) / f"popflow-cores-{os.getuid()}.json"
+    me = _owner(pid)
     deadline = time.time() + wait_s
     while True:
         with FileLock(str(path) + ".lock"):
-            claims = {int(p): c for p, c in _read_claims(path).items() if _alive(int(p)) and int(p) != pid}
+            claims = {k: c for k, c in _read_claims(path).items() if _alive(k) and k.split("@")[0] != str(pid)}
             taken = {core for owned in claims.values() for core in owned}
             free = [c for c in cores if c not in taken]
             start = (slot * width) % len(cores)
@@ -367,13 +369,14 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
             elif len(free) >= width:
                 chosen = block if len(block) == width and not taken & set(block) else free[:width]
             if chosen:
-                claims[pid] = chosen
-                write_text(json.dumps({str(p): c for p, c in claims.items()}), path)
+                claims[me] = chosen
+                write_text(json.dumps(claims), path)
                 return chosen
+        owners = {int(k.split("@")[0]): c for k, c in claims.items()}
         if time.time() >= deadline:
             raise PopflowError(f"no {width} free cores for a replica after {wait_s:.0f} s: cores {cores} are claimed "
-                               f"by live processes {claims} ({path}); stop them or ask for fewer cores")
-        log.warning("replica waits for %d free cores (claimed: %s)", width, claims)
+                               f"by live processes {owners} ({path}); stop them or ask for fewer cores")
+        log.warning("replica waits for %d free cores (claimed: %s)", width, owners)
         time.sleep(1.0)
 
 
@@ -386,14 +389,29 @@ def _read_claims(path: Path) -> dict:
     return claims if isinstance(claims, dict) and all(isinstance(v, list) for v in claims.values()) else {}
 
 
-def _alive(pid: int) -> bool:
+def _owner(pid: int) -> str:
+    """A claim's key: the pid and its process's start time ("pid@start"); the pid alone if it cannot be read."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return f"{pid}@{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return str(pid)
+
+
+def _alive(key: str) -> bool:
+    """The claim's owner still runs: its pid is a live process (not a zombie) started when the claim says (a claim
+    of an earlier version's file, the pid alone, trusts the pid)."""
+    import psutil
+
+    pid, _, started = key.partition("@")
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not started or abs(proc.create_time() - float(started)) < 0.05
+    except (psutil.Error, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def pack(folder: Path) -> dict[str, bytes]:

@@ -4,9 +4,11 @@ flight: every item comes back exactly once, restarted or not."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
+import psutil
 import pytest
 
 from popflow import cluster
@@ -29,7 +31,8 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
     """Claims are sets of core ids per live pid. With two cores: a 1-core replica (slot 0) takes core 0; another
     live process's 1-core claim for slot 0 gets core 1 (slot 0's core is taken); a 2-core replica then finds no
     free core and fails naming the owners (after its wait, here 0 s); once the other process has died its core is
-    free again; a torn claims file (a crash mid-write of an older version) counts as no claim."""
+    free again; a torn claims file (a crash mid-write of an older version) counts as no claim; a claim whose
+    owner's start time is not the live process's (its pid was reused) counts as none."""
     import subprocess
 
     all_cores = os.sched_getaffinity(0)
@@ -47,6 +50,18 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
         other.wait()
         assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path), pid=other.pid + 1, wait_s=0) == cores[1:2]
         (tmp_path / f"popflow-cores-{os.getuid()}.json").write_text('{"1": [0, ')
+        assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
+        # a claim names its owner's start time: a live process that was given a dead owner's pid holds nothing
+        live = subprocess.Popen(["sleep", "60"])
+        started = psutil.Process(live.pid).create_time()
+        claims = tmp_path / f"popflow-cores-{os.getuid()}.json"
+        claims.write_text(json.dumps({f"{live.pid}@{started - 30:.2f}": cores}))
+        assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
+        claims.write_text(json.dumps({f"{live.pid}@{started:.2f}": cores}))
+        with pytest.raises(PopflowError, match=rf"claimed by live processes {{{live.pid}: "):
+            cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0)
+        live.kill()
+        live.wait()  # reaped: the pid is gone; a zombie (killed, not yet reaped) would count as dead as well
         assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
     finally:
         other.kill()
