@@ -338,12 +338,16 @@ def backend(opts: Replicas, ray_opts: RayOptions) -> Iterator[Backend]:
         yield Backend(opts, info)
 
 
+CLAIMS_FILE = "popflow-core-claims-{uid}.json"  # in the temp folder; keys "pid@start" (before: popflow-cores-*, pids)
+
+
 def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | None = None,
                 wait_s: float = 120.0) -> list[int]:
     """The cores a CPU replica binds to: int(cpus) cores of this node that no live process has claimed, kept as
-    {"pid@start time": [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of
-    several stages, of several widths and restarted replicas never share a core while the owner lives (the start
-    time tells a dead owner from a later process that was given its pid). `slot` picks the preferred block of
+    {"pid@start": [core ids]} in a small file under a file lock (written whole, then renamed), so replicas of
+    several stages, of several widths and restarted replicas never share a core while the owner lives; `start`
+    is the owner's start time in clock ticks since boot (/proc/<pid>/stat), which tells a dead owner from a later
+    process given its pid and, unlike a wall-clock time, never moves. `slot` picks the preferred block of
     cores when it is free; else the lowest free cores. With too few free cores it waits up to `wait_s` for owners
     to exit, then fails naming them. A fractional replica (cpus < 1: Ray packs several on a core) shares the
     least-claimed core instead, without waiting."""
@@ -352,7 +356,7 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
     cores, width, pid = sorted(os.sched_getaffinity(0)), max(int(cpus), 1), pid or os.getpid()
     if width > len(cores):
         raise PopflowError(f"a replica asks for {width} cores; this node lets it use {len(cores)}: {cores}")
-    path = Path(lock_dir or tempfile.gettempdir()) / f"popflow-cores-{os.getuid()}.json"
+    path = Path(lock_dir or tempfile.gettempdir()) / CLAIMS_FILE.format(uid=os.getuid())
     me = _owner(pid)
     deadline = time.time() + wait_s
     while True:
@@ -389,29 +393,26 @@ def _read_claims(path: Path) -> dict:
     return claims if isinstance(claims, dict) and all(isinstance(v, list) for v in claims.values()) else {}
 
 
-def _owner(pid: int) -> str:
-    """A claim's key: the pid and its process's start time ("pid@start"); the pid alone if it cannot be read."""
-    import psutil
-
+def _started(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process from /proc/<pid>/stat; None if it is gone."""
     try:
-        return f"{pid}@{psutil.Process(pid).create_time():.2f}"
-    except psutil.Error:
-        return str(pid)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]  # fields 3 and 22 of proc(5): after the command name in parentheses
+
+
+def _owner(pid: int) -> str:
+    """A claim's key: "pid@start"; an owner that cannot be read (already gone) gets a key that is never alive."""
+    started = _started(pid)
+    return f"{pid}@{started[1] if started else 'gone'}"
 
 
 def _alive(key: str) -> bool:
-    """The claim's owner still runs: its pid is a live process (not a zombie) started when the claim says (a claim
-    of an earlier version's file, the pid alone, trusts the pid)."""
-    import psutil
-
-    pid, _, started = key.partition("@")
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return not started or abs(proc.create_time() - float(started)) < 0.05
-    except (psutil.Error, ValueError):
-        return False
+    """The claim's owner still runs: its pid is a process that is not a zombie and started at the claim's tick."""
+    pid, _, start = key.partition("@")
+    started = _started(int(pid)) if pid.isdigit() else None
+    return started is not None and started[0] not in ("Z", "X") and started[1] == start
 
 
 def pack(folder: Path) -> dict[str, bytes]:

@@ -48,7 +48,7 @@ def run_script(tmp_path: Path, script: str) -> dict:
     path = tmp_path / "script.py"
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], env=cli_env(tmp_path), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=CLI_TIMEOUT)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     return json.loads(line[0][len("RESULT "):])

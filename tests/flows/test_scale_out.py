@@ -147,7 +147,7 @@ def test_tiny_pipeline_on_ray_survives_a_killed_replica(cli, tmp_path, ray_head)
     cli.env.pop("RAY_AUTH_MODE", None)
     assert not (ray_head[1] / ".ray" / "auth_token").exists()
     run = cli.popen("run", "tiny", *RAY_RUN, "--run-id", "onray")
-    killed, first = kill_one_mid_generation(run, timeout=600)
+    killed, first = kill_one_mid_generation(run, timeout=CLI_TIMEOUT)
     assert run.wait(timeout=CLI_TIMEOUT) == 0 and killed is not None
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
 

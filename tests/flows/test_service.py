@@ -152,7 +152,8 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, tmp_path):
     data = tmp_path / "data"
     assert prefect(env, "work-pool", "create", "popflow-test", "--type", "process").returncode == 0
     deploy = subprocess.run([sys.executable, "-m", "popflow.cli", "deploy", "tiny", "--work-pool", "popflow-test",
-                             "--data-dir", str(data)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--data-dir", str(data)], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT)
     assert f"deployment {DEPLOYMENT} -> work pool popflow-test" in deploy.stdout, deploy.stderr
     worker = start([PREFECT, "worker", "start", "--pool", "popflow-test"], {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
                    tmp_path / "worker.log")

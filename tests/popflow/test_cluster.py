@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -32,7 +33,7 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
     live process's 1-core claim for slot 0 gets core 1 (slot 0's core is taken); a 2-core replica then finds no
     free core and fails naming the owners (after its wait, here 0 s); once the other process has died its core is
     free again; a torn claims file (a crash mid-write of an older version) counts as no claim; a claim whose
-    owner's start time is not the live process's (its pid was reused) counts as none."""
+    owner's start tick is not the live process's (its pid was reused) counts as none, and so does a zombie's."""
     import subprocess
 
     all_cores = os.sched_getaffinity(0)
@@ -49,20 +50,23 @@ def test_cpu_replicas_claim_distinct_cores(tmp_path):
         other.kill()
         other.wait()
         assert cluster.claim_cores(0, 1, lock_dir=str(tmp_path), pid=other.pid + 1, wait_s=0) == cores[1:2]
-        (tmp_path / f"popflow-cores-{os.getuid()}.json").write_text('{"1": [0, ')
+        claims = tmp_path / cluster.CLAIMS_FILE.format(uid=os.getuid())
+        claims.write_text('{"1": [0, ')
         assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
-        # a claim names its owner's start time: a live process that was given a dead owner's pid holds nothing
+        # a claim names its owner's start tick (field 22 of /proc/<pid>/stat): a live process that was given a dead
+        # owner's pid holds nothing; the owner itself holds its cores until it dies, a zombie counting as dead
         live = subprocess.Popen(["sleep", "60"])
-        started = psutil.Process(live.pid).create_time()
-        claims = tmp_path / f"popflow-cores-{os.getuid()}.json"
-        claims.write_text(json.dumps({f"{live.pid}@{started - 30:.2f}": cores}))
+        started = int(Path(f"/proc/{live.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        claims.write_text(json.dumps({f"{live.pid}@{started - 1}": cores}))
         assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
-        claims.write_text(json.dumps({f"{live.pid}@{started:.2f}": cores}))
+        claims.write_text(json.dumps({f"{live.pid}@{started}": cores}))
         with pytest.raises(PopflowError, match=rf"claimed by live processes {{{live.pid}: "):
             cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0)
         live.kill()
-        live.wait()  # reaped: the pid is gone; a zombie (killed, not yet reaped) would count as dead as well
+        while psutil.Process(live.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not yet reaped
+            time.sleep(0.01)
         assert cluster.claim_cores(0, 2, lock_dir=str(tmp_path), wait_s=0) == cores
+        live.wait()
     finally:
         other.kill()
         os.sched_setaffinity(0, all_cores)
