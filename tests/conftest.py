@@ -65,8 +65,17 @@ class Cli:
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
     def __call__(self, *args: str, expect: int = 0, timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.cmd(*args), env=self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        """Run the CLI in its own process group; past `timeout` the whole group is killed (its engines and
+        launched trainers too, which would otherwise keep the cores of the other xdist worker busy)."""
+        with subprocess.Popen(self.cmd(*args), env=self.env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
+            try:
+                out, err = run.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                out, err = run.communicate()
+                pytest.fail(f"{' '.join(args)}: not done in {timeout} s\n{out[-3000:]}\n{err[-6000:]}")
+        proc = subprocess.CompletedProcess(run.args, run.returncode, out, err)
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         return proc
 
