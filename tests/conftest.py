@@ -65,8 +65,10 @@ class Cli:
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
     def __call__(self, *args: str, expect: int = 0, timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-        """Run the CLI in its own process group; past `timeout` the whole group is killed (its engines and
-        launched trainers too, which would otherwise keep the cores of the other xdist worker busy)."""
+        """Run the CLI in its own process group; past `timeout` the whole group is killed (the engine processes it
+        started too, which would otherwise keep the other xdist worker's cores busy). Prefect's temporary server
+        and an accelerate launch run in sessions of their own: the server stops once popflow is gone; a launch
+        killed with its CLI by SIGKILL runs on to its end (tasks/train_launch.py stops it on any other exit)."""
         with subprocess.Popen(self.cmd(*args), env=self.env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
             try:
