@@ -357,11 +357,11 @@ def claim_cores(slot: int, cpus: float, lock_dir: str | None = None, pid: int | 
     if width > len(cores):
         raise PopflowError(f"a replica asks for {width} cores; this node lets it use {len(cores)}: {cores}")
     path = Path(lock_dir or tempfile.gettempdir()) / CLAIMS_FILE.format(uid=os.getuid())
-    me = _owner(pid)
+    me = process_key(pid)
     deadline = time.time() + wait_s
     while True:
         with FileLock(str(path) + ".lock"):
-            claims = {k: c for k, c in _read_claims(path).items() if _alive(k) and k.split("@")[0] != str(pid)}
+            claims = {k: c for k, c in _read_claims(path).items() if process_alive(k) and k.split("@")[0] != str(pid)}
             taken = {core for owned in claims.values() for core in owned}
             free = [c for c in cores if c not in taken]
             start = (slot * width) % len(cores)
@@ -402,14 +402,16 @@ def _started(pid: int) -> tuple[str, str] | None:
     return fields[0], fields[19]  # fields 3 and 22 of proc(5): after the command name in parentheses
 
 
-def _owner(pid: int) -> str:
-    """A claim's key: "pid@start"; an owner that cannot be read (already gone) gets a key that is never alive."""
+def process_key(pid: int) -> str:
+    """A process's identity, "pid@start" (its start tick): unlike the pid, no later process shares it; a process
+    that cannot be read (already gone) gets a key that is never alive. Core claims and launch markers use it."""
     started = _started(pid)
     return f"{pid}@{started[1] if started else 'gone'}"
 
 
-def _alive(key: str) -> bool:
-    """The claim's owner still runs: its pid is a process that is not a zombie and started at the claim's tick."""
+def process_alive(key: str) -> bool:
+    """The process of a `process_key` still runs: its pid is a process that is not a zombie and started at the
+    key's tick."""
     pid, _, start = key.partition("@")
     started = _started(int(pid)) if pid.isdigit() else None
     return started is not None and started[0] not in ("Z", "X") and started[1] == start

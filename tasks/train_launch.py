@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from popflow import cluster
 from popflow.config.execution import AccelerateLaunch
 from popflow.errors import PopflowError
 from popflow.lake import write_text
@@ -62,13 +63,17 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | Non
                every_s: float = 30.0) -> int:
     """Run the launch with its output in `log_path`, saying where that is when it starts and, every `every_s`
     seconds while it runs, its last line (so a long or stuck launch is visible); its exit status. Past
-    `timeout_s` the launch's whole process group is killed and a RuntimeError names the log."""
+    `timeout_s` the launch's whole process group is killed and a RuntimeError names the log; however it ends,
+    nothing of its group outlives it. While it runs, its process is recorded beside the log (`marker`), so a
+    rerun after popflow itself was killed stops it first (`stop_earlier_launch`)."""
     import logging
     import time
 
     log, started = logging.getLogger(__name__), time.time()
+    stop_earlier_launch(log_path)
     with log_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        write_text(cluster.process_key(proc.pid), marker(log_path))
         log.info("accelerate launch (pid %d), log %s", proc.pid, log_path)
         try:
             while True:
@@ -81,10 +86,42 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | Non
                 except subprocess.TimeoutExpired:
                     lines = log_path.read_text(errors="replace").strip().splitlines()
                     log.info("accelerate launch running; last line: %s", lines[-1][:200] if lines else "(none yet)")
-        finally:
-            if proc.poll() is None:  # the stage was interrupted: take the launched processes down with it
+        finally:  # the launch ended, timed out or the stage was interrupted: nothing of its group outlives it
+            try:
                 os.killpg(proc.pid, 9)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            marker(log_path).unlink(missing_ok=True)  # kept only when popflow dies here without this (SIGKILL)
+
+
+def marker(log_path: Path) -> Path:
+    """Where a launch records its process (`cluster.process_key`): beside its log."""
+    return log_path.with_suffix(".pid")
+
+
+def stop_earlier_launch(log_path: Path) -> None:
+    """Kill the process group of an earlier launch into the same job that still runs: one whose popflow was
+    SIGKILLed (an OOM kill, say) never reached run_logged's `finally`, and a rerun would otherwise train the same
+    part into the same folder beside it."""
+    import logging
+    import signal
+
+    path = marker(log_path)
+    key = path.read_text().strip() if path.is_file() else ""
+    pid = key.split("@")[0]
+    if pid.isdigit():
+        now = cluster.process_key(int(pid))
+        # the launcher itself (running or a zombie), or its pid free while its group may live on (the kernel gives
+        # no new process a pid that a group still uses); a pid that another process now has: nothing of ours
+        if now == key or now.endswith("@gone"):
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+                logging.getLogger(__name__).warning("stopped an earlier accelerate launch still running (process "
+                                                    "group %s, log %s)", pid, log_path)
+            except ProcessLookupError:
+                pass
+    path.unlink(missing_ok=True)
 
 
 def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, out_dir: Path
@@ -94,6 +131,7 @@ def train_launched(ctx, method, seed: int, data: pa.Table, heldout: pa.Table, ou
     check_launch(launch)
     job = out_dir.with_name(out_dir.name + ".job")
     job.mkdir(parents=True, exist_ok=True)
+    stop_earlier_launch(job / "launch.log")  # before its input files are rewritten under it
     pq.write_table(data, job / "data.parquet")
     pq.write_table(heldout, job / "heldout.parquet")
     (job / "job.json").write_text(json.dumps({

@@ -15,6 +15,7 @@ import pytest
 from popflow import cluster
 from popflow.config.execution import RayOptions, Replicas
 from popflow.errors import PopflowError
+from tests.conftest import REPO
 from tests.fixtures.replicas import PoisonSquarer, Squarer, power
 
 
@@ -213,6 +214,55 @@ def test_a_launch_past_its_timeout_is_stopped_with_its_log(tmp_path):
     child = int(pidfile.read_text())
     time.sleep(0.2)  # gone with the group (or a zombie no one reaped: it runs no more)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_rerun_stops_a_launch_its_killed_popflow_left_running(tmp_path):
+    """run_logged records its launch's process (pid and start tick) beside the log. popflow SIGKILLed mid-launch
+    (here: the python running run_logged) leaves the launch's group running in its own session; the next launch
+    into the same job stops that group first. A marker whose pid another process now has stops nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tasks.train_launch import marker, stop_earlier_launch
+
+    log, child = tmp_path / "launch.log", tmp_path / "child"
+    script = (f"from tasks.train_launch import run_logged; import os; "
+              f"run_logged(['sh', '-c', 'sleep 60 & echo $! > {child}; wait'], __import__('pathlib').Path('{log}'), "
+              f"dict(os.environ))")
+    popflow = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.time() + 60
+    while not (child.is_file() and child.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    popflow.send_signal(signal.SIGKILL)
+    popflow.wait()
+    sleeper = psutil.Process(int(child.read_text()))
+    assert sleeper.is_running() and marker(log).is_file()  # the orphaned launch runs on
+    stop_earlier_launch(log)
+
+    def runs() -> bool:
+        try:
+            return sleeper.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 10
+    while runs() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not runs()
+    assert not marker(log).exists()
+    # a marker naming a pid that is now another process's (a start tick that is not its own): left alone
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        tick = int(Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        marker(log).write_text(f"{bystander.pid}@{tick - 1}")
+        stop_earlier_launch(log)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_fractional_replicas_share_the_least_claimed_core(tmp_path):
