@@ -63,19 +63,24 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | Non
                every_s: float = 30.0) -> int:
     """Run the launch with its output in `log_path`, saying where that is when it starts and, every `every_s`
     seconds while it runs, its last line (so a long or stuck launch is visible); its exit status. Past
-    `timeout_s` the launch's whole process group is killed and a RuntimeError names the log; however it ends,
-    nothing of its group outlives it. While it runs, its process is recorded beside the log (`marker`), so a
-    rerun after popflow itself was killed stops it first (`stop_earlier_launch`)."""
+    `timeout_s` the launch is stopped and a RuntimeError names the log. Every process of the launch carries a
+    token in its environment (torchrun's workers run in sessions of their own, so no process group holds them
+    all), written beside the log before the launch starts (`marker`): however the launch ends, no process with
+    its token outlives it, and a rerun after popflow itself was killed stops the earlier launch first
+    (`stop_earlier_launch`)."""
     import logging
     import time
+    import uuid
 
     log, started = logging.getLogger(__name__), time.time()
     stop_earlier_launch(log_path)
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        write_text(cluster.process_key(proc.pid), marker(log_path))
-        log.info("accelerate launch (pid %d), log %s", proc.pid, log_path)
-        try:
+    token, proc = uuid.uuid4().hex, None
+    write_text(token, marker(log_path))
+    try:
+        with log_path.open("w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, LAUNCH_TOKEN: token},
+                                    start_new_session=True)
+            log.info("accelerate launch (pid %d), log %s", proc.pid, log_path)
             while True:
                 left = None if timeout_s is None else timeout_s - (time.time() - started)
                 if left is not None and left <= 0:
@@ -86,41 +91,65 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | Non
                 except subprocess.TimeoutExpired:
                     lines = log_path.read_text(errors="replace").strip().splitlines()
                     log.info("accelerate launch running; last line: %s", lines[-1][:200] if lines else "(none yet)")
-        finally:  # the launch ended, timed out or the stage was interrupted: nothing of its group outlives it
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
+    finally:  # the launch ended, timed out or the stage was interrupted: none of its processes outlives it
+        stop_launch(token)
+        if proc is not None:
             proc.wait()
-            marker(log_path).unlink(missing_ok=True)  # kept only when popflow dies here without this (SIGKILL)
+        marker(log_path).unlink(missing_ok=True)  # kept only when popflow dies before this (SIGKILL)
+
+
+LAUNCH_TOKEN = "POPFLOW_LAUNCH"  # the environment variable every process of a launch inherits
 
 
 def marker(log_path: Path) -> Path:
-    """Where a launch records its process (`cluster.process_key`): beside its log."""
-    return log_path.with_suffix(".pid")
+    """Where a launch's token is kept while it runs: beside its log."""
+    return log_path.with_name(log_path.name + ".token")
+
+
+def launch_processes(token: str) -> list[int]:
+    """This user's processes (but this one) whose environment holds LAUNCH_TOKEN=token."""
+    entry, found = f"{LAUNCH_TOKEN}={token}".encode(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if entry in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def stop_launch(token: str, rounds: int = 20) -> None:
+    """SIGKILL every process of the launch with this token, again until none is left (a launcher may start a
+    worker while it is being stopped); zombies are the init process's to reap."""
+    import signal
+    import time
+
+    for _ in range(rounds):
+        alive = [pid for pid in launch_processes(token) if cluster.process_alive(cluster.process_key(pid))]
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
 
 
 def stop_earlier_launch(log_path: Path) -> None:
-    """Kill the process group of an earlier launch into the same job that still runs: one whose popflow was
-    SIGKILLed (an OOM kill, say) never reached run_logged's `finally`, and a rerun would otherwise train the same
-    part into the same folder beside it."""
+    """Stop an earlier launch into the same job that still runs: one whose popflow was SIGKILLed (an OOM kill, say)
+    never reached run_logged's `finally`, and a rerun would otherwise train the same part into the same folder
+    beside it. Only processes that carry the earlier launch's token are touched."""
     import logging
-    import signal
+    import re
 
     path = marker(log_path)
-    key = path.read_text().strip() if path.is_file() else ""
-    pid = key.split("@")[0]
-    if pid.isdigit():
-        now = cluster.process_key(int(pid))
-        # the launcher itself (running or a zombie), or its pid free while its group may live on (the kernel gives
-        # no new process a pid that a group still uses); a pid that another process now has: nothing of ours
-        if now == key or now.endswith("@gone"):
-            try:
-                os.killpg(int(pid), signal.SIGKILL)
-                logging.getLogger(__name__).warning("stopped an earlier accelerate launch still running (process "
-                                                    "group %s, log %s)", pid, log_path)
-            except ProcessLookupError:
-                pass
+    token = path.read_text().strip() if path.is_file() else ""
+    if re.fullmatch(r"[0-9a-f]{32}", token) and launch_processes(token):
+        logging.getLogger(__name__).warning("stopping an earlier accelerate launch still running (log %s)", log_path)
+        stop_launch(token)
     path.unlink(missing_ok=True)
 
 

@@ -7,6 +7,7 @@ so each test does not rebuild them; everything else (lake, Prefect's database) l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,9 +74,12 @@ class Cli:
                               stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
             try:
                 out, err = run.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, signal.SIGKILL)
+            except BaseException as exc:  # past the limit, or pytest interrupted: the run goes with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGKILL)
                 out, err = run.communicate()
+                if not isinstance(exc, subprocess.TimeoutExpired):
+                    raise
                 pytest.fail(f"{' '.join(args)}: not done in {timeout} s\n{out[-3000:]}\n{err[-6000:]}")
         proc = subprocess.CompletedProcess(run.args, run.returncode, out, err)
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

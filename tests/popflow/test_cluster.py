@@ -216,49 +216,56 @@ def test_a_launch_past_its_timeout_is_stopped_with_its_log(tmp_path):
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_rerun_stops_a_launch_its_killed_popflow_left_running(tmp_path):
-    """run_logged records its launch's process (pid and start tick) beside the log. popflow SIGKILLed mid-launch
-    (here: the python running run_logged) leaves the launch's group running in its own session; the next launch
-    into the same job stops that group first. A marker whose pid another process now has stops nothing."""
+def test_no_process_of_a_launch_outlives_it_nor_a_killed_popflow_into_a_rerun(tmp_path):
+    """Every process of a launch carries its token (torchrun's workers start sessions of their own, as `setsid`
+    does here, so no process group holds them). A launch whose launcher exits while a worker runs on: the worker
+    is stopped when run_logged returns. popflow SIGKILLed mid-launch (the python running run_logged) leaves the
+    worker running; the next launch into the same job stops it first. Processes without the token are never
+    touched, nor is anything when the marker holds no token (e.g. "0", which os.killpg would read as its own
+    group)."""
     import signal
     import subprocess
     import sys
 
     import psutil
 
-    from tasks.train_launch import marker, stop_earlier_launch
+    from tasks.train_launch import marker, run_logged, stop_earlier_launch
+
+    def runs(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def gone(pid: int) -> bool:
+        deadline = time.time() + 10
+        while runs(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        return not runs(pid)
 
     log, child = tmp_path / "launch.log", tmp_path / "child"
-    script = (f"from tasks.train_launch import run_logged; import os; "
-              f"run_logged(['sh', '-c', 'sleep 60 & echo $! > {child}; wait'], __import__('pathlib').Path('{log}'), "
-              f"dict(os.environ))")
+    worker = f"setsid sleep 60 & echo $! > {child}"
+    assert run_logged(["sh", "-c", f"{worker}; exit 0"], log, dict(os.environ)) == 0
+    assert gone(int(child.read_text())) and not marker(log).exists()
+
+    child.unlink()
+    script = (f"import os, pathlib; from tasks.train_launch import run_logged; "
+              f"run_logged(['sh', '-c', '{worker}; wait'], pathlib.Path('{log}'), dict(os.environ))")
     popflow = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     deadline = time.time() + 60
     while not (child.is_file() and child.read_text().strip()) and time.time() < deadline:
         time.sleep(0.05)
     popflow.send_signal(signal.SIGKILL)
     popflow.wait()
-    sleeper = psutil.Process(int(child.read_text()))
-    assert sleeper.is_running() and marker(log).is_file()  # the orphaned launch runs on
-    stop_earlier_launch(log)
-
-    def runs() -> bool:
-        try:
-            return sleeper.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.time() + 10
-    while runs() and time.time() < deadline:
-        time.sleep(0.05)
-    assert not runs()
-    assert not marker(log).exists()
-    # a marker naming a pid that is now another process's (a start tick that is not its own): left alone
+    sleeper = int(child.read_text())
+    assert runs(sleeper) and marker(log).is_file()  # the orphaned worker runs on
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        tick = int(Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        marker(log).write_text(f"{bystander.pid}@{tick - 1}")
         stop_earlier_launch(log)
+        assert gone(sleeper) and not marker(log).exists()
+        for content in ("0", "0" * 32, ""):
+            marker(log).write_text(content)
+            stop_earlier_launch(log)
         assert bystander.poll() is None
     finally:
         bystander.kill()
