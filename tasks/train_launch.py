@@ -92,10 +92,13 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout_s: float | Non
                     lines = log_path.read_text(errors="replace").strip().splitlines()
                     log.info("accelerate launch running; last line: %s", lines[-1][:200] if lines else "(none yet)")
     finally:  # the launch ended, timed out or the stage was interrupted: none of its processes outlives it
-        stop_launch(token)
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # our own child, not yet reaped: its pid is still its own
+        stopped = stop_launch(token)
         if proc is not None:
             proc.wait()
-        marker(log_path).unlink(missing_ok=True)  # kept only when popflow dies before this (SIGKILL)
+        if stopped:  # else kept, so that a rerun tries again
+            marker(log_path).unlink(missing_ok=True)
 
 
 LAUNCH_TOKEN = "POPFLOW_LAUNCH"  # the environment variable every process of a launch inherits
@@ -106,36 +109,51 @@ def marker(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + ".token")
 
 
-def launch_processes(token: str) -> list[int]:
-    """This user's processes (but this one) whose environment holds LAUNCH_TOKEN=token."""
-    entry, found = f"{LAUNCH_TOKEN}={token}".encode(), []
-    for proc in Path("/proc").iterdir():
+def launch_processes(token: str) -> dict[int, str]:
+    """This user's live processes (but this one) whose environment holds LAUNCH_TOKEN=token, as
+    {pid: cluster.process_key} (the key read before the environment, so a pid reused meanwhile does not match)."""
+    entry, found = f"{LAUNCH_TOKEN}={token}".encode(), {}
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():  # no procfs: the launcher's own kill is all there is
+        return found
+    for proc in proc_dir.iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
+        key = cluster.process_key(int(proc.name))
         try:
-            if entry in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
+            if entry in (proc / "environ").read_bytes().split(b"\0") and cluster.process_alive(key):
+                found[int(proc.name)] = key
         except OSError:  # gone meanwhile, or another user's
             continue
     return found
 
 
-def stop_launch(token: str, rounds: int = 20) -> None:
-    """SIGKILL every process of the launch with this token, again until none is left (a launcher may start a
-    worker while it is being stopped); zombies are the init process's to reap."""
+def stop_launch(token: str, wait_s: float = 30.0) -> bool:
+    """SIGKILL every process of the launch with this token and wait until each is gone (a dying process can hold
+    its memory and ports a moment longer) and two scans in a row find none (a launcher may start a worker while
+    it is being stopped). False, with the pids in a warning, if some still run after `wait_s`."""
+    import logging
     import signal
     import time
 
-    for _ in range(rounds):
-        alive = [pid for pid in launch_processes(token) if cluster.process_alive(cluster.process_key(pid))]
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    deadline, killed, empty = time.time() + wait_s, {}, 0
+    while time.time() < deadline:
+        found = launch_processes(token)
+        for pid, key in found.items():
+            if cluster.process_alive(key):  # the same process the scan matched, right before the signal
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        killed.update(found)
+        killed = {pid: key for pid, key in killed.items() if cluster.process_alive(key)}
+        empty = 0 if found or killed else empty + 1
+        if empty >= 2:
+            return True
         time.sleep(0.05)
+    logging.getLogger(__name__).warning("accelerate launch %s: processes %s still run after %g s", token,
+                                        sorted(killed), wait_s)
+    return False
 
 
 def stop_earlier_launch(log_path: Path) -> None:
@@ -149,7 +167,9 @@ def stop_earlier_launch(log_path: Path) -> None:
     token = path.read_text().strip() if path.is_file() else ""
     if re.fullmatch(r"[0-9a-f]{32}", token) and launch_processes(token):
         logging.getLogger(__name__).warning("stopping an earlier accelerate launch still running (log %s)", log_path)
-        stop_launch(token)
+        if not stop_launch(token):
+            raise PopflowError(f"an earlier accelerate launch into {log_path.parent} still runs after SIGKILL "
+                               f"(token {token} in its environment); stop it, then rerun")
     path.unlink(missing_ok=True)
 
 

@@ -66,18 +66,23 @@ class Cli:
         return [sys.executable, "-m", "popflow.cli", *args, *data]
 
     def __call__(self, *args: str, expect: int = 0, timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-        """Run the CLI in its own process group; past `timeout` the whole group is killed (the engine processes it
-        started too, which would otherwise keep the other xdist worker's cores busy). Prefect's temporary server
-        and an accelerate launch run in sessions of their own: the server stops once popflow is gone; a launch
-        killed with its CLI by SIGKILL runs on to its end (tasks/train_launch.py stops it on any other exit)."""
+        """Run the CLI in its own process group; past `timeout` (or on Ctrl-C) the group gets SIGINT, as from a
+        terminal, then SIGKILL after 20 s (engine processes it started would otherwise keep the other xdist
+        worker's cores busy). Prefect's temporary server and an accelerate launch run in sessions of their own:
+        the server stops once popflow is gone; popflow stops a launch on SIGINT (tasks/train_launch.py)."""
         with subprocess.Popen(self.cmd(*args), env=self.env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
             try:
                 out, err = run.communicate(timeout=timeout)
-            except BaseException as exc:  # past the limit, or pytest interrupted: the run goes with it
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.pid, signal.SIGKILL)
-                out, err = run.communicate()
+            except BaseException as exc:  # past the limit, or pytest interrupted: the run goes with it, first
+                with contextlib.suppress(ProcessLookupError):  # as Ctrl-C would (popflow stops its launches)
+                    os.killpg(run.pid, signal.SIGINT)
+                try:
+                    out, err = run.communicate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(run.pid, signal.SIGKILL)
+                    out, err = run.communicate()
                 if not isinstance(exc, subprocess.TimeoutExpired):
                     raise
                 pytest.fail(f"{' '.join(args)}: not done in {timeout} s\n{out[-3000:]}\n{err[-6000:]}")
