@@ -34,16 +34,15 @@ def demo_texts(count: int, n: int, max_tokens: int, batch_size: int = 8, model: 
     """(the model's path (default SmolLM2), the first `count` train prompts of demo.jsonl rendered with its
     chat template as popflow.engines.Prompt, SampleConfig), read without the prompts stage (no DuckDB or
     Prefect: what a bare CUDA image has)."""
-    import json
-
     from transformers import AutoTokenizer
 
     from popflow import models
-    from popflow.config import SampleConfig
+    from popflow.config import PromptsConfig, SampleConfig
     from popflow.engines import Prompt, render_prompts
+    from popflow.sources import read_records
 
     path = models.resolve(model or models.SMOLLM2, REPO / "data").path
-    rows = [json.loads(line) for line in (REPO / "data/prompts/demo.jsonl").read_text().splitlines() if line]
+    rows, _ = read_records(PromptsConfig(source=str(REPO / "data/prompts/demo.jsonl")))
     rows = [r for r in rows if r.get("split") == "train"][:count]
     cfg = SampleConfig(policy=model or models.SMOLLM2, n=n, max_tokens=max_tokens, seed=0, batch_size=batch_size)
     rendered = render_prompts(AutoTokenizer.from_pretrained(path), [r["prompt"] for r in rows], None, cfg.policy)

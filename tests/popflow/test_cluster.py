@@ -227,8 +227,6 @@ def test_no_process_of_a_launch_outlives_it_nor_a_killed_popflow_into_a_rerun(tm
     import subprocess
     import sys
 
-    import psutil
-
     from tasks.train_launch import marker, run_logged, stop_earlier_launch
 
     def runs(pid: int) -> bool:
