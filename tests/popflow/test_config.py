@@ -177,8 +177,9 @@ def test_shipped_accelerate_configs_load_with_accelerate():
 
 def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts():
     """proof_loop and proof_tune extend proof (same sampling and training); proof has >= 512 train and >= 96
-    held-out prompts at n >= 8; proof_tune holds none of proof's held-out prompts, and its validation prompts
-    are whole base instructions (no train prompt shares an instruction with a validation one)."""
+    held-out prompts at n >= 8 (its experiment: proof_pairs' 256 train prompts, so the 18 trainings fit a sitting);
+    proof_tune holds none of proof's held-out prompts, and its validation prompts are whole base instructions (no
+    train prompt shares an instruction with a validation one)."""
     import json
 
     proof, loop, tune = (load_pipeline(n) for n in ("proof", "proof_loop", "proof_tune"))
@@ -192,6 +193,13 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     assert pairs.sample.n >= 32 and pairs.train == proof.train and pairs.prompts.eval_limit == proof.prompts.eval_limit
     assert {m.pairs for m in pairs.experiment.methods} == {None, "max_min", "random"}
     assert all(m.pairs is None for m in proof.experiment.methods)
+    # the claims experiment trains on proof_pairs' train prompts (its run: the experiment's own --set)
+    from flows.experiment import experiment_overrides
+
+    claims = load_pipeline("proof", None, experiment_overrides(proof))
+    assert claims.prompts.limit == pairs.prompts.limit and proof.prompts.limit is None
+    assert claims.prompts.eval_limit == proof.prompts.eval_limit and (
+        claims.train.model_dump(exclude={"methods", "seeds"}) == proof.train.model_dump(exclude={"methods", "seeds"}))
 
     def rows(cfg):
         return [json.loads(line) for line in open(cfg.prompts.source)]
