@@ -176,14 +176,16 @@ def test_shipped_accelerate_configs_load_with_accelerate():
 
 
 def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts():
-    """proof_loop and proof_tune extend proof (same sampling and training); proof has >= 512 train and >= 96
-    held-out prompts at n >= 8 (its experiment: proof_pairs' 256 train prompts, so the 18 trainings fit a sitting);
-    proof_tune holds none of proof's held-out prompts, and its validation prompts are whole base instructions (no
-    train prompt shares an instruction with a validation one)."""
+    """proof_loop, proof_nightly (its round sized for AVX2) and proof_tune extend proof (same sampling and
+    training); proof has >= 512 train and >= 96 held-out prompts at n >= 8 (its experiment: proof_pairs' 256 train
+    prompts, so the 15 trainings fit a sitting); proof_tune holds none of proof's held-out prompts, and its
+    validation prompts are whole base instructions (no train prompt shares an instruction with a validation one)."""
     import json
 
-    proof, loop, tune = (load_pipeline(n) for n in ("proof", "proof_loop", "proof_tune"))
-    for other in (loop, tune):
+    proof, loop, tune, nightly = (load_pipeline(n) for n in ("proof", "proof_loop", "proof_tune", "proof_nightly"))
+    assert nightly.loop == loop.loop and nightly.prompts.eval_limit == proof.prompts.eval_limit
+    assert nightly.prompts.limit * 4 <= 564  # a round sized for 2 AVX2 cores: a quarter of the train prompts at most
+    for other in (loop, tune, nightly):
         assert other.sample == proof.sample and other.train == proof.train and other.annotate == proof.annotate
     assert loop.loop is not None and proof.loop is None and loop.loop.gate.min_win_rate == 0.5
     assert loop.loop.gate.guard == [m.name for m in loop.score.models]  # no reward traded for another
