@@ -54,6 +54,12 @@ def experiment_overrides(cfg) -> list[str]:
             f"annotate.sampling={json.dumps(samplings)}", "loop=null", *exp.set]
 
 
+def experiment_sets(cfg, user: list[str]) -> list[str]:
+    """The experiment run's --set assignments: the experiment's own, then the user's, so what the user sets wins
+    over the experiment's `set:` (`--set prompts.limit=64` on `proof`); never a loop round."""
+    return [*experiment_overrides(cfg), *user, "loop=null"]
+
+
 NO_OUTCOMES = ("(select null::varchar as method, null::bigint as seed, null::varchar as prompt_id, "
                "null::double as win, null::double as gain where false)")
 LEGEND = "mean [95% interval over held-out prompts (pairs for accuracy), seeds pooled], else mean ± std over seeds"
@@ -245,7 +251,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
 
     try:
         cfg = checked(pipeline, config_path, as_assignments(overrides))  # as the CLI checked it, if it did
-        sets = [*as_assignments(overrides), *experiment_overrides(cfg)]
+        sets = experiment_sets(cfg, as_assignments(overrides))
         run_cfg = load_pipeline(pipeline, config_path, sets)  # the experiment's run: its own check, once
         preflight(run_cfg, config_path)
     except PopflowError as err:

@@ -29,14 +29,14 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 CLI_TIMEOUT = 1800
 
 
-
 def pytest_report_header(config) -> str:
     """The CPU class on the run's first lines, so a suite's time (a CI log) says which class it belongs to."""
     from popflow import precision
 
     hw = precision.Hardware("cpu", precision.read_cpu_flags(), None, precision.cpu_name())
     flags = " ".join(f for f in precision.REPORTED_FLAGS if f in hw.cpu_flags)
-    return f"popflow: CPU class {hw.cpu_class} ({hw.name}; {flags}), {os.cpu_count()} cores"
+    return f"popflow: CPU class {hw.cpu_class} ({hw.name}; {flags}), {len(os.sched_getaffinity(0))} cores"
+
 
 def cli_env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

@@ -184,7 +184,6 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
 
     proof, loop, tune, nightly = (load_pipeline(n) for n in ("proof", "proof_loop", "proof_tune", "proof_nightly"))
     assert nightly.loop == loop.loop and nightly.prompts.eval_limit == proof.prompts.eval_limit
-    assert nightly.prompts.limit * 4 <= 564  # a round sized for 2 AVX2 cores: a quarter of the train prompts at most
     for other in (loop, tune, nightly):
         assert other.sample == proof.sample and other.train == proof.train and other.annotate == proof.annotate
     assert loop.loop is not None and proof.loop is None and loop.loop.gate.min_win_rate == 0.5
@@ -196,10 +195,12 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     assert {m.pairs for m in pairs.experiment.methods} == {None, "max_min", "random"}
     assert all(m.pairs is None for m in proof.experiment.methods)
     # the claims experiment trains on proof_pairs' train prompts (its run: the experiment's own --set)
-    from flows.experiment import experiment_overrides
+    from flows.experiment import experiment_sets
 
-    claims = load_pipeline("proof", None, experiment_overrides(proof))
-    assert claims.prompts.limit == pairs.prompts.limit and proof.prompts.limit is None
+    claims = load_pipeline("proof", None, experiment_sets(proof, []))
+    assert claims.prompts.limit == pairs.prompts.limit and proof.prompts.limit is None and claims.loop is None
+    assert load_pipeline("proof", None, experiment_sets(proof, ["prompts.limit=64"])).prompts.limit == 64  # user wins
+    assert pairs.experiment.set == []  # proof's experiment.set is the claims' own, not inherited by proof_pairs
     assert claims.prompts.eval_limit == proof.prompts.eval_limit and (
         claims.train.model_dump(exclude={"methods", "seeds"}) == proof.train.model_dump(exclude={"methods", "seeds"}))
 
@@ -207,7 +208,9 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
         return [json.loads(line) for line in open(cfg.prompts.source)]
 
     held = {r["prompt"] for r in rows(proof) if r["split"] == "eval"}
-    assert sum(r["split"] == "train" for r in rows(proof)) >= 512 and len(held) >= 96 <= proof.prompts.eval_limit
+    train = sum(r["split"] == "train" for r in rows(proof))
+    assert train >= 512 and len(held) >= 96 <= proof.prompts.eval_limit
+    assert nightly.prompts.limit * 4 <= train  # a round sized for 2 AVX2 cores: a quarter of the train prompts at most
     tuning = rows(tune)
     assert not held & {r["prompt"] for r in tuning}
     instruction = {r["prompt_id"]: r["prompt"].split(". ")[0].rstrip(".") for r in tuning}
