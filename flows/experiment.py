@@ -41,9 +41,10 @@ from popflow.stage import RunContext, artifact_key, with_run_columns
 METRICS = ("accuracy", "pearson", "spearman", "mean_reward", "win_rate", "constraint_rate", "constraint_gain")
 
 
-def experiment_overrides(cfg) -> list[str]:
-    """--set assignments that turn a pipeline run into the experiment's run (never a loop round: an experiment
-    compares methods on one run's pairs and promotes nothing)."""
+def experiment_overrides(cfg, user: list[str]) -> list[str]:
+    """--set assignments that turn a pipeline run into the experiment's run: the experiment's methods, seeds and
+    `set:`, then the user's, so what the user sets wins (`--set prompts.limit=64` on `proof`); never a loop round
+    (an experiment compares methods on one run's pairs and promotes nothing)."""
     exp = cfg.experiment
     samplings = list(cfg.annotate.sampling)
     for m in exp.methods:
@@ -51,13 +52,7 @@ def experiment_overrides(cfg) -> list[str]:
             samplings.append(m.sampling)
     methods = [m.model_dump(exclude_none=True) for m in exp.methods]
     return [f"train.methods={json.dumps(methods)}", f"train.seeds={json.dumps(exp.seeds)}",
-            f"annotate.sampling={json.dumps(samplings)}", "loop=null", *exp.set]
-
-
-def experiment_sets(cfg, user: list[str]) -> list[str]:
-    """The experiment run's --set assignments: the experiment's own, then the user's, so what the user sets wins
-    over the experiment's `set:` (`--set prompts.limit=64` on `proof`); never a loop round."""
-    return [*experiment_overrides(cfg), *user, "loop=null"]
+            f"annotate.sampling={json.dumps(samplings)}", *exp.set, *user, "loop=null"]
 
 
 NO_OUTCOMES = ("(select null::varchar as method, null::bigint as seed, null::varchar as prompt_id, "
@@ -251,7 +246,7 @@ def preference_experiment(pipeline: str = "demo", overrides: dict | list[str] | 
 
     try:
         cfg = checked(pipeline, config_path, as_assignments(overrides))  # as the CLI checked it, if it did
-        sets = experiment_sets(cfg, as_assignments(overrides))
+        sets = experiment_overrides(cfg, as_assignments(overrides))
         run_cfg = load_pipeline(pipeline, config_path, sets)  # the experiment's run: its own check, once
         preflight(run_cfg, config_path)
     except PopflowError as err:

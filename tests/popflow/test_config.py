@@ -195,11 +195,12 @@ def test_the_proof_pipelines_share_one_recipe_and_never_tune_on_held_out_prompts
     assert {m.pairs for m in pairs.experiment.methods} == {None, "max_min", "random"}
     assert all(m.pairs is None for m in proof.experiment.methods)
     # the claims experiment trains on proof_pairs' train prompts (its run: the experiment's own --set)
-    from flows.experiment import experiment_sets
+    from flows.experiment import experiment_overrides
 
-    claims = load_pipeline("proof", None, experiment_sets(proof, []))
+    claims = load_pipeline("proof", None, experiment_overrides(proof, []))
     assert claims.prompts.limit == pairs.prompts.limit and proof.prompts.limit is None and claims.loop is None
-    assert load_pipeline("proof", None, experiment_sets(proof, ["prompts.limit=64"])).prompts.limit == 64  # user wins
+    user = load_pipeline("proof", None, experiment_overrides(proof, ["prompts.limit=64", "loop.rounds=2"]))
+    assert user.prompts.limit == 64 and user.loop is None  # the user's value wins; never a loop round
     assert pairs.experiment.set == []  # proof's experiment.set is the claims' own, not inherited by proof_pairs
     assert claims.prompts.eval_limit == proof.prompts.eval_limit and (
         claims.train.model_dump(exclude={"methods", "seeds"}) == proof.train.model_dump(exclude={"methods", "seeds"}))
