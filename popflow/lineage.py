@@ -12,8 +12,9 @@ the pins, so a later promotion never changes a run half-way:
   promotion; its reference is the base (`loop.reference: initial`) or that same head (`previous`);
 - `promoted:<pipeline>` in sample.policy, train.policy or train.reference resolves to that pipeline's head,
   else to its sample.policy.
-A head whose files have gone (retention, a moved data dir, a hand-deleted folder) is an error naming the
-policy and the run that made it: never a silent fallback to the base.
+Round r samples with seed sample.seed + r - 1 (`round_seed`), so a round that retries the policy a failed
+gate left draws new samples. A head whose files have gone (retention, a moved data dir, a hand-deleted
+folder) is an error naming the policy and the run that made it: never a silent fallback to the base.
 
     .venv/bin/popflow policies tiny_loop          # the lineage table
     .venv/bin/popflow sql "select * from policy_chain"   # the promoted chain of every pipeline
@@ -138,6 +139,14 @@ def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | 
     return pins
 
 
+def round_seed(seed: int, number: int) -> int:
+    """The sampling seed of a loop's round `number`: sample.seed in round 1, one more each round after. A
+    round after a failed gate samples the same policy again; with the same seed it would draw the same
+    samples, train the same candidate and fail the same way, every round after (and a nightly loop would
+    never move again). A resumed round keeps its number, so its seed."""
+    return seed + number - 1
+
+
 def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
         config_path: str | Path | None) -> tuple[PipelineConfig, dict]:
     """The config a run's stages see (promoted references replaced by model paths) and its pins: the run
@@ -149,8 +158,10 @@ def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
         for value in (v for k, v in pins.items() if k != "loop"):
             if value.get("fingerprint"):  # a promoted policy, not a model reference
                 check_promoted(value, value["path"], value["fingerprint"])
-    sample = cfg.sample.model_copy(update={"policy": pins["sample.policy"]["path"]})
-    update: dict = {"sample": sample}
+    sample = {"policy": pins["sample.policy"]["path"]}
+    if pins.get("loop"):
+        sample["seed"] = round_seed(cfg.sample.seed, pins["loop"]["round"])
+    update: dict = {"sample": cfg.sample.model_copy(update=sample)}
     if cfg.train:
         train = {k.split(".")[1]: v["path"] for k, v in pins.items() if k.startswith("train.")}
         update["train"] = cfg.train.model_copy(update=train)

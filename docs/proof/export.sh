@@ -12,23 +12,26 @@ has() { [ -n "$(latest "$1")" ]; }
 # the SQL of one of popflow's query functions (module, function, its string arguments), as popflow runs it
 query() { .venv/bin/python -c 'import importlib, sys; print(getattr(importlib.import_module(sys.argv[1]), sys.argv[2])(*sys.argv[3:]))' "$@"; }
 
-if has proof_loop; then  # the loop: every round's gate, and the climb of the held-out reward
+for p in proof_loop proof_nightly; do  # the loops: every round's gate, and the climb of the held-out reward
+  has "$p" || continue
+  name="${p#proof_}"  # loop_*, nightly_*
   sql "select round, run_id, method || '-s' || seed as candidate, parent_round, win_rate, win_lower, win_upper,
-              heldout_accuracy, promoted, reason from loop_rounds where pipeline = 'proof_loop' order by round" \
-      > "$out/loop_rounds.csv"
-  sql "$(query popflow.report climb_sql proof_loop)" > "$out/loop_climb.csv"
-  .venv/bin/python - "$data" "$out" <<'PY'
+              heldout_accuracy, promoted, reason from loop_rounds where pipeline = '$p' order by round" \
+      > "$out/${name}_rounds.csv"
+  sql "$(query popflow.report climb_sql "$p")" > "$out/${name}_climb.csv"
+  .venv/bin/python - "$data" "$out" "$p" "$name" <<'PY'
 import sys
 from pathlib import Path
 from popflow.lake import Lake
 from popflow.plots import plot_climb
 from popflow.report import climb_sql
 from popflow.runs import resolve_data_dir
-rows = Lake(resolve_data_dir(sys.argv[1])).connect().sql(climb_sql("proof_loop")).to_arrow_table().to_pylist()
-plot_climb(rows, Path(sys.argv[2]) / "loop_climb.png", f"proof_loop, {rows[0]['prompts']} held-out prompts")
+data, out, pipeline, name = sys.argv[1:]
+rows = Lake(resolve_data_dir(data)).connect().sql(climb_sql(pipeline)).to_arrow_table().to_pylist()
+plot_climb(rows, Path(out) / f"{name}_climb.png", f"{pipeline}, {rows[0]['prompts']} held-out prompts")
 PY
-  cp "$runs/pipeline=proof_loop/run=$(latest proof_loop)/loop_rounds.png" "$out/loop_rounds.png"
-fi
+  cp "$runs/pipeline=$p/run=$(latest "$p")/loop_rounds.png" "$out/${name}_rounds.png"
+done
 if has proof_points; then  # the seven points as n grows (no training)
   sql "$(query tasks.pair growth_curve_sql "(select * from latest_point_growth where pipeline = 'proof_points')")" \
       > "$out/point_growth.csv"

@@ -38,12 +38,15 @@ def test_a_new_chain_samples_its_base_and_counts_complete_rounds_only(lake):
 
 def test_round_k_samples_the_head_with_the_chosen_reference(lake):
     """Rounds 1 (promoted), 2 (gate failed): round 3 samples round 1's policy; its reference is the base
-    under `initial`, round 1's policy under `previous`; the trained policy follows the sampled one."""
+    under `initial`, round 1's policy under `previous`; the trained policy follows the sampled one. Round 3
+    retries the policy round 2 sampled, so it samples with its own seed (sample.seed 5: 5 + 3 - 1 = 7; round
+    1 would have 5): the same seed would repeat round 2's samples, candidate and failed gate bit for bit."""
     first = add_round(lake, "tiny_loop", 1, "r1", promoted=True)
     add_round(lake, "tiny_loop", 2, "r2", promoted=False)
     assert head(complete_rounds(lake, "tiny_loop"))["run_id"] == "r1" == head_run(lake, "tiny_loop")
     cfg, pins = pin(loop_cfg(), "tiny_loop", lake, None, None)
     assert pins["loop"]["round"] == 3
+    assert pin(loop_cfg("sample.seed=5"), "tiny_loop", lake, None, None)[0].sample.seed == 7
     assert cfg.sample.policy == first["promoted_path"] and cfg.train_policy() == first["promoted_path"]
     assert pins["sample.policy"]["run_id"] == "r1" and pins["sample.policy"]["round"] == 1
     assert pins["sample.policy"]["content_hash"] == first["content_hash"]
@@ -55,14 +58,16 @@ def test_round_k_samples_the_head_with_the_chosen_reference(lake):
 
 
 def test_a_resumed_run_keeps_its_pins_after_a_later_promotion(lake):
-    """A run pinned before round 1 promoted keeps sampling the base when resumed; a new run takes round 1."""
+    """A run pinned before round 1 promoted keeps sampling the base when resumed, with round 1's seed
+    (sample.seed 0 + 1 - 1 = 0); a new run takes round 1's policy and round 2's seed (1)."""
     cfg = loop_cfg()
     _, pins = pin(cfg, "tiny_loop", lake, None, None)
     record = start_run(lake, "tiny_loop", "r2", cfg, pins=pins)
     add_round(lake, "tiny_loop", 1, "r1", promoted=True)
     resumed, again = pin(cfg, "tiny_loop", lake, record, None)
-    assert resumed.sample.policy == "builtin:tiny-llama" and again == pins
-    assert pin(cfg, "tiny_loop", lake, None, None)[0].sample.policy.endswith("promoted/tiny_loop/r1")
+    assert resumed.sample.policy == "builtin:tiny-llama" and again == pins and resumed.sample.seed == 0
+    new = pin(cfg, "tiny_loop", lake, None, None)[0]
+    assert new.sample.policy.endswith("promoted/tiny_loop/r1") and new.sample.seed == 1
 
 
 def test_gone_or_changed_promoted_files_name_the_policy_and_its_run(lake):
