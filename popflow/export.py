@@ -167,8 +167,9 @@ def data_fingerprint(folder: Path, splits: list[str]) -> str:
 
 def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int], spread: list[list],
          policy: dict, reward_models: list[list], figures: list[str], template: bool, imported: bool = False,
-         fingerprint: str = "") -> str:
-    """The dataset card (README.md): the Hub's YAML header, then what made the pairs and how to use them."""
+         fingerprint: str = "", sampled: dict | None = None) -> str:
+    """The dataset card (README.md): the Hub's YAML header, then what made the pairs and how to use them.
+    `sampled`: the sample stage's own record of its settings (a loop round's seed is not the config's)."""
     name = cfg.export.pretty_name or record["pipeline"]
     header = {
         "license": cfg.export.license, "pretty_name": name,
@@ -177,7 +178,7 @@ def card(cfg: PipelineConfig, record: dict, strategy: str, counts: dict[str, int
         "configs": [{"config_name": "default", "data_files": [
             {"split": split, "path": f"data/{split}-{fingerprint}-*"} for split in counts]}],
     }
-    sampling = (record.get("config") or {}).get("sample", {})
+    sampling = {**(record.get("config") or {}).get("sample", {}), **(sampled or {})}
     lines = [
         "---", yaml_header(header), "---", "",
         f"# {name}: preference pairs made by popflow", "",
@@ -293,7 +294,7 @@ def export(lake: Lake, cfg: PipelineConfig, pipeline: str, run_id: str | None, s
         reward_models = [[m.name, m.kind, identities.get(m.name, {}).get("ref", ""),
                           (identities.get(m.name, {}).get("fingerprint") or "")[:19]] for m in ran.score.models]
         write_text(card(cfg, record, strategy, counts, spread, policy, reward_models, figures, bool(template),
-                        bool(imported), fingerprint), tmp / "README.md")
+                        bool(imported), fingerprint, sample.get("report", {}).get("sampling")), tmp / "README.md")
         old = to.with_name(f".{to.name}-replaced-{tmp.name}") if to.exists() else None
         if old:
             to.rename(old)  # aside, not deleted, until the new folder is in place

@@ -12,7 +12,7 @@ the pins, so a later promotion never changes a run half-way:
   promotion; its reference is the base (`loop.reference: initial`) or that same head (`previous`);
 - `promoted:<pipeline>` in sample.policy, train.policy or train.reference resolves to that pipeline's head,
   else to its sample.policy.
-Round r samples with seed sample.seed + r - 1 (`round_seed`), so a round that retries the policy a failed
+Round r samples with seed sample.seed + r - 1 (`seed_offset`), so a round that retries the policy a failed
 gate left draws new samples. A head whose files have gone (retention, a moved data dir, a hand-deleted
 folder) is an error naming the policy and the run that made it: never a silent fallback to the base.
 
@@ -126,7 +126,8 @@ def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | 
         if current is not None:
             check_promoted(current, current["promoted_path"], current["promoted_fingerprint"])
         current_pin = as_pin(f"{PROMOTED}{pipeline}", current) if current else base
-        pins["loop"] = {"round": max((r["round"] for r in rows), default=0) + 1,
+        number = max((r["round"] for r in rows), default=0) + 1
+        pins["loop"] = {"round": number, "seed_offset": seed_offset(number),
                         "base": base, "parent": current_pin,
                         "reference_kind": cfg.loop.reference,
                         "pair_runs": [[r["round"], r["run_id"]] for r in rows] if cfg.loop.pairs == "all" else []}
@@ -139,12 +140,13 @@ def new_pins(cfg: PipelineConfig, pipeline: str, lake: Lake, config_path: str | 
     return pins
 
 
-def round_seed(seed: int, number: int) -> int:
-    """The sampling seed of a loop's round `number`: sample.seed in round 1, one more each round after. A
-    round after a failed gate samples the same policy again; with the same seed it would draw the same
-    samples, train the same candidate and fail the same way, every round after (and a nightly loop would
-    never move again). A resumed round keeps its number, so its seed."""
-    return seed + number - 1
+def seed_offset(number: int) -> int:
+    """What a loop's round `number` adds to sample.seed: 0 in round 1, one more each round after. A round
+    after a failed gate samples the same policy again; with the same seed it would draw the same samples,
+    train the same candidate and fail the same way, every round after (and a nightly loop would never move
+    again). Pinned with the round (`pins.loop.seed_offset`), so a resumed round keeps its seed; a round
+    pinned before the offset existed has none and keeps sample.seed, the seed its stages were hashed with."""
+    return number - 1
 
 
 def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
@@ -160,7 +162,7 @@ def pin(cfg: PipelineConfig, pipeline: str, lake: Lake, record: dict | None,
                 check_promoted(value, value["path"], value["fingerprint"])
     sample = {"policy": pins["sample.policy"]["path"]}
     if pins.get("loop"):
-        sample["seed"] = round_seed(cfg.sample.seed, pins["loop"]["round"])
+        sample["seed"] = cfg.sample.seed + pins["loop"].get("seed_offset", 0)
     update: dict = {"sample": cfg.sample.model_copy(update=sample)}
     if cfg.train:
         train = {k.split(".")[1]: v["path"] for k, v in pins.items() if k.startswith("train.")}

@@ -7,7 +7,8 @@ every shard exists they are published together as the `samples` table.
 
 Seeds: with vLLM on CUDA every prompt gets its own seed derived from `sample.seed` and its prompt_id, so a
 resumed shard is identical to the lost one; on CPU (and with transformers) the engine is seeded once, and
-the manifest records which (`per_request_seed`; popflow/engines.py says why). The engines live there too.
+the manifest records which (`per_request_seed`; popflow/engines.py says why) and the seed (a loop's round r:
+sample.seed + r - 1, popflow/lineage.py). The engines live there too.
 
 Prompts too long for the context (rendered length + max_tokens > vllm.max_model_len or the model's own) are
 found with the tokenizer before the engine starts: `sample.long_prompts: skip` drops them (table

@@ -14,14 +14,15 @@ from tests.fixtures.lake import E1, P1, P2, A, B, C, D, small_lake
 
 
 def exported_run(tmp_path, status: str = "completed"):
-    """The small lake with a run record (round 2 of a loop) and the sample stage's manifest."""
+    """The small lake with a run record (round 2 of a loop: it sampled with seed sample.seed + 1 = 1, which its
+    sample manifest records and its config does not) and the sample stage's manifest."""
     ctx = small_lake(tmp_path)
     policy = resolve("builtin:tiny-llama", REPO / "data", "sample.policy").identity()
     ctx.lake.write_run("tiny", "r1", {"pipeline": "tiny", "run_id": "r1", "status": status, "config_hash": "abc",
                                       "config": ctx.config.model_dump(mode="json"), "pins": {"loop": {"round": 2}},
                                       "started_at": "2026-11-29T00:00:00+00:00"})
     ctx.lake.write_manifest("tiny", "r1", "sample", {"models": {"policy": policy}, "report": {
-        "n": 4, "sampling": {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "seed": 0}}})
+        "n": 4, "sampling": {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "seed": 1}}})
     return ctx
 
 
@@ -30,7 +31,8 @@ def test_an_export_loads_with_datasets_and_keeps_every_pair_and_its_provenance(t
     (max_min) is another strategy, left out. score_chosen / score_rejected are the pairs' rewards (A: samples 0
     and 1 of it's 1, 1.0 and 2.0), reward_margin their difference (-1.0), the per-model raw scores come from
     `rewards` (A chosen: a 3.0, b 1.0), pop_margin from the first annotate.sampling's margins (iterative: A 0.25,
-    B 0.75; none for the held-out C), and every row says its run, round, policy and sampling. The card's YAML
+    B 0.75; none for the held-out C), and every row and the card say its run, round, policy and sampling (the
+seed its sample stage used). The card's YAML
     header names the splits' files and the licence; the chat template is the policy's."""
     import datasets
 
@@ -52,8 +54,9 @@ def test_an_export_loads_with_datasets_and_keeps_every_pair_and_its_provenance(t
     assert (a["chosen_point"], a["rejected_point"], a["strategy"]) == ("max", "mu-2sigma", "seven_point")
     assert (a["pipeline"], a["run_id"], a["round"], a["policy"]) == ("tiny", "r1", 2, "builtin:tiny-llama")
     assert a["policy_fingerprint"].startswith("sha256:")
-    assert a["sampling"] == {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "n": 4, "seed": 0}
+    assert a["sampling"] == {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "n": 4, "seed": 1}
     text = (tmp_path / "ds" / "README.md").read_text()
+    assert ctx.config.sample.seed == 0 and ", seed 1" in text  # the seed the round sampled with, not the config's
     header = yaml.safe_load(text.split("---")[1])
     assert header["license"] == "other" and {"dpo", "trl"} <= set(header["tags"])
     fp = next((tmp_path / "ds" / "data").glob("train-*")).name.split("-")[1]

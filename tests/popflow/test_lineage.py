@@ -40,13 +40,18 @@ def test_round_k_samples_the_head_with_the_chosen_reference(lake):
     """Rounds 1 (promoted), 2 (gate failed): round 3 samples round 1's policy; its reference is the base
     under `initial`, round 1's policy under `previous`; the trained policy follows the sampled one. Round 3
     retries the policy round 2 sampled, so it samples with its own seed (sample.seed 5: 5 + 3 - 1 = 7; round
-    1 would have 5): the same seed would repeat round 2's samples, candidate and failed gate bit for bit."""
+    1 would have 5): the same seed would repeat round 2's samples, candidate and failed gate bit for bit. A
+    round pinned before rounds had their own seeds (no seed_offset in its pins) resumes with sample.seed, the
+    seed its stages' hashes were made with."""
     first = add_round(lake, "tiny_loop", 1, "r1", promoted=True)
     add_round(lake, "tiny_loop", 2, "r2", promoted=False)
     assert head(complete_rounds(lake, "tiny_loop"))["run_id"] == "r1" == head_run(lake, "tiny_loop")
     cfg, pins = pin(loop_cfg(), "tiny_loop", lake, None, None)
     assert pins["loop"]["round"] == 3
-    assert pin(loop_cfg("sample.seed=5"), "tiny_loop", lake, None, None)[0].sample.seed == 7
+    seeded, pins = pin(loop_cfg("sample.seed=5"), "tiny_loop", lake, None, None)
+    assert seeded.sample.seed == 7 and pins["loop"]["seed_offset"] == 2
+    old = {**pins, "loop": {k: v for k, v in pins["loop"].items() if k != "seed_offset"}}
+    assert pin(loop_cfg("sample.seed=5"), "tiny_loop", lake, {"pins": old}, None)[0].sample.seed == 5
     assert cfg.sample.policy == first["promoted_path"] and cfg.train_policy() == first["promoted_path"]
     assert pins["sample.policy"]["run_id"] == "r1" and pins["sample.policy"]["round"] == 1
     assert pins["sample.policy"]["content_hash"] == first["content_hash"]
