@@ -57,6 +57,8 @@ demo: models
 proof: models
 	$(VENV)/bin/popflow loop proof_loop --rounds 3
 	$(VENV)/bin/popflow policies proof_loop
+	$(VENV)/bin/popflow loop proof_nightly --rounds 3
+	$(VENV)/bin/popflow policies proof_nightly
 	$(VENV)/bin/popflow run proof_points --run-id points
 	$(VENV)/bin/popflow experiment proof_pairs --run-id pairs
 	$(VENV)/bin/popflow experiment proof --run-id claims
