@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -57,15 +56,15 @@ def test_ctrl_c_stops_the_run_which_then_stops_its_server(tmp_path):
     """SIGINT to the whole process group (what Ctrl-C in a terminal sends): the flow is interrupted at once
     and the script exits 130; the server, which the signal did not reach, was alive to record the crash and
     is stopped on the way out. Before popflow.tempserver the server died with the signal and the interrupted
-    flow retried the dead API for about a minute, then failed with a ConnectError: the 30 s limit catches it."""
+    flow retried the dead API for about a minute, then failed with a ConnectError: the assertions on the output
+    catch that, so the time limits are loose (the way out took over 30 s beside a vLLM test on a loaded 2-core
+    machine, bench/as_avx2.sh, where a 30 s limit failed a correct run)."""
     proc, server = start(tmp_path)
-    started = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    rest = proc.communicate(timeout=30)[0]
+    rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "INTERRUPTED" in rest, rest[-2000:]
     assert "ConnectError" not in rest and "Error logging to API" not in rest, rest[-2000:]
-    server.wait(timeout=15)
-    assert time.monotonic() - started < 40
+    server.wait(timeout=30)
 
 
 def test_a_killed_run_leaves_no_server(tmp_path):
