@@ -6,7 +6,8 @@
 # decision and `popflow doctor` read that file), caps torch's, oneDNN's and MKL's kernels at AVX2 and makes
 # torch report no AVX-512 to vLLM-CPU (bench/as_avx2/sitecustomize.py), so it loads its AVX2 kernels.
 # Same clock, cache and memory as the host: the durations rank the tests as an AVX2 machine would, they are
-# not an AVX2 machine's figures (BENCHMARKS.md keeps those apart).
+# not an AVX2 machine's figures (BENCHMARKS.md keeps those apart). The command runs as root of the user
+# namespace (unshare --map-root-user): a test that expects a permission error from a non-root user sees none.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 fake="$(mktemp)"
